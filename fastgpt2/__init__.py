@@ -1,1 +1,19 @@
-from .runtime.config import GPT2Config
+"""fastgpt2: GPT-2 inference on hand-written Triton kernels, checked against transformers.
+
+    import fastgpt2
+    model = fastgpt2.GPT2.from_pretrained("gpt2")        # a directory or a hub id (hub cache)
+    ids = model.generate(input_ids, max_new_tokens=32)
+
+Importing fastgpt2 touches no GPU and compiles nothing.
+"""
+from .runtime.backends import BackendError
+from .runtime.config import ConfigError, GPT2Config
+from .runtime.kv_cache import CacheError, KVCache
+from .runtime.loader import CheckpointError
+from .runtime.model import GPT2, InputError
+
+__all__ = [
+    "GPT2", "GPT2Config", "KVCache",
+    "BackendError", "CacheError", "CheckpointError", "ConfigError", "InputError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""The backend switch: every op of the model goes through one of these classes.
+
+``TorchOps`` is plain PyTorch (the CPU production path and the fallback a user can choose);
+``TritonOps`` calls fastgpt2's Triton kernels. Both take and return the same shapes:
+
+- ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual
+- ``linear(x [M,K], w [K,N], b [N], activation, residual [M,N] | None) -> [M,N]``
+- ``prefill_attention(qkv [B,T,3E], k_cache, v_cache [Bmax,H,Tmax,D], seq_lens [B] int32, scale, upcast)
+  -> [B,T,E]``; writes K/V of t < seq_lens[b] at cache positions t; rows t >= seq_lens[b] are 0
+- ``decode_attention(qkv [B,S,3E], k_cache, v_cache, cache_lens [B] int32, scale, upcast, kv_len)
+  -> [B,S,E]``; writes the S new K/V at cache_lens[b] + s; query s sees keys 0..cache_lens[b]+s.
+  ``kv_len`` (a host int >= every cache_lens[b] + S) lets the torch path slice the cache; the
+  Triton kernel reads lengths on the device and ignores it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class BackendError(ValueError):
+    """A backend that cannot run where it was asked to."""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        if device.type != "cpu":
+            raise BackendError(f"backend='triton' runs on CUDA devices (or the CPU under Triton's interpreter), not {device}")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendError(
+                "backend='triton' on the CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before Python starts (slow, meant for testing the kernels), or use backend='torch', "
+                "the CPU path"
+            )
+    return backend
+
+
+def make_ops(backend: str):
+    return TritonOps() if backend == "triton" else TorchOps()
+
+
+_TORCH_ACTIVATIONS = {
+    "none": lambda x: x,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_erf": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _split_heads(qkv: torch.Tensor, n_head: int):
+    """[B, S, 3E] -> q, k, v each [B, H, S, D] (views)."""
+    b, s, three_e = qkv.shape
+    d = three_e // (3 * n_head)
+    return qkv.view(b, s, 3, n_head, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self):
+        self.n_head = None  # set by the model
+
+    def layer_norm(self, x, residual, weight, bias, eps):
+        s = x if residual is None else x + residual
+        return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
+
+    def linear(self, x, w, b, activation="none", residual=None):
+        y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
+        if activation != "none":
+            y = _TORCH_ACTIVATIONS[activation](y)
+        if residual is not None:
+            y += residual
+        return y
+
+    def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
+        b, t, three_e = qkv.shape
+        q, k, v = _split_heads(qkv, self.n_head)  # [B, H, T, D]
+        k_cache[:b, :, :t].copy_(k)  # positions >= seq_lens[b] hold padding; decode overwrites them before reading
+        v_cache[:b, :, :t].copy_(v)
+        if upcast and q.dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        # right padding + causal: a real query t < len only ever sees keys <= t, all real
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # [B, H, T, D]
+        out = out.to(qkv.dtype).transpose(1, 2).reshape(b, t, three_e // 3)
+        pad = torch.arange(t, device=qkv.device)[None, :] >= seq_lens[:, None]  # [B, T]
+        return out.masked_fill_(pad[:, :, None], 0)
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len):
+        b, s, three_e = qkv.shape
+        q, k, v = _split_heads(qkv, self.n_head)  # [B, H, S, D]
+        pos = cache_lens[:, None].long() + torch.arange(s, device=qkv.device)  # [B, S]
+        rows = torch.arange(b, device=qkv.device)[:, None]  # [B, 1]
+        k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
+        v_cache[rows, :, pos] = v.transpose(1, 2)
+        keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
+        if upcast and q.dtype != torch.float32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        visible = torch.arange(kv_len, device=qkv.device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=scale)
+        return out.to(qkv.dtype).transpose(1, 2).reshape(b, s, three_e // 3)
+
+
+class TritonOps:
+    """The Triton kernels. Imported lazily: whether triton interprets or compiles is fixed when the
+    kernel modules are first imported (TRITON_INTERPRET), and importing fastgpt2 must not do it."""
+
+    name = "triton"
+
+    def __init__(self):
+        from ..kernels import attention, layernorm, mlp
+
+        self._attention, self._layernorm, self._mlp = attention, layernorm, mlp
+        self.n_head = None
+
+    def layer_norm(self, x, residual, weight, bias, eps):
+        return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
+
+    def linear(self, x, w, b, activation="none", residual=None):
+        return self._mlp.linear(x, w, b, activation=activation, residual=residual)
+
+    def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
+        # scores and softmax are always fp32 in the kernel, which is what upcast asks for
+        return self._attention.prefill_attention(qkv, k_cache, v_cache, seq_lens, scale)
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len):
+        return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale)

@@ -1,0 +1,125 @@
+"""Prefill + decode loop over the preallocated cache: greedy or sampled (temperature, top-k, top-p),
+per-row EOS stopping, seeded sampling, streaming.
+
+Batches may be ragged (left-padded, as transformers expects for generation): each row is moved to
+start at cache position 0, so every prompt is generated exactly as it would be alone.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .model import GPT2, InputError, prepare_batch
+
+
+def _check_args(model: GPT2, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        if not temperature > 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+    elif temperature != 1.0 or top_k is not None or top_p is not None:
+        raise InputError("temperature, top_k and top_p shape sampling; pass do_sample=True to use them (greedy ignores them)")
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    vocab = model.config.vocab_size
+    for tok in eos + ([] if pad_token_id is None else [pad_token_id]):
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
+            raise InputError(f"eos/pad token id {tok!r} is not a token of this model's vocabulary [0, {vocab})")
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    return eos, pad
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+    """Sampling warpers in transformers' order: temperature, then top-k, then top-p (nucleus: keep the
+    smallest set of most likely tokens whose probability mass is >= top_p). logits [B, V] fp32."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the top token always stays (mass_before = 0 < top_p)
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def stream(
+    model: GPT2,
+    input_ids,
+    max_new_tokens: int = 32,
+    attention_mask=None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's next tokens [B] (rows that already stopped yield the pad token)."""
+    eos, pad = _check_args(model, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    ids, _, lens = prepare_batch(model, input_ids, attention_mask, require_left_padding=True)
+    b, t = ids.shape
+    total = int(lens.max()) + max_new_tokens
+    if total > model.config.n_positions:
+        raise InputError(
+            f"the longest prompt ({int(lens.max())} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
+            f"past this model's n_positions ({model.config.n_positions}); shorten the prompt or generate fewer tokens"
+        )
+    if max_new_tokens == 0:
+        return
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    eos_ids = torch.tensor(eos, device=model.device, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=model.device)
+
+    cache = model.new_cache(b, total)
+    logits = model.prefill(ids, lens.to(model.device, torch.int32), cache)  # [B, V]
+    for step in range(max_new_tokens):
+        if do_sample:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
+        else:
+            nxt = logits.argmax(-1)  # [B]
+        if pad is not None:
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        if len(eos):
+            done |= torch.isin(nxt, eos_ids)
+        yield nxt
+        if step + 1 == max_new_tokens or (len(eos) and bool(done.all())):
+            return
+        logits = model.decode(nxt[:, None], cache)
+
+
+def generate(
+    model: GPT2,
+    input_ids,
+    max_new_tokens: int = 32,
+    attention_mask=None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """prompt + new tokens [B, T + n], n <= max_new_tokens (fewer when every row hit EOS).
+    `streamer`, if given, is called with each step's tokens [B] as they are chosen."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    prompt = input_ids[None] if input_ids.dim() == 1 else input_ids
+    steps = []
+    for tokens in stream(model, input_ids, max_new_tokens, attention_mask, **kwargs):
+        steps.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
+    if not steps:
+        return prompt.clone()
+    new = torch.stack(steps, 1).to(device=prompt.device, dtype=prompt.dtype)
+    return torch.cat([prompt, new], 1)

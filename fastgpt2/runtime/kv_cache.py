@@ -1,0 +1,57 @@
+"""The preallocated KV cache: allocated once, written in place, per-sequence lengths on the device."""
+from __future__ import annotations
+
+import torch
+
+from .config import GPT2Config
+
+
+class CacheError(ValueError):
+    """A cache request that cannot be served (too long, too wide), raised before any compute."""
+
+
+class KVCache:
+    """K and V for every layer: ``k``/``v`` are [n_layer, batch, n_head, max_len, head_dim] in the
+    model dtype. ``lengths`` [batch] int32 on the device counts the tokens stored per sequence;
+    sequence b's tokens sit at positions 0..lengths[b]-1 (its positions count from 0, whatever
+    padding the caller's batch had). ``host_max_len`` is a host-side upper bound on lengths, kept
+    so that overflow is caught before compute without reading the device."""
+
+    def __init__(self, cfg: GPT2Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        if batch < 1:
+            raise CacheError(f"cache batch must be >= 1, got {batch}")
+        if not 1 <= max_len <= cfg.n_positions:
+            raise CacheError(
+                f"cache length {max_len} is out of range: it must be between 1 and the model's "
+                f"n_positions ({cfg.n_positions}), the longest sequence GPT-2's position table covers"
+            )
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
+        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
+        self.batch = batch
+        self.max_len = max_len
+        self.host_max_len = 0
+
+    def reset(self) -> None:
+        """Forget every sequence (the memory is kept)."""
+        self.lengths.zero_()
+        self.host_max_len = 0
+
+    def reserve(self, new_tokens: int, batch: int) -> None:
+        """Check that `new_tokens` more per sequence fit, before any compute touches the cache."""
+        if batch > self.batch:
+            raise CacheError(f"batch {batch} is larger than the cache's batch {self.batch}; allocate a larger cache")
+        if self.host_max_len + new_tokens > self.max_len:
+            raise CacheError(
+                f"the cache holds up to {self.max_len} tokens per sequence; {self.host_max_len} are used and "
+                f"{new_tokens} more were asked for. Allocate a longer cache (at most n_positions) or generate fewer tokens"
+            )
+
+    def advance(self, new_tokens: int) -> None:
+        """Record (on the host) that each sequence grew by at most `new_tokens`; lengths are updated by the model."""
+        self.host_max_len += new_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

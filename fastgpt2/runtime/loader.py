@@ -1,0 +1,205 @@
+"""Hugging Face GPT-2 checkpoints -> fastgpt2 weights.
+
+Sources: a local directory holding model.safetensors, a sharded model.safetensors.index.json, or
+pytorch_model.bin (or its sharded index); or a hub id resolved through huggingface_hub's cache.
+Pickled files are read with ``torch.load(weights_only=True)`` only: a pickle that would run code
+is refused. Keys are accepted with or without the ``transformer.`` prefix; Conv1D weights stay in
+their (in, out) layout; ``lm_head.weight`` may be absent (tied to wte); the stale
+``attn.bias``/``attn.masked_bias`` causal-mask buffers are ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, GPT2Config
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PT_BIN = "pytorch_model.bin"
+PT_BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Files fetched for a hub id, safetensors first; the pickled .bin only when a repo has no safetensors.
+_META = ["config.json", "generation_config.json", "tokenizer.json", "vocab.json", "merges.txt"]
+_HUB_SAFETENSORS = _META + [SAFETENSORS, SAFETENSORS_INDEX, "model-*.safetensors"]
+_HUB_BIN = _META + [PT_BIN, PT_BIN_INDEX, "pytorch_model-*.bin"]
+
+# causal-mask buffers that old transformers versions saved with the weights
+_STALE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint fastgpt2 cannot load, naming the file, the key and what was expected."""
+
+
+def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every weight of a GPT-2 LM checkpoint (keys without ``transformer.``) and its shape."""
+    e, i, v, p = cfg.n_embd, cfg.inner_dim, cfg.vocab_size, cfg.n_positions
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (v, e), "wpe.weight": (p, e)}
+    for layer in range(cfg.n_layer):
+        h = f"h.{layer}."
+        shapes.update(
+            {
+                h + "ln_1.weight": (e,),
+                h + "ln_1.bias": (e,),
+                h + "attn.c_attn.weight": (e, 3 * e),  # Conv1D: (in, out)
+                h + "attn.c_attn.bias": (3 * e,),
+                h + "attn.c_proj.weight": (e, e),
+                h + "attn.c_proj.bias": (e,),
+                h + "ln_2.weight": (e,),
+                h + "ln_2.bias": (e,),
+                h + "mlp.c_fc.weight": (e, i),
+                h + "mlp.c_fc.bias": (i,),
+                h + "mlp.c_proj.weight": (i, e),
+                h + "mlp.c_proj.bias": (e,),
+            }
+        )
+    shapes["ln_f.weight"] = (e,)
+    shapes["ln_f.bias"] = (e,)
+    shapes["lm_head.weight"] = (v, e)
+    return shapes
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or the hub cache's snapshot directory of a hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json and the weights")
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "") or not text:
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    return _resolve_hub(text, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+
+    try:
+        snapshot = fetch(_HUB_SAFETENSORS)
+        if not _weights_present(snapshot):
+            snapshot = fetch(_HUB_BIN)
+    except Exception as exc:  # huggingface_hub raises many types: offline, missing repo, no network
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise CheckpointError(
+            f"could not get hub model {repo_id!r}{offline}: its files are not in the hub cache at "
+            f"{constants.HF_HUB_CACHE} and could not be downloaded ({type(exc).__name__}: {exc}). "
+            "Download it once with network access (huggingface-cli download "
+            f"{repo_id}), or pass a local checkpoint directory."
+        ) from exc
+    if not _weights_present(snapshot):
+        raise CheckpointError(f"hub model {repo_id!r} ({snapshot}) has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PT_BIN}")
+    return snapshot
+
+
+def _weights_present(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX))
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The files holding the weights, safetensors preferred over pickled .bin."""
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PT_BIN, PT_BIN_INDEX)):
+        if (directory / single).is_file():
+            return [directory / single]
+        if (directory / index).is_file():
+            return _shards(directory / index)
+    raise CheckpointError(
+        f"{directory} holds no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {PT_BIN} or {PT_BIN_INDEX}"
+    )
+
+
+def _shards(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid shard index (needs a 'weight_map'): {exc}") from exc
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index_path.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path} names shard {name!r}, which is missing from {index_path.parent}")
+        shards.append(shard)
+    return shards
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one weight file, on the CPU, as stored."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is truncated or corrupt and cannot be read as safetensors: {exc}") from exc
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle holds objects other than tensors (it could run code), "
+                "and fastgpt2 loads .bin files with torch.load(weights_only=True) only. Convert the "
+                "checkpoint to safetensors with a trusted tool, or use its model.safetensors."
+            ) from exc
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read as a PyTorch checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return state
+
+
+def load_weights(directory: Path, cfg: GPT2Config, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Read, check and cast the checkpoint's weights; keys without ``transformer.``, ``lm_head.weight``
+    present only when the head is untied. Raises one CheckpointError listing every problem."""
+    expected = expected_shapes(cfg)
+    found: dict[str, tuple[torch.Tensor, Path]] = {}
+    problems: list[str] = []
+    for path in weight_files(directory):
+        for raw_key, tensor in read_tensors(path).items():
+            key = raw_key[len("transformer.") :] if raw_key.startswith("transformer.") else raw_key
+            if _STALE.match(key):
+                continue
+            if key not in expected:
+                problems.append(f"{path.name}: unexpected key {raw_key!r}")
+                continue
+            if key in found:
+                problems.append(f"{path.name}: key {raw_key!r} appears twice (also in {found[key][1].name})")
+                continue
+            if tuple(tensor.shape) != expected[key]:
+                problems.append(
+                    f"{path.name}: {raw_key!r} has shape {tuple(tensor.shape)}, expected {expected[key]} for this config"
+                )
+                continue
+            if not tensor.is_floating_point():
+                problems.append(f"{path.name}: {raw_key!r} has dtype {tensor.dtype}, expected a floating-point tensor")
+                continue
+            found[key] = (tensor, path)
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in found and k not in optional]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        problems.append(f"missing keys (config: {cfg.n_layer} layers, n_embd {cfg.n_embd}): {shown}")
+    if problems:
+        raise CheckpointError(f"cannot load {directory}:\n  " + "\n  ".join(problems))
+
+    weights = {key: tensor.to(device=device, dtype=dtype).contiguous() for key, (tensor, _) in found.items()}
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # tied: the head is wte (transformers ignores a stored copy too)
+    return weights
+
+
+def load_checkpoint(name_or_path, dtype: torch.dtype, device: torch.device, revision: str | None = None):
+    """(config, weights, directory) of a checkpoint directory or hub id."""
+    directory = resolve(name_or_path, revision)
+    try:
+        cfg = GPT2Config.from_hf(directory)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return cfg, load_weights(directory, cfg, dtype, device), directory

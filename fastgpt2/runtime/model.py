@@ -1,0 +1,298 @@
+"""The GPT-2 module: embeddings, n_layer pre-LN blocks, ln_f and the tied lm_head, with every op
+going through one backend switch (runtime/backends.py).
+
+Per block (M = tokens in the step, E = n_embd, I = inner dim):
+    a, h = layer_norm(h, res)                  [M, E]   (res: the position embedding, layer 0 only)
+    qkv  = linear(a, c_attn)                   [M, 3E]
+    att  = attention(qkv, cache[layer])        [M, E]   (prefill or decode; writes K/V in place)
+    h    = linear(att, attn.c_proj, +h)        [M, E]   (residual add in the GEMM epilogue)
+    m, _ = layer_norm(h)                       [M, E]
+    f    = linear(m, c_fc, activation)         [M, I]
+    h    = linear(f, mlp.c_proj, +h)           [M, E]
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .backends import make_ops, resolve_backend
+from .config import GPT2Config
+from .kv_cache import KVCache
+from .loader import expected_shapes, load_checkpoint
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class InputError(ValueError):
+    """Bad input ids, masks or generation arguments, named with the fix."""
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but this torch build sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+class LayerWeights(NamedTuple):
+    ln_1_w: torch.Tensor  # [E]
+    ln_1_b: torch.Tensor  # [E]
+    qkv_w: torch.Tensor  # [E, 3E] Conv1D (in, out)
+    qkv_b: torch.Tensor  # [3E]
+    attn_proj_w: torch.Tensor  # [E, E]
+    attn_proj_b: torch.Tensor  # [E]
+    ln_2_w: torch.Tensor  # [E]
+    ln_2_b: torch.Tensor  # [E]
+    fc_w: torch.Tensor  # [E, I]
+    fc_b: torch.Tensor  # [I]
+    mlp_proj_w: torch.Tensor  # [I, E]
+    mlp_proj_b: torch.Tensor  # [E]
+    scale: float  # softmax scale of this layer
+
+
+class GPT2:
+    """A GPT-2 language model on fastgpt2's backends. Inference only; weights are plain tensors."""
+
+    def __init__(self, cfg: GPT2Config, weights: dict[str, torch.Tensor], device=None, dtype=None, backend="auto"):
+        self.config = cfg
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.backend = resolve_backend(backend, self.device)
+        self.ops = make_ops(self.backend)
+        self.ops.n_head = cfg.n_head
+        self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
+        w = self.weights
+        self.wte, self.wpe = w["wte.weight"], w["wpe.weight"]  # [V, E], [P, E]
+        self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
+        self.lm_head = self.wte if cfg.tie_word_embeddings else w["lm_head.weight"]  # [V, E]
+        self.layers = [
+            LayerWeights(
+                *(w[f"h.{i}.{name}"] for name in (
+                    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+                )),
+                cfg.attn_scale(i),
+            )
+            for i in range(cfg.n_layer)
+        ]
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: GPT2Config, device=None, dtype=None, backend="auto", seed: int = 0) -> "GPT2":
+        """Seeded random weights (N(0, 0.02), layernorm gains near 1): for benchmarks and tests."""
+        gen = torch.Generator().manual_seed(seed)
+        weights = {}
+        for key, shape in expected_shapes(cfg).items():
+            if key == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            value = torch.randn(shape, generator=gen) * 0.02
+            if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                value += 1.0
+            elif key.endswith("c_proj.weight"):
+                value /= math.sqrt(2 * cfg.n_layer)
+            weights[key] = value
+        return cls(cfg, weights, device=device, dtype=dtype, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None, backend="auto", revision=None) -> "GPT2":
+        """A transformers GPT-2 checkpoint: a local directory or a hub id (through the hub cache)."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        resolve_backend(backend, device)  # fail before reading gigabytes
+        cfg, weights, directory = load_checkpoint(name_or_path, dtype=dtype, device=device, revision=revision)
+        model = cls(cfg, weights, device=device, dtype=dtype, backend=backend)
+        model.source_dir = directory
+        return model
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
+
+    # -- the network ---------------------------------------------------------------------------
+    def _blocks(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """ids, positions [B, S] -> final residual stream h [B*S, E]. attend(layer, qkv [B, S, 3E]) -> [B, S, E]."""
+        ops, eps, b, s = self.ops, self.config.layer_norm_epsilon, *ids.shape
+        h = F.embedding(ids, self.wte).view(b * s, -1)  # [M, E]
+        res = F.embedding(positions, self.wpe).view(b * s, -1)  # [M, E], added inside layer 0's ln_1
+        for i, lw in enumerate(self.layers):
+            a, h = ops.layer_norm(h, res, lw.ln_1_w, lw.ln_1_b, eps)
+            res = None
+            qkv = ops.linear(a, lw.qkv_w, lw.qkv_b)  # [M, 3E]
+            att = attend(i, lw.scale, qkv.view(b, s, -1)).view(b * s, -1)  # [M, E]
+            h = ops.linear(att, lw.attn_proj_w, lw.attn_proj_b, residual=h)
+            m, _ = ops.layer_norm(h, None, lw.ln_2_w, lw.ln_2_b, eps)
+            f = ops.linear(m, lw.fc_w, lw.fc_b, activation=self.config.activation)  # [M, I]
+            h = ops.linear(f, lw.mlp_proj_w, lw.mlp_proj_b, residual=h)
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, E] -> logits [N, V]: ln_f then the (tied) lm_head."""
+        y, _ = self.ops.layer_norm(h, None, *self.ln_f, self.config.layer_norm_epsilon)
+        return y @ self.lm_head.t()
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, seq_lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Start sequences in `cache`: ids [B, T] right-padded (row b's tokens are ids[b, :seq_lens[b]],
+        positions 0..len-1); seq_lens [B] int32 on the device. Returns the logits of each row's last
+        token [B, V] and sets cache.lengths to seq_lens."""
+        b, t = ids.shape
+        cache.reset()
+        cache.reserve(t, b)
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        upcast = self.config.reorder_and_upcast_attn
+
+        def attend(i, scale, qkv):
+            return self.ops.prefill_attention(qkv, cache.k[i], cache.v[i], seq_lens, scale, upcast)
+
+        h = self._blocks(ids, positions, attend)  # [B*T, E]
+        last = torch.arange(b, device=self.device) * t + seq_lens.long() - 1  # [B]
+        cache.lengths[:b].copy_(seq_lens)
+        cache.advance(t)
+        return self._logits(h[last])
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step: ids [B, S] (S new tokens per sequence, S <= 8) appended at each sequence's
+        length. Returns the logits of the last new token [B, V]; cache.lengths grows by S in place."""
+        b, s = ids.shape
+        cache.reserve(s, b)
+        lengths = cache.lengths[:b]
+        positions = lengths[:, None].long() + torch.arange(s, device=self.device)  # [B, S]
+        kv_len = cache.host_max_len + s
+        upcast = self.config.reorder_and_upcast_attn
+
+        def attend(i, scale, qkv):
+            return self.ops.decode_attention(qkv, cache.k[i], cache.v[i], lengths, scale, upcast, kv_len)
+
+        h = self._blocks(ids, positions, attend)  # [B*S, E]
+        lengths += s
+        cache.advance(s)
+        return self._logits(h.view(b, s, -1)[:, -1])
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward without a cache: logits [B, T, V]. attention_mask (1 = token, 0 = padding)
+        may pad on the left or the right; each row's tokens take positions from 0, and the logits
+        of padding positions are 0."""
+        ids, starts, lens = prepare_batch(self, input_ids, attention_mask)
+        b, t = ids.shape
+        seq_lens = lens.to(device=self.device, dtype=torch.int32)
+        # one layer's K/V scratch, reused by every layer: [B, H, T, D]
+        scratch = torch.empty(2, b, self.config.n_head, t, self.config.head_dim, dtype=self.dtype, device=self.device)
+        upcast = self.config.reorder_and_upcast_attn
+
+        def attend(i, scale, qkv):
+            return self.ops.prefill_attention(qkv, scratch[0], scratch[1], seq_lens, scale, upcast)
+
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        aligned = self._logits(self._blocks(ids, positions, attend)).view(b, t, -1)  # [B, T, V], row b at 0..len-1
+        if bool((starts == 0).all()):
+            return aligned.masked_fill_(~_valid(lens, t, self.device)[:, :, None], 0)
+        out = torch.zeros_like(aligned)
+        src = torch.arange(t)[None, :]
+        valid = src < lens[:, None]  # [B, T] host
+        rows = torch.arange(b)[:, None].expand(b, t)[valid]
+        out[rows, (starts[:, None] + src)[valid]] = aligned[rows, src.expand(b, t)[valid]]
+        return out
+
+    __call__ = forward
+
+    def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs):
+        """Like generate, but yields each step's new tokens [B] as they are chosen."""
+        from .generate import stream
+
+        return stream(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"GPT2(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab={c.vocab_size}, "
+            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r})"
+        )
+
+
+def _valid(lens: torch.Tensor, t: int, device) -> torch.Tensor:
+    return (torch.arange(t)[None, :] < lens[:, None]).to(device)
+
+
+def prepare_batch(model: GPT2, input_ids, attention_mask, *, require_left_padding: bool = False):
+    """Check a batch and align each row's tokens to start at 0 (right padding), as the cache keeps them.
+
+    Returns (ids [B, T] on the model's device, right-padded with token 0; starts [B] and lens [B]
+    as host int64 tensors: row b's tokens were input_ids[b, starts[b] : starts[b] + lens[b]])."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    b, t = input_ids.shape
+    if b == 0 or t == 0:
+        raise InputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; give at least one token per row")
+    if t > model.config.n_positions:
+        raise InputError(f"input_ids has {t} positions; this model covers at most n_positions={model.config.n_positions}")
+    ids_host = input_ids.detach().to("cpu", torch.int64)
+    if attention_mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool)
+    else:
+        mask = torch.as_tensor(attention_mask).detach().to("cpu")
+        if tuple(mask.shape) != (b, t):
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, expected {(b, t)} like input_ids")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+        mask = mask.bool()
+    lens = mask.sum(1)
+    if (lens == 0).any():
+        row = int((lens == 0).nonzero()[0])
+        raise InputError(f"empty prompt: row {row} of attention_mask has no tokens; give at least one token per row")
+    starts = mask.int().argmax(1)
+    # one run: the lens positions from the first 1 on hold all of the row's 1s
+    contiguous = mask.int().cumsum(1).gather(1, (starts + lens - 1)[:, None]).squeeze(1) == lens
+    if not contiguous.all():
+        raise InputError("attention_mask must be one run of 1s per row (padding only on the left or the right)")
+    if require_left_padding and not (starts + lens == t).all():
+        row = int((starts + lens != t).nonzero()[0])
+        raise InputError(
+            f"attention_mask row {row} is padded on the right; generation needs left padding "
+            "(tokenizer.padding_side = 'left'), so that every prompt ends at the last column"
+        )
+    src = (starts[:, None] + torch.arange(t)).clamp(max=t - 1)
+    aligned = ids_host.gather(1, src)
+    valid = torch.arange(t)[None, :] < lens[:, None]
+    bad = valid & ((aligned < 0) | (aligned >= model.config.vocab_size))
+    if bad.any():
+        value = int(aligned[bad][0])
+        raise InputError(
+            f"input_ids hold token id {value}, outside the vocabulary [0, {model.config.vocab_size}) of this model"
+        )
+    aligned = aligned.masked_fill(~valid, 0)
+    return aligned.to(model.device), starts, lens
