@@ -6,6 +6,7 @@
 
 Importing fastgpt2 touches no GPU and compiles nothing.
 """
+from .errors import FastGPT2Error
 from .runtime.backends import BackendError
 from .runtime.config import ConfigError, GPT2Config
 from .runtime.kv_cache import CacheError, KVCache
@@ -14,6 +15,6 @@ from .runtime.model import GPT2, InputError
 
 __all__ = [
     "GPT2", "GPT2Config", "KVCache",
-    "BackendError", "CacheError", "CheckpointError", "ConfigError", "InputError",
+    "FastGPT2Error", "BackendError", "CacheError", "CheckpointError", "ConfigError", "InputError",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+from ..errors import FastGPT2Error
+
 import os
 
 import torch
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "torch", "triton")
 
 
-class BackendError(ValueError):
+class BackendError(FastGPT2Error):
     """A backend that cannot run where it was asked to."""
 
 

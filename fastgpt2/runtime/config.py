@@ -1,6 +1,8 @@
 """GPT2Config: every field that changes GPT-2's math, the five OpenAI presets, and config.json parsing."""
 from __future__ import annotations
 
+from ..errors import FastGPT2Error
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ ACTIVATIONS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FastGPT2Error):
     """A config that fastgpt2 cannot serve, with what to change."""
 
 

@@ -1,12 +1,14 @@
 """The preallocated KV cache: allocated once, written in place, per-sequence lengths on the device."""
 from __future__ import annotations
 
+from ..errors import FastGPT2Error
+
 import torch
 
 from .config import GPT2Config
 
 
-class CacheError(ValueError):
+class CacheError(FastGPT2Error):
     """A cache request that cannot be served (too long, too wide), raised before any compute."""
 
 

@@ -9,6 +9,8 @@ their (in, out) layout; ``lm_head.weight`` may be absent (tied to wte); the stal
 """
 from __future__ import annotations
 
+from ..errors import FastGPT2Error
+
 import json
 import os
 import re
@@ -32,7 +34,7 @@ _HUB_BIN = _META + [PT_BIN, PT_BIN_INDEX, "pytorch_model-*.bin"]
 _STALE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FastGPT2Error):
     """A checkpoint fastgpt2 cannot load, naming the file, the key and what was expected."""
 
 

@@ -12,6 +12,8 @@ Per block (M = tokens in the step, E = n_embd, I = inner dim):
 """
 from __future__ import annotations
 
+from ..errors import FastGPT2Error
+
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +33,7 @@ _DTYPES = {
 }
 
 
-class InputError(ValueError):
+class InputError(FastGPT2Error):
     """Bad input ids, masks or generation arguments, named with the fix."""
 
 
