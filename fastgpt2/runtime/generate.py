@@ -65,16 +65,22 @@ def stream(
     pad_token_id: int | None = None,
     seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield each step's next tokens [B] (rows that already stopped yield the pad token)."""
+    """An iterator over each step's next tokens [B] (rows that already stopped yield the pad token).
+    Arguments are checked here, before the first step."""
     eos, pad = _check_args(model, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     ids, _, lens = prepare_batch(model, input_ids, attention_mask, require_left_padding=True)
-    b, t = ids.shape
     total = int(lens.max()) + max_new_tokens
     if total > model.config.n_positions:
         raise InputError(
             f"the longest prompt ({int(lens.max())} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
             f"past this model's n_positions ({model.config.n_positions}); shorten the prompt or generate fewer tokens"
         )
+    return _steps(model, ids, lens, total, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, seed)
+
+
+def _steps(model, ids, lens, total, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, seed):
+    """The prefill + decode loop behind stream(): arguments already checked."""
+    b = ids.shape[0]
     if max_new_tokens == 0:
         return
     generator = None

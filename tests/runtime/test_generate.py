@@ -138,3 +138,8 @@ def test_bad_inputs_are_named(model, kwargs, message):
 def test_forward_rejects_prompts_longer_than_n_positions(model):
     with pytest.raises(InputError, match="49 positions; this model covers at most n_positions=48"):
         model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_stream_checks_its_arguments_before_the_first_step(model):
+    with pytest.raises(InputError, match="max_new_tokens must be an integer >= 0"):
+        model.stream(_prompt(), -3)  # raises at the call, not at the first next()
