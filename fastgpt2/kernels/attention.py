@@ -1,0 +1,611 @@
+"""Causal self-attention over a preallocated KV cache: prefill (flash-attention style) and decode
+(flash-decoding: the key axis split over programs, then a small reduce).
+
+Layouts (per layer):
+  qkv      [B, T or S, 3*H*D]  output of the fused QKV GEMM, contiguous; columns [0,HD) = q,
+                               [HD,2HD) = k, [2HD,3HD) = v; head h owns h*D .. h*D+D-1 in each.
+  k_cache  [Bmax, H, Tmax, D]  a view of the model's [L, Bmax, H, Tmax, D] cache; last dim contiguous.
+  v_cache  [Bmax, H, Tmax, D]  same.
+  out      [B, T or S, H*D]    last dim contiguous.
+
+Scores and softmax are computed in fp32 (base-2 exponent, log2(e) folded into the scale). For fp32
+inputs every tl.dot uses input_precision="ieee" (no tf32). Configs come from small fixed tables
+(by head_dim and dtype, no autotuning) so that ``compile_specs`` can list every one.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import CompileSpec
+
+_HEAD_DIMS = (32, 64, 128)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
+_DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
+
+
+# --------------------------------------------------------------------------------------------
+# Config tables: (dtype kind, head_dim) -> config. "half" = fp16 and bf16 (compile-checked);
+# "fp32" uses smaller tiles: IEEE fp32 dots run on FMA units and hold their tiles in registers.
+# Every entry compiles for sm_80 and sm_90 without local-memory spills.
+# --------------------------------------------------------------------------------------------
+# prefill: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M must be a multiple of BLOCK_N.
+_PREFILL_CONFIGS = {
+    ("half", 32): (64, 64, 4, 3),
+    ("half", 64): (128, 64, 8, 3),
+    ("half", 128): (128, 32, 8, 3),
+    ("fp32", 32): (32, 32, 4, 2),
+    ("fp32", 64): (32, 32, 4, 2),
+    ("fp32", 128): (32, 16, 4, 2),
+}
+# decode split kernel: (BLOCK_N, num_warps, num_stages)
+_DECODE_CONFIGS = {
+    ("half", 32): (64, 4, 3),
+    ("half", 64): (64, 4, 3),
+    ("half", 128): (64, 4, 3),
+    ("fp32", 32): (32, 8, 2),
+    ("fp32", 64): (32, 8, 2),
+    ("fp32", 128): (32, 8, 2),
+}
+# decode reduce kernel: (num_warps, num_stages), by head_dim only (fp32 partials in, any dtype out)
+_REDUCE_CONFIGS = {32: (1, 1), 64: (1, 1), 128: (2, 1)}
+
+# num_splits heuristic: aim for about this many decode programs, but keep at least
+# _MIN_KEYS_PER_SPLIT cache positions (of Tmax) per split, and at most _MAX_SPLITS splits.
+_TARGET_PROGRAMS = 256
+_MIN_KEYS_PER_SPLIT = 128
+_MAX_SPLITS = 32
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+def _jit_exact(fn):
+    """@triton.jit without value or alignment specialisation of the runtime arguments, so the kernel
+    that runs is exactly the one ``compile_specs`` lists (no extra variants for S == 1, H == 1,
+    num_splits == 1, ...). Alignment comes from explicit tl.multiple_of hints instead, which the
+    launchers back with checks (16-byte aligned base pointers, strides multiples of 16 elements)."""
+    runtime = [name for name, prm in inspect.signature(fn).parameters.items()
+               if "constexpr" not in str(prm.annotation)]
+    return triton.jit(fn, do_not_specialize=runtime, do_not_specialize_on_alignment=runtime)
+
+
+@triton.jit
+def _mma(a, b, acc, FP32_IEEE: tl.constexpr):
+    # acc += a @ b. fp32 operands: exact IEEE products (no tf32); fp16/bf16: the default.
+    if FP32_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_offsets(rows, stride, HEAD_DIM: tl.constexpr):
+    # rows [R] -> element offsets [R, D] of rows*stride + d, in int64. The launchers check that every
+    # stride is a multiple of 16 elements; the hint lets the loads vectorise and pipeline.
+    r = tl.multiple_of(rows.to(tl.int64) * stride, 16)  # [R]
+    return r[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@_jit_exact
+def _prefill_attn_kernel(
+    qkv_ptr,  # [B, T, 3*H*D]
+    k_cache_ptr,  # [Bmax, H, Tmax, D]
+    v_cache_ptr,  # [Bmax, H, Tmax, D]
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, T, H*D]
+    scale: "tl.float32",
+    T: "tl.int32",
+    H: "tl.int32",
+    stride_qkv_b: "tl.int64",
+    stride_qkv_t: "tl.int64",
+    stride_kc_b: "tl.int64",
+    stride_kc_h: "tl.int64",
+    stride_kc_t: "tl.int64",
+    stride_vc_b: "tl.int64",
+    stride_vc_h: "tl.int64",
+    stride_vc_t: "tl.int64",
+    stride_o_b: "tl.int64",
+    stride_o_t: "tl.int64",
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+):
+    # grid: (B*H, cdiv(T, BLOCK_M)) (B*H on axis 0, which has no 65535 limit); axis 1 runs the
+    # query tiles last-first, so the heaviest causal tiles are scheduled first.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + b), T)  # scalar int32; clamped against bad input
+    HD = H.to(tl.int64) * HEAD_DIM
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] query positions
+    offs_n = tl.arange(0, BLOCK_N)  # [BN]
+    # base pointers of (b, h, position 0); all 16-byte aligned (checked by the launcher)
+    q_base = tl.multiple_of(qkv_ptr + b * stride_qkv_b + h * HEAD_DIM, 16)
+    k_base = tl.multiple_of(q_base + HD, 16)
+    v_base = tl.multiple_of(q_base + 2 * HD, 16)
+    kc_base = tl.multiple_of(k_cache_ptr + b * stride_kc_b + h * stride_kc_h, 16)
+    vc_base = tl.multiple_of(v_cache_ptr + b * stride_vc_b + h * stride_vc_h, 16)
+    o_base = tl.multiple_of(out_ptr + b * stride_o_b + h * HEAD_DIM, 16)
+    out_ptrs = o_base + _tile_offsets(offs_m, stride_o_t, HEAD_DIM)  # [BM, D]
+    in_t = offs_m[:, None] < T  # [BM, 1]
+
+    if m0 >= seq_len:
+        # the whole tile is right padding: zeros, no attention, no cache write
+        tl.store(out_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=out_ptr.dtype.element_ty), mask=in_t)
+    else:
+        row_ok = offs_m < seq_len  # [BM]
+        q = tl.load(q_base + _tile_offsets(offs_m, stride_qkv_t, HEAD_DIM),
+                    mask=row_ok[:, None], other=0.0)  # [BM, D]
+        qk_scale = scale * 1.4426950408889634  # scores in log2 units
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max  [BM]
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum  [BM]
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # [BM, D]
+
+        # 0) this tile's own tokens [m0, min(m0 + BM, len)) go to the cache. Attention reads K/V only
+        #    from qkv, so no program of this launch reads what another writes. (A separate copy loop
+        #    keeps the attention loops free of stores, so their loads stay asynchronous.)
+        hi = tl.minimum(m0 + BLOCK_M, seq_len)
+        for n0 in range(m0, hi, BLOCK_N):
+            offs_kn = n0 + offs_n  # [BN]
+            kv_ok = offs_kn[:, None] < seq_len  # [BN, 1]
+            rows = _tile_offsets(offs_kn, stride_qkv_t, HEAD_DIM)  # [BN, D]
+            k = tl.load(k_base + rows, mask=kv_ok)
+            v = tl.load(v_base + rows, mask=kv_ok)
+            tl.store(kc_base + _tile_offsets(offs_kn, stride_kc_t, HEAD_DIM), k, mask=kv_ok)
+            tl.store(vc_base + _tile_offsets(offs_kn, stride_vc_t, HEAD_DIM), v, mask=kv_ok)
+
+        # 1) keys [0, m0): strictly before this tile, all real and visible: no masks.
+        for n0 in range(0, m0, BLOCK_N):
+            rows = _tile_offsets(n0 + offs_n, stride_qkv_t, HEAD_DIM)  # [BN, D]
+            k = tl.load(k_base + rows)  # [BN, D]
+            v = tl.load(v_base + rows)  # [BN, D]
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_IEEE)
+            s = s * qk_scale  # [BM, BN]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
+            m_i = m_new
+
+        # 2) keys [m0, min(m0 + BM, len)): the diagonal blocks, causally masked.
+        for n0 in range(m0, hi, BLOCK_N):
+            offs_kn = n0 + offs_n  # [BN]
+            kv_ok = offs_kn < seq_len  # [BN]
+            rows = _tile_offsets(offs_kn, stride_qkv_t, HEAD_DIM)  # [BN, D]
+            k = tl.load(k_base + rows, mask=kv_ok[:, None], other=0.0)  # [BN, D]
+            v = tl.load(v_base + rows, mask=kv_ok[:, None], other=0.0)  # [BN, D]
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_IEEE)
+            visible = (offs_kn[None, :] <= offs_m[:, None]) & kv_ok[None, :]  # [BM, BN]
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            # every row sees key m0 <= its own position in the first diagonal block, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
+            m_i = m_new
+
+        o = acc / l_i[:, None]
+        o = tl.where(row_ok[:, None], o, 0.0)  # padding rows are 0
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=in_t)
+
+
+@_jit_exact
+def _decode_attn_kernel(
+    qkv_ptr,  # [B, S, 3*H*D]
+    k_cache_ptr,  # [Bmax, H, Tmax, D]
+    v_cache_ptr,  # [Bmax, H, Tmax, D]
+    cache_lens_ptr,  # [B] int32: tokens in the cache before this step
+    out_ptr,  # [B, S, H*D]              (written when WRITE_OUT)
+    part_m_ptr,  # [B*H, num_splits, S]     fp32 running max, log2 units (when not WRITE_OUT)
+    part_l_ptr,  # [B*H, num_splits, S]     fp32 running sum
+    part_acc_ptr,  # [B*H, num_splits, S, D]  fp32 unnormalised output
+    scale: "tl.float32",
+    S: "tl.int32",
+    H: "tl.int32",
+    Tmax: "tl.int32",
+    num_splits: "tl.int32",
+    stride_qkv_b: "tl.int64",
+    stride_qkv_s: "tl.int64",
+    stride_kc_b: "tl.int64",
+    stride_kc_h: "tl.int64",
+    stride_kc_t: "tl.int64",
+    stride_vc_b: "tl.int64",
+    stride_vc_h: "tl.int64",
+    stride_vc_t: "tl.int64",
+    stride_o_b: "tl.int64",
+    stride_o_s: "tl.int64",
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+):
+    # grid: (B*H, num_splits). Split `split` covers one chunk of the cached keys [0, L); the last
+    # split also covers the S new keys, read from qkv, and is the only program writing them to the
+    # cache (at L .. L+S-1, which no program of this launch reads from the cache).
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    L = tl.minimum(tl.load(cache_lens_ptr + b), Tmax)  # scalar int32, read on the device
+    HD = H.to(tl.int64) * HEAD_DIM
+
+    offs_s = tl.arange(0, BLOCK_S)  # [BS] query rows (and new-key rows)
+    offs_n = tl.arange(0, BLOCK_N)  # [BN]
+    s_ok = offs_s < S  # [BS]
+    q_base = tl.multiple_of(qkv_ptr + b * stride_qkv_b + h * HEAD_DIM, 16)  # 16-byte aligned (launcher-checked)
+    new_rows = _tile_offsets(offs_s, stride_qkv_s, HEAD_DIM)  # [BS, D]
+    q = tl.load(q_base + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
+    kc_base = tl.multiple_of(k_cache_ptr + b * stride_kc_b + h * stride_kc_h, 16)
+    vc_base = tl.multiple_of(v_cache_ptr + b * stride_vc_b + h * stride_vc_h, 16)
+
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)  # [BS]
+    l_i = tl.zeros([BLOCK_S], dtype=tl.float32)  # [BS]
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], dtype=tl.float32)  # [BS, D]
+
+    # this split's chunk of cached keys, a multiple of BLOCK_N (empty for trailing splits of short caches)
+    chunk = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+    for n0 in range(start, end, BLOCK_N):
+        offs_kn = n0 + offs_n  # [BN]
+        kv_ok = offs_kn < end  # [BN]
+        k = tl.load(kc_base + _tile_offsets(offs_kn, stride_kc_t, HEAD_DIM), mask=kv_ok[:, None], other=0.0)  # [BN, D]
+        v = tl.load(vc_base + _tile_offsets(offs_kn, stride_vc_t, HEAD_DIM), mask=kv_ok[:, None], other=0.0)  # [BN, D]
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32), FP32_IEEE)
+        s = tl.where(kv_ok[None, :], s * qk_scale, float("-inf"))  # [BS, BN]; cached keys: visible to all
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
+        m_i = m_new
+
+    if split == num_splits - 1:
+        # the S new keys (positions L .. L+S-1): query s sees new key i iff i <= s
+        k = tl.load(tl.multiple_of(q_base + HD, 16) + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
+        v = tl.load(tl.multiple_of(q_base + 2 * HD, 16) + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
+        w_ok = (s_ok & (L + offs_s < Tmax))[:, None]  # never write past the cache end, even on bad lengths
+        tl.store(kc_base + _tile_offsets(L + offs_s, stride_kc_t, HEAD_DIM), k, mask=w_ok)
+        tl.store(vc_base + _tile_offsets(L + offs_s, stride_vc_t, HEAD_DIM), v, mask=w_ok)
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32), FP32_IEEE)
+        visible = (offs_s[None, :] <= offs_s[:, None]) & s_ok[None, :]  # [BS(query), BS(key)]
+        s = tl.where(visible, s * qk_scale, float("-inf"))  # key 0 is visible to every row
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
+        m_i = m_new
+
+    if WRITE_OUT:
+        o = acc / l_i[:, None]
+        o_base = tl.multiple_of(out_ptr + b * stride_o_b + h * HEAD_DIM, 16)
+        out_ptrs = o_base + _tile_offsets(offs_s, stride_o_s, HEAD_DIM)  # [BS, D]
+        tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=s_ok[:, None])
+    else:
+        # partials: an empty split writes m=-inf, l=0, acc=0, which the reduce weighs by 0
+        row0 = (pid_bh.to(tl.int64) * num_splits + split) * S  # first row of this (b, h, split)
+        tl.store(part_m_ptr + row0 + offs_s, m_i, mask=s_ok)
+        tl.store(part_l_ptr + row0 + offs_s, l_i, mask=s_ok)
+        acc_base = tl.multiple_of(part_acc_ptr + row0 * HEAD_DIM, 16)
+        tl.store(acc_base + _tile_offsets(offs_s, HEAD_DIM, HEAD_DIM), acc, mask=s_ok[:, None])
+
+
+@_jit_exact
+def _decode_reduce_kernel(
+    part_m_ptr,  # [B*H, num_splits, S] fp32
+    part_l_ptr,  # [B*H, num_splits, S] fp32
+    part_acc_ptr,  # [B*H, num_splits, S, D] fp32
+    out_ptr,  # [B, S, H*D]
+    S: "tl.int32",
+    H: "tl.int32",
+    num_splits: "tl.int32",
+    stride_o_b: "tl.int64",
+    stride_o_s: "tl.int64",
+    HEAD_DIM: tl.constexpr,
+):
+    # grid: (B*H*S,), one program per (b, h, s) output row.
+    pid = tl.program_id(0)
+    s = (pid % S).to(tl.int64)
+    bh = (pid // S).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)  # [D]
+    row0 = bh * num_splits * S + s  # split sp's row is row0 + sp*S
+    # global max first: the last split always holds the new keys, so it is finite; empty splits
+    # (m = -inf) then get weight exactly 0.
+    m_max = tl.load(part_m_ptr + row0)
+    for sp in range(1, num_splits):
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + row0 + sp * S))
+    l_sum = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)  # [D]
+    for sp in range(0, num_splits):
+        r = row0 + sp * S
+        w = tl.math.exp2(tl.load(part_m_ptr + r) - m_max)
+        l_sum += w * tl.load(part_l_ptr + r)
+        acc += w * tl.load(tl.multiple_of(part_acc_ptr + r * HEAD_DIM, 16) + offs_d)
+    o = acc / l_sum
+    o_base = tl.multiple_of(out_ptr + b * stride_o_b + s * stride_o_s + h * HEAD_DIM, 16)
+    tl.store(o_base + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of qkv)")
+
+
+def _check_aligned(t: torch.Tensor, name: str) -> None:
+    # backs the kernels' tl.multiple_of hints; always true for contiguous tensors and cache views
+    # with head_dim in {32, 64, 128}
+    if t.data_ptr() % 16 != 0:
+        raise ValueError(f"{name} must start at a 16-byte aligned address, got data_ptr % 16 = {t.data_ptr() % 16}")
+    bad = [st for st in t.stride()[:-1] if st % 16 != 0]
+    if bad:
+        raise ValueError(f"{name} strides {tuple(t.stride())} must be multiples of 16 elements (except the last, 1)")
+
+
+def _check_cache(qkv, k_cache, v_cache):
+    """Validates the cache pair against qkv; returns (H, D)."""
+    if qkv.dtype not in _DTYPES:
+        raise ValueError(f"qkv dtype {qkv.dtype} is not supported, expected one of float32, float16, bfloat16")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-d [B, T, 3*H*D], got shape {tuple(qkv.shape)}")
+    if not qkv.is_contiguous():
+        raise ValueError("qkv must be contiguous ([B, T, 3*H*D], the fused QKV GEMM's output)")
+    if qkv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"qkv is on {qkv.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 4:
+            raise ValueError(f"{name} must be 4-d [Bmax, H, Tmax, D], got shape {tuple(c.shape)}")
+        if c.dtype != qkv.dtype:
+            raise ValueError(f"{name} dtype {c.dtype} does not match qkv dtype {qkv.dtype}; expected {qkv.dtype}")
+        _check_device(c, name, qkv.device)
+        if c.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {c.stride(-1)}")
+        _check_aligned(c, name)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache shape {tuple(k_cache.shape)} != v_cache shape {tuple(v_cache.shape)}; expected equal")
+    Bmax, H, Tmax, D = k_cache.shape
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported, expected one of {_HEAD_DIMS}")
+    if qkv.shape[2] != 3 * H * D:
+        raise ValueError(
+            f"qkv last dim {qkv.shape[2]} does not match the cache: expected 3*H*D = 3*{H}*{D} = {3 * H * D}")
+    if qkv.shape[0] > Bmax:
+        raise ValueError(f"qkv batch {qkv.shape[0]} is larger than the cache batch Bmax={Bmax}")
+    _check_aligned(qkv, "qkv")
+    return H, D
+
+
+def _check_lens(lens, name, B, device):
+    if lens.dtype != torch.int32:
+        raise ValueError(f"{name} dtype {lens.dtype} is not supported, expected torch.int32")
+    if lens.dim() != 1 or lens.shape[0] != B:
+        raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(lens.shape)}")
+    _check_device(lens, name, device)
+
+
+def _check_out(out, qkv, shape):
+    if out is None:
+        return torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != qkv.dtype:
+        raise ValueError(f"out dtype {out.dtype} does not match qkv dtype {qkv.dtype}; expected {qkv.dtype}")
+    _check_device(out, "out", qkv.device)
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have a contiguous last dim (stride 1), got stride {out.stride(-1)}")
+    _check_aligned(out, "out")
+    return out
+
+
+def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> torch.Tensor:
+    """Causal attention of a right-padded ragged batch; writes its K/V into the cache.
+
+    qkv [B, T, 3*H*D]; k_cache, v_cache [Bmax, H, Tmax, D]; seq_lens [B] int32 (1 <= len <= T, on
+    the device, not read on the host). Returns out [B, T, H*D]; rows t >= seq_lens[b] are 0. Cache
+    positions t < seq_lens[b] of rows b < B are written, nothing else.
+    """
+    H, D = _check_cache(qkv, k_cache, v_cache)
+    B, T, _ = qkv.shape
+    Tmax = k_cache.shape[2]
+    if T > Tmax:
+        raise ValueError(f"prompt length T={T} is longer than the cache (Tmax={Tmax}); expected T <= {Tmax}")
+    _check_lens(seq_lens, "seq_lens", B, qkv.device)
+    out = _check_out(out, qkv, (B, T, H * D))
+    if B == 0 or T == 0:
+        return out
+    block_m, block_n, num_warps, num_stages = _PREFILL_CONFIGS[(_kind(qkv.dtype), D)]
+    grid = (B * H, triton.cdiv(T, block_m))
+    _prefill_attn_kernel[grid](
+        qkv, k_cache, v_cache, seq_lens, out,
+        float(scale), T, H,
+        qkv.stride(0), qkv.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, FP32_IEEE=qkv.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def default_num_splits(B: int, H: int, Tmax: int) -> int:
+    """How many programs share one (b, h)'s key axis in decode: from static sizes only."""
+    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(1, B * H))
+    by_length = triton.cdiv(Tmax, _MIN_KEYS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+
+
+def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None) -> torch.Tensor:
+    """Attention of S (1..8) new tokens per sequence over the cache plus themselves; writes their K/V.
+
+    qkv [B, S, 3*H*D]; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens [B] int32 on the device
+    (tokens cached before this step; read only in-kernel, so the launch is CUDA-graph safe; the
+    caller guarantees cache_lens[b] + S <= Tmax and updates cache_lens afterwards).
+    Returns out [B, S, H*D].
+    """
+    H, D = _check_cache(qkv, k_cache, v_cache)
+    B, S, _ = qkv.shape
+    if not 1 <= S <= MAX_DECODE_TOKENS:
+        raise ValueError(f"decode takes S new tokens per sequence with 1 <= S <= {MAX_DECODE_TOKENS}, got S={S}")
+    Tmax = k_cache.shape[2]
+    _check_lens(cache_lens, "cache_lens", B, qkv.device)
+    out = _check_out(out, qkv, (B, S, H * D))
+    if num_splits is None:
+        num_splits = default_num_splits(B, H, Tmax)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if B == 0:
+        return out
+    block_n, num_warps, num_stages = _DECODE_CONFIGS[(_kind(qkv.dtype), D)]
+    write_out = num_splits == 1
+    if write_out:
+        part_m = part_l = part_acc = torch.empty(1, dtype=torch.float32, device=qkv.device)  # unused
+    else:
+        part_m = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=qkv.device)
+        part_l = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=qkv.device)
+        part_acc = torch.empty((B * H, num_splits, S, D), dtype=torch.float32, device=qkv.device)
+    _decode_attn_kernel[(B * H, num_splits)](
+        qkv, k_cache, v_cache, cache_lens, out, part_m, part_l, part_acc,
+        float(scale), S, H, Tmax, num_splits,
+        qkv.stride(0), qkv.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_S=_DECODE_BLOCK_S, BLOCK_N=block_n, WRITE_OUT=write_out,
+        FP32_IEEE=qkv.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not write_out:
+        r_warps, r_stages = _REDUCE_CONFIGS[D]
+        _decode_reduce_kernel[(B * H * S,)](
+            part_m, part_l, part_acc, out,
+            S, H, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, num_warps=r_warps, num_stages=r_stages,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# References (plain PyTorch, computed in the input dtype)
+# --------------------------------------------------------------------------------------------
+def _causal_softmax_av(q, k, v, scale, q_pos0):
+    # q [H, Sq, D], k/v [H, Sk, D]; query i sits at position q_pos0 + i and sees keys 0..q_pos0+i
+    Sq, Sk = q.shape[1], k.shape[1]
+    scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, Sq, Sk]
+    qpos = torch.arange(Sq, device=q.device)[:, None] + q_pos0
+    kpos = torch.arange(Sk, device=q.device)[None, :]
+    scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)  # [H, Sq, D]
+
+
+def prefill_attention_ref(qkv, seq_lens, scale, H) -> torch.Tensor:
+    """qkv [B, T, 3*H*D] -> [B, T, H*D]: causal attention over each sequence's first seq_lens[b]
+    tokens, rows t >= seq_lens[b] zero. Plain torch in qkv's dtype."""
+    B, T, C = qkv.shape
+    D = C // (3 * H)
+    out = torch.zeros((B, T, H * D), dtype=qkv.dtype, device=qkv.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        x = qkv[b, :n].view(n, 3, H, D).permute(1, 2, 0, 3)  # [3, H, n, D]
+        o = _causal_softmax_av(x[0], x[1], x[2], scale, 0)  # [H, n, D]
+        out[b, :n] = o.transpose(0, 1).reshape(n, H * D)
+    return out
+
+
+def decode_attention_ref(qkv, k_cache, v_cache, cache_lens, scale) -> torch.Tensor:
+    """qkv [B, S, 3*H*D] over cache[b, :, :cache_lens[b]] plus the S new tokens (causal among
+    them) -> [B, S, H*D]. Plain torch in qkv's dtype; the cache is not modified."""
+    B, S, C = qkv.shape
+    H, D = k_cache.shape[1], k_cache.shape[3]
+    out = torch.empty((B, S, H * D), dtype=qkv.dtype, device=qkv.device)
+    for b, n in enumerate(cache_lens.tolist()):
+        x = qkv[b].view(S, 3, H, D).permute(1, 2, 0, 3)  # [3, H, S, D]
+        k = torch.cat([k_cache[b, :, :n].to(qkv.dtype), x[1]], dim=1)  # [H, n+S, D]
+        v = torch.cat([v_cache[b, :, :n].to(qkv.dtype), x[2]], dim=1)
+        o = _causal_softmax_av(x[0], k, v, scale, n)  # [H, S, D]
+        out[b] = o.transpose(0, 1).reshape(S, H * D)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Compile specs: every (kernel, config) the launchers can pick
+# --------------------------------------------------------------------------------------------
+def compile_specs(dtype: str) -> list[CompileSpec]:
+    """One CompileSpec per (kernel, config) the launchers can choose for `dtype` ("fp16" or
+    "bf16"), over head_dim 32, 64, 128. "fp32" is also accepted: its dots are IEEE fp32, which
+    has no tensor-core path, so those specs say uses_dot=False."""
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"compile_specs dtype {dtype!r} is not supported, expected 'fp16' or 'bf16'")
+    kind = "fp32" if dtype == "fp32" else "half"
+    ieee = dtype == "fp32"
+    p = "*" + dtype
+    i64 = "i64"
+    specs = []
+    for D in _HEAD_DIMS:
+        bm, bn, w, st = _PREFILL_CONFIGS[(kind, D)]
+        sig = {
+            "qkv_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "seq_lens_ptr": "*i32", "out_ptr": p,
+            "scale": "fp32", "T": "i32", "H": "i32",
+            "stride_qkv_b": i64, "stride_qkv_t": i64,
+            "stride_kc_b": i64, "stride_kc_h": i64, "stride_kc_t": i64,
+            "stride_vc_b": i64, "stride_vc_h": i64, "stride_vc_t": i64,
+            "stride_o_b": i64, "stride_o_t": i64,
+            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP32_IEEE": "constexpr",
+        }
+        specs.append(CompileSpec(
+            name=f"attention.prefill[{dtype}] D={D} BM={bm} BN={bn}", fn=_prefill_attn_kernel, signature=sig,
+            constexprs={"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "FP32_IEEE": ieee},
+            num_warps=w, num_stages=st, uses_dot=not ieee))
+
+        bn, w, st = _DECODE_CONFIGS[(kind, D)]
+        sig = {
+            "qkv_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "cache_lens_ptr": "*i32", "out_ptr": p,
+            "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
+            "scale": "fp32", "S": "i32", "H": "i32", "Tmax": "i32", "num_splits": "i32",
+            "stride_qkv_b": i64, "stride_qkv_s": i64,
+            "stride_kc_b": i64, "stride_kc_h": i64, "stride_kc_t": i64,
+            "stride_vc_b": i64, "stride_vc_h": i64, "stride_vc_t": i64,
+            "stride_o_b": i64, "stride_o_s": i64,
+            "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr", "BLOCK_N": "constexpr",
+            "WRITE_OUT": "constexpr", "FP32_IEEE": "constexpr",
+        }
+        for write_out in (True, False):
+            specs.append(CompileSpec(
+                name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
+                fn=_decode_attn_kernel, signature=sig,
+                constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
+                            "WRITE_OUT": write_out, "FP32_IEEE": ieee},
+                num_warps=w, num_stages=st, uses_dot=not ieee))
+
+        w, st = _REDUCE_CONFIGS[D]
+        sig = {
+            "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": p,
+            "S": "i32", "H": "i32", "num_splits": "i32", "stride_o_b": i64, "stride_o_s": i64,
+            "HEAD_DIM": "constexpr",
+        }
+        specs.append(CompileSpec(
+            name=f"attention.decode_reduce[{dtype}] D={D}", fn=_decode_reduce_kernel, signature=sig,
+            constexprs={"HEAD_DIM": D}, num_warps=w, num_stages=st, uses_dot=False))
+    return specs

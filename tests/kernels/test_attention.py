@@ -1,0 +1,341 @@
+"""Prefill and decode attention kernels vs their float64 references (Triton interpreter on CPU).
+
+Tolerances (error = max |kernel - ref64| over all elements):
+  fp32: error <= 1e-5 * max|ref64|  (relative to the largest reference magnitude)
+  fp16: error <= 2 * (error of the same *_ref run by PyTorch in fp16) + 1e-3
+bf16 is only run on a real GPU: tl.dot on bf16 is wrong under the interpreter
+(triton-lang/triton#11584); the compile check covers the bf16 kernels.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from fastgpt2.kernels import attention as A
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, dtype, seed):
+    return torch.randn(shape, generator=_gen(seed), dtype=torch.float32).to(dtype=dtype, device=DEVICE)
+
+
+def _poisoned_cache(Bmax, H, Tmax, D, dtype, layers=3, layer=1):
+    """NaN-filled [L, Bmax, H, Tmax, D] like the model's cache; returns the layer views (offset views)."""
+    k = torch.full((layers, Bmax, H, Tmax, D), NAN, dtype=dtype, device=DEVICE)
+    v = torch.full((layers, Bmax, H, Tmax, D), NAN, dtype=dtype, device=DEVICE)
+    return k[layer], v[layer]
+
+
+def _lens(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def _split_heads(qkv, H):
+    """[B, T, 3*H*D] -> q, k, v each [B, H, T, D]."""
+    B, T, C = qkv.shape
+    D = C // (3 * H)
+    x = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+def _check_close(out, ref64, ref_lowp):
+    """out: kernel output; ref64: float64 reference; ref_lowp: the same reference run in out's dtype."""
+    assert out.dtype == ref_lowp.dtype
+    out64 = out.double().cpu()
+    ref64 = ref64.cpu()
+    assert torch.isfinite(out64).all(), "kernel output has NaN/inf"
+    err = (out64 - ref64).abs().max().item()
+    if out.dtype == torch.float32:
+        bound = 1e-5 * ref64.abs().max().item()
+    else:
+        torch_err = (ref_lowp.double().cpu() - ref64).abs().max().item()
+        bound = 2 * torch_err + 1e-3
+    assert err <= bound, f"{out.dtype}: max error {err:.3g} > bound {bound:.3g}"
+
+
+def _prefill_refs(qkv, lens, scale, H):
+    ref64 = A.prefill_attention_ref(qkv.double().cpu(), lens.cpu(), scale, H)
+    ref_lowp = A.prefill_attention_ref(qkv.cpu(), lens.cpu(), scale, H)
+    return ref64, ref_lowp
+
+
+def _decode_refs(qkv, kc, vc, cache_lens, scale):
+    ref64 = A.decode_attention_ref(qkv.double().cpu(), kc.double().cpu(), vc.double().cpu(), cache_lens.cpu(), scale)
+    ref_lowp = A.decode_attention_ref(qkv.cpu(), kc.cpu(), vc.cpu(), cache_lens.cpu(), scale)
+    return ref64, ref_lowp
+
+
+def _check_prefill_cache(kc, vc, qkv, lens, H):
+    """Written positions equal qkv's K/V bit for bit; every other position is still NaN."""
+    _, k, v = _split_heads(qkv, H)  # [B, H, T, D]
+    B = qkv.shape[0]
+    for b, n in enumerate(lens.tolist()):
+        assert torch.equal(kc[b, :, :n], k[b, :, :n]), f"k_cache[{b}, :, :{n}] != k from qkv"
+        assert torch.equal(vc[b, :, :n], v[b, :, :n]), f"v_cache[{b}, :, :{n}] != v from qkv"
+        assert torch.isnan(kc[b, :, n:]).all() and torch.isnan(vc[b, :, n:]).all(), f"cache row {b} written at t >= {n}"
+    assert torch.isnan(kc[B:]).all() and torch.isnan(vc[B:]).all(), "cache rows b >= B were written"
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill
+# ---------------------------------------------------------------------------------------------
+def _run_prefill(B, T, H, D, lens, dtype, scale, seed, Bmax=None, Tmax=None):
+    Bmax = Bmax or B + 1
+    Tmax = Tmax or T + 5
+    qkv = _randn((B, T, 3 * H * D), dtype, seed)
+    lens_t = _lens(lens)
+    kc, vc = _poisoned_cache(Bmax, H, Tmax, D, dtype)
+    out = torch.full((B, T, H * D), NAN, dtype=dtype, device=DEVICE)
+    res = A.prefill_attention(qkv, kc, vc, lens_t, scale, out=out)
+    assert res is out
+    ref64, ref_lowp = _prefill_refs(qkv, lens_t, scale, H)
+    _check_close(out, ref64, ref_lowp)
+    for b, n in enumerate(lens):
+        assert (out[b, n:] == 0).all(), f"padding rows of sequence {b} are not 0"
+    _check_prefill_cache(kc, vc, qkv, lens_t, H)
+    return out
+
+
+def test_prefill_ragged_fp32_d64():
+    # T=257 spans several query tiles, with lengths ending mid-tile, on a tile edge + 1, and 1
+    _run_prefill(B=4, T=257, H=2, D=64, lens=[1, 17, 100, 257], dtype=torch.float32,
+                 scale=1 / math.sqrt(64), seed=1, Bmax=5, Tmax=300)
+
+
+# (fp32, D=64) is test_prefill_ragged_fp32_d64
+@pytest.mark.parametrize("dtype, D", [(dt, d) for dt in DTYPES for d in (32, 64, 128)
+                                      if (dt, d) != (torch.float32, 64)], ids=str)
+def test_prefill_dtypes_head_dims(dtype, D):
+    _run_prefill(B=3, T=70, H=2, D=D, lens=[70, 33, 2], dtype=dtype, scale=1 / math.sqrt(D), seed=10 + D)
+
+
+def test_prefill_allocates_out():
+    qkv = _randn((2, 9, 3 * 2 * 32), torch.float32, 3)
+    kc, vc = _poisoned_cache(2, 2, 9, 32, torch.float32)
+    lens = _lens([9, 4])
+    out = A.prefill_attention(qkv, kc, vc, lens, 0.2)
+    assert out.shape == (2, 9, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    _check_close(out, *_prefill_refs(qkv, lens, 0.2, 2))
+
+
+@pytest.mark.parametrize("scale_kind", ["inverse_layer_idx", "one"])
+def test_prefill_scales(scale_kind):
+    D = 64
+    # scale_attn_by_inverse_layer_idx at layer_idx 2: 1/sqrt(D)/3; scale_attn_weights=False: 1.0
+    scale = 1 / math.sqrt(D) / 3 if scale_kind == "inverse_layer_idx" else 1.0
+    _run_prefill(B=2, T=45, H=2, D=D, lens=[45, 20], dtype=torch.float32, scale=scale, seed=20)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------
+def _filled_cache(Bmax, H, Tmax, D, dtype, cache_lens, seed):
+    """Cache views with random K/V at positions < cache_lens[b], NaN elsewhere."""
+    kc, vc = _poisoned_cache(Bmax, H, Tmax, D, dtype)
+    k = _randn((Bmax, H, Tmax, D), dtype, seed)
+    v = _randn((Bmax, H, Tmax, D), dtype, seed + 1)
+    for b, n in enumerate(cache_lens):
+        kc[b, :, :n] = k[b, :, :n]
+        vc[b, :, :n] = v[b, :, :n]
+    return kc, vc
+
+
+def _run_decode(cache_lens, S, H, D, dtype, num_splits, scale, seed, Tmax=None):
+    B = len(cache_lens)
+    Tmax = Tmax or max(cache_lens) + S + 3
+    qkv = _randn((B, S, 3 * H * D), dtype, seed)
+    kc, vc = _filled_cache(B + 1, H, Tmax, D, dtype, cache_lens, seed + 100)
+    kc0, vc0 = kc.clone(), vc.clone()
+    lens_t = _lens(cache_lens)
+    ref64, ref_lowp = _decode_refs(qkv, kc0, vc0, lens_t, scale)
+    out = torch.full((B, S, H * D), NAN, dtype=dtype, device=DEVICE)
+    res = A.decode_attention(qkv, kc, vc, lens_t, scale, out=out, num_splits=num_splits)
+    assert res is out
+    _check_close(out, ref64, ref_lowp)
+    assert torch.equal(lens_t, _lens(cache_lens)), "decode_attention must not update cache_lens"
+    _, k_new, v_new = _split_heads(qkv, H)  # [B, H, S, D]
+    for b, n in enumerate(cache_lens):
+        assert torch.equal(kc[b, :, :n], kc0[b, :, :n]) and torch.equal(vc[b, :, :n], vc0[b, :, :n]), \
+            f"old cache of sequence {b} changed"
+        assert torch.equal(kc[b, :, n:n + S], k_new[b]), f"new K of sequence {b} not written at {n}..{n + S - 1}"
+        assert torch.equal(vc[b, :, n:n + S], v_new[b]), f"new V of sequence {b} not written at {n}..{n + S - 1}"
+        assert torch.isnan(kc[b, :, n + S:]).all() and torch.isnan(vc[b, :, n + S:]).all(), \
+            f"cache of sequence {b} written past {n + S - 1}"
+    assert torch.isnan(kc[B:]).all() and torch.isnan(vc[B:]).all(), "cache rows b >= B were written"
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cache_lens", [[13], [1, 77, 300]], ids=["B1", "B3"])
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_splits_agree(dtype, cache_lens, S):
+    # lengths are not multiples of any block size; num_splits=1 (direct write), 3 and 8 (reduce
+    # kernel; with 8 splits some splits of the short caches are empty) must agree with the reference
+    # and with each other.
+    D, H = 64, 2
+    outs = [_run_decode(cache_lens, S, H, D, dtype, ns, 1 / math.sqrt(D), seed=30 + S)
+            for ns in (1, 3, 8)]
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for o in outs[1:]:
+        torch.testing.assert_close(o.double(), outs[0].double(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [32, 128])
+def test_decode_head_dims(dtype, D):
+    _run_decode([5, 130], S=2, H=2, D=D, dtype=dtype, num_splits=None, scale=1 / math.sqrt(D), seed=40 + D)
+
+
+def test_decode_empty_cache_and_max_s():
+    # cache_lens 0 (all split chunks empty: only the new keys), S = 8 (the largest), filling Tmax exactly
+    _run_decode([0, 9], S=8, H=2, D=32, dtype=torch.float32, num_splits=4, scale=0.125, seed=50, Tmax=17)
+
+
+@pytest.mark.parametrize("scale_kind", ["inverse_layer_idx", "one"])
+def test_decode_scales(scale_kind):
+    D = 64
+    scale = 1 / math.sqrt(D) / 3 if scale_kind == "inverse_layer_idx" else 1.0
+    _run_decode([40, 7], S=3, H=2, D=D, dtype=torch.float32, num_splits=2, scale=scale, seed=60)
+
+
+def test_decode_allocates_out_and_default_splits():
+    qkv = _randn((2, 1, 3 * 2 * 32), torch.float16, 4)
+    kc, vc = _filled_cache(2, 2, 40, 32, torch.float16, [20, 3], 5)
+    lens = _lens([20, 3])
+    ref = _decode_refs(qkv, kc.clone(), vc.clone(), lens, 0.3)
+    out = A.decode_attention(qkv, kc, vc, lens, 0.3)
+    assert out.shape == (2, 1, 64) and out.dtype == torch.float16
+    _check_close(out, *ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_matches_prefill(dtype, S):
+    """Prefill all but the last 2*S tokens of each sequence, then decode them in two steps of S with
+    the same buffers and the lengths updated in place between steps (as a replayed CUDA graph sees
+    them): the outputs equal the matching rows of a prefill over all tokens (for S=1, its last rows),
+    and the cache ends up equal to that prefill's cache."""
+    H, D = 2, 64
+    n = [50, 23]
+    B, T = len(n), max(n)
+    scale = 1 / math.sqrt(D)
+    qkv = _randn((B, T, 3 * H * D), dtype, 70 + S)
+    full_k, full_v = _poisoned_cache(B, H, T + 8, D, dtype)
+    full = A.prefill_attention(qkv, full_k, full_v, _lens(n), scale)
+
+    steps = 2
+    pre = [x - steps * S for x in n]
+    kc, vc = _poisoned_cache(B, H, T + 8, D, dtype)
+    lens = _lens(pre)
+    A.prefill_attention(qkv, kc, vc, lens, scale)  # rows t >= pre[b] are ignored (right padding)
+    out = torch.full((B, S, H * D), NAN, dtype=dtype, device=DEVICE)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-3)
+    for step in range(steps):
+        pos = [p + step * S for p in pre]
+        step_qkv = torch.stack([qkv[b, pos[b]:pos[b] + S] for b in range(B)])  # [B, S, 3HD]
+        A.decode_attention(step_qkv, kc, vc, lens, scale, out=out, num_splits=2)
+        want = torch.stack([full[b, pos[b]:pos[b] + S] for b in range(B)])
+        torch.testing.assert_close(out.double(), want.double(), **tol)
+        lens += S  # in place, on the device
+    for b in range(B):
+        assert torch.equal(kc[b, :, :n[b]], full_k[b, :, :n[b]])
+        assert torch.equal(vc[b, :, :n[b]], full_v[b, :, :n[b]])
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher errors, config table, compile specs (no kernel launches)
+# ---------------------------------------------------------------------------------------------
+def _valid(B=2, T=4, H=2, D=32, dtype=torch.float32, Tmax=8):
+    qkv = torch.zeros((B, T, 3 * H * D), dtype=dtype, device=DEVICE)
+    kc, vc = _poisoned_cache(B, H, Tmax, D, dtype)
+    return qkv, kc, vc, _lens([T] * B)
+
+
+def test_prefill_errors():
+    qkv, kc, vc, lens = _valid()
+    with pytest.raises(ValueError, match=r"k_cache dtype torch.float16 does not match qkv dtype torch.float32"):
+        A.prefill_attention(qkv, kc.half(), vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"qkv dtype torch.float64 is not supported"):
+        A.prefill_attention(qkv.double(), kc.double(), vc.double(), lens, 1.0)
+    with pytest.raises(ValueError, match=r"qkv last dim 180 does not match the cache: expected 3\*H\*D = 3\*2\*32 = 192"):
+        A.prefill_attention(qkv[..., :180].contiguous(), kc, vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"seq_lens dtype torch.int64 is not supported, expected torch.int32"):
+        A.prefill_attention(qkv, kc, vc, lens.long(), 1.0)
+    with pytest.raises(ValueError, match=r"seq_lens must have shape \[B\] = \[2\]"):
+        A.prefill_attention(qkv, kc, vc, lens[:1], 1.0)
+    with pytest.raises(ValueError, match=r"prompt length T=4 is longer than the cache \(Tmax=3\)"):
+        A.prefill_attention(qkv, kc[:, :, :3], vc[:, :, :3], lens, 1.0)
+    with pytest.raises(ValueError, match=r"qkv batch 2 is larger than the cache batch Bmax=1"):
+        A.prefill_attention(qkv, kc[:1], vc[:1], lens, 1.0)
+    with pytest.raises(ValueError, match=r"head_dim 48 is not supported, expected one of \(32, 64, 128\)"):
+        q48, k48, v48, l48 = _valid(D=48)
+        A.prefill_attention(q48, k48, v48, l48, 1.0)
+    with pytest.raises(ValueError, match=r"qkv must be 3-d"):
+        A.prefill_attention(qkv[0], kc, vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 4, 32\), expected \(2, 4, 64\)"):
+        A.prefill_attention(qkv, kc, vc, lens, 1.0, out=torch.empty((2, 4, 32), device=DEVICE))
+    with pytest.raises(ValueError, match=r"k_cache must have a contiguous last dim"):
+        A.prefill_attention(qkv, kc.transpose(2, 3), vc, lens, 1.0)
+
+
+def test_decode_errors():
+    qkv, kc, vc, lens = _valid(T=1)
+    with pytest.raises(ValueError, match=r"1 <= S <= 8, got S=9"):
+        A.decode_attention(torch.zeros((2, 9, qkv.shape[2]), device=DEVICE), kc, vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"v_cache dtype torch.float16 does not match qkv dtype torch.float32"):
+        A.decode_attention(qkv, kc, vc.half(), lens, 1.0)
+    with pytest.raises(ValueError, match=r"cache_lens dtype torch.int64 is not supported, expected torch.int32"):
+        A.decode_attention(qkv, kc, vc, lens.long(), 1.0)
+    with pytest.raises(ValueError, match=r"num_splits must be an int >= 1, got 0"):
+        A.decode_attention(qkv, kc, vc, lens, 1.0, num_splits=0)
+    with pytest.raises(ValueError, match=r"out dtype torch.float16 does not match qkv dtype torch.float32"):
+        A.decode_attention(qkv, kc, vc, lens, 1.0, out=torch.empty((2, 1, 64), dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"k_cache shape .* != v_cache shape"):
+        A.decode_attention(qkv, kc, vc[:, :, :4], lens, 1.0)
+
+
+def test_default_num_splits_is_static():
+    assert A.default_num_splits(1, 12, 1024) == 8  # GPT-2 small, batch 1: 96 programs
+    assert A.default_num_splits(64, 12, 1024) == 1  # enough (b, h) programs already
+    assert A.default_num_splits(1, 2, 16) == 1  # short cache: no split
+    for B in (1, 3, 17):
+        for Tmax in (1, 100, 1024, 2048):
+            assert 1 <= A.default_num_splits(B, 25, Tmax) <= 32
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_compile_specs_cover_every_config(dtype):
+    specs = A.compile_specs(dtype)
+    # per head_dim: prefill, decode (direct + split), reduce
+    assert len(specs) == 3 * 4
+    assert len({s.name for s in specs}) == len(specs)
+    for s in specs:
+        params = list(s.fn.arg_names)
+        assert list(s.signature) == params, s.name
+        consts = [p for p in params if s.signature[p] == "constexpr"]
+        assert sorted(s.constexprs) == sorted(consts), s.name
+        assert all(v.startswith("*") for k, v in s.signature.items() if k.endswith("_ptr")), s.name
+        ptr_types = {s.signature[p] for p in ("qkv_ptr", "out_ptr") if p in s.signature}
+        assert ptr_types == {"*" + dtype}, s.name
+        assert s.uses_dot == ("reduce" not in s.name)
+    for D in (32, 64, 128):
+        bm, bn, w, st = A._PREFILL_CONFIGS[("half", D)]
+        assert any(s.constexprs.get("HEAD_DIM") == D and s.constexprs.get("BLOCK_M") == bm
+                   and s.num_warps == w and s.num_stages == st for s in specs)
+        assert bm % bn == 0
+    with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
+        A.compile_specs("fp8")
