@@ -129,6 +129,14 @@ class GPT2:
         model.source_dir = directory
         return model
 
+    @classmethod
+    def from_hf(cls, hf_model, backend="auto") -> "GPT2":
+        """A fastgpt2 model (its own cache, generation, CUDA graphs) sharing the weights of a live
+        transformers GPT2LMHeadModel or GPT2Model: no parameter is copied."""
+        from .hf import model_from_hf
+
+        return model_from_hf(hf_model, backend=backend)
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
 
