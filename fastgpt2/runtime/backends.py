@@ -3,6 +3,8 @@
 ``TorchOps`` is plain PyTorch (the CPU production path and the fallback a user can choose);
 ``TritonOps`` calls fastgpt2's Triton kernels. Both take and return the same shapes:
 
+- ``embed_layer_norm(ids [B,S], start [B] int32 | None, wte [V,E], wpe [P,E], w, b, eps) -> (y [M,E], h [M,E])``:
+  h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)
 - ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual
 - ``linear(x [M,K], w [K,N], b [N], activation, residual [M,N] | None) -> [M,N]``
 - ``prefill_attention(qkv [B,T,3E], k_cache, v_cache [Bmax,H,Tmax,D], seq_lens [B] int32, scale, upcast)
@@ -71,6 +73,13 @@ class TorchOps:
     def __init__(self):
         self.n_head = None  # set by the model
 
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        b, s = ids.shape
+        positions = torch.arange(s, device=ids.device)
+        positions = positions.expand(b, s) if start is None else start[:, None].long() + positions  # [B, S]
+        h = (F.embedding(ids, wte) + F.embedding(positions, wpe)).view(b * s, -1)
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
+
     def layer_norm(self, x, residual, weight, bias, eps):
         s = x if residual is None else x + residual
         return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
@@ -122,6 +131,9 @@ class TritonOps:
 
         self._attention, self._layernorm, self._mlp = attention, layernorm, mlp
         self.n_head = None
+
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        return self._layernorm.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps)
 
     def layer_norm(self, x, residual, weight, bias, eps):
         return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)

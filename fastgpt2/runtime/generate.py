@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .graphs import DecodeStep, GraphError, Sampling
 from .model import GPT2, InputError, prepare_batch
 
 
@@ -64,9 +65,16 @@ def stream(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
+    use_cuda_graph: bool | None = None,
+    stop_check_every: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """An iterator over each step's next tokens [B] (rows that already stopped yield the pad token).
-    Arguments are checked here, before the first step."""
+    Arguments are checked here, before the first step.
+
+    use_cuda_graph: replay the decode step from a CUDA graph (default: True on CUDA; the CPU runs
+    the same step eagerly). stop_check_every: how often (in steps) the host reads whether every row
+    has stopped, the one host sync of the loop (default: 1 on the CPU, 8 on CUDA); up to N-1 extra
+    pad steps may be yielded, and generate() trims them."""
     eos, pad = _check_args(model, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     ids, _, lens = prepare_batch(model, input_ids, attention_mask, require_left_padding=True)
     total = int(lens.max()) + max_new_tokens
@@ -75,36 +83,45 @@ def stream(
             f"the longest prompt ({int(lens.max())} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
             f"past this model's n_positions ({model.config.n_positions}); shorten the prompt or generate fewer tokens"
         )
-    return _steps(model, ids, lens, total, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, seed)
+    cuda = model.device.type == "cuda"
+    if use_cuda_graph is None:
+        use_cuda_graph = cuda
+    if use_cuda_graph and not cuda:
+        raise GraphError(f"use_cuda_graph=True needs a CUDA device; this model is on {model.device}")
+    if stop_check_every is None:
+        stop_check_every = 8 if cuda else 1
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise InputError(f"stop_check_every must be an integer >= 1, got {stop_check_every!r}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p) if do_sample else Sampling()
+    return _steps(model, ids, lens, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph, stop_check_every)
 
 
-def _steps(model, ids, lens, total, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, seed):
+def _steps(model, ids, lens, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph, stop_check_every):
     """The prefill + decode loop behind stream(): arguments already checked."""
-    b = ids.shape[0]
     if max_new_tokens == 0:
         return
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    b = ids.shape[0]
+    if use_cuda_graph:
+        step = model.graphs.get(b, total, sampling, seed)
+        cache = step.cache
+    else:
+        cache = model.new_cache(b, total)
+        step = DecodeStep(model, cache, sampling, seed, use_cuda_graph=False)
     eos_ids = torch.tensor(eos, device=model.device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
 
-    cache = model.new_cache(b, total)
-    logits = model.prefill(ids, lens.to(model.device, torch.int32), cache)  # [B, V]
-    for step in range(max_new_tokens):
-        if do_sample:
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
-        else:
-            nxt = logits.argmax(-1)  # [B]
-        if pad is not None:
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+    tokens = step.start(model.prefill(ids, lens.to(model.device, torch.int32), cache))  # [B], static
+    for i in range(max_new_tokens):
+        if i:
+            step()  # reads tokens, writes the next ones into the same buffer
         if len(eos):
-            done |= torch.isin(nxt, eos_ids)
-        yield nxt
-        if step + 1 == max_new_tokens or (len(eos) and bool(done.all())):
+            tokens.masked_fill_(done, pad)  # in place: a stopped row feeds the pad token on
+            done |= torch.isin(tokens, eos_ids)
+        yield tokens.clone()
+        if i + 1 == max_new_tokens:
             return
-        logits = model.decode(nxt[:, None], cache)
+        if len(eos) and (i + 1) % stop_check_every == 0 and bool(done.all()):
+            return
 
 
 def generate(
@@ -127,5 +144,12 @@ def generate(
             streamer(tokens)
     if not steps:
         return prompt.clone()
-    new = torch.stack(steps, 1).to(device=prompt.device, dtype=prompt.dtype)
-    return torch.cat([prompt, new], 1)
+    new = torch.stack(steps, 1)  # [B, n]
+    eos = kwargs.get("eos_token_id")
+    if eos is not None and len(steps) > 1:
+        # with stop_check_every > 1 the loop may run past the step where every row had stopped
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=new.device)
+        stopped = torch.isin(new, eos_ids).cummax(1).values.all(0)  # [n]: every row has hit EOS by then
+        if bool(stopped.any()):
+            new = new[:, : int(stopped.int().argmax()) + 1]
+    return torch.cat([prompt, new.to(device=prompt.device, dtype=prompt.dtype)], 1)

@@ -1,14 +1,18 @@
 """The GPT-2 module: embeddings, n_layer pre-LN blocks, ln_f and the tied lm_head, with every op
 going through one backend switch (runtime/backends.py).
 
-Per block (M = tokens in the step, E = n_embd, I = inner dim):
-    a, h = layer_norm(h, res)                  [M, E]   (res: the position embedding, layer 0 only)
-    qkv  = linear(a, c_attn)                   [M, 3E]
-    att  = attention(qkv, cache[layer])        [M, E]   (prefill or decode; writes K/V in place)
-    h    = linear(att, attn.c_proj, +h)        [M, E]   (residual add in the GEMM epilogue)
-    m, _ = layer_norm(h)                       [M, E]
-    f    = linear(m, c_fc, activation)         [M, I]
-    h    = linear(f, mlp.c_proj, +h)           [M, E]
+The network (M = tokens in the step, E = n_embd, I = inner dim):
+    a, h = embed_layer_norm(ids, start, wte, wpe, ln_1 of layer 0)   [M, E]  gathers + add + layernorm
+    per layer:
+      qkv  = linear(a, c_attn)                  [M, 3E]
+      att  = attention(qkv, cache[layer])       [M, E]   prefill or decode; writes K/V in place
+      h    = linear(att, attn.c_proj, +h)       [M, E]   residual add in the GEMM epilogue
+      m, _ = layer_norm(h, ln_2)                [M, E]
+      f    = linear(m, c_fc, activation)        [M, I]   bias + activation in the epilogue
+      p    = linear(f, mlp.c_proj)              [M, E]
+      a, h = layer_norm(p, +h, next ln_1)       [M, E]   residual add fused into the next layernorm
+                                                         (ln_f after the last layer)
+    logits = a @ wte^T                          [M, V]   (the tied lm_head; a torch matmul)
 """
 from __future__ import annotations
 
@@ -89,6 +93,7 @@ class GPT2:
         self.wte, self.wpe = w["wte.weight"], w["wpe.weight"]  # [V, E], [P, E]
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
         self.lm_head = self.wte if cfg.tie_word_embeddings else w["lm_head.weight"]  # [V, E]
+        self._graphs = None
         self.layers = [
             LayerWeights(
                 *(w[f"h.{i}.{name}"] for name in (
@@ -100,6 +105,8 @@ class GPT2:
             )
             for i in range(cfg.n_layer)
         ]
+        # the layernorm that follows layer i's MLP: layer i+1's ln_1, ln_f after the last
+        self.next_norm = [(lw.ln_1_w, lw.ln_1_b) for lw in self.layers[1:]] + [self.ln_f]
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -137,29 +144,39 @@ class GPT2:
 
         return model_from_hf(hf_model, backend=backend)
 
+    @property
+    def graphs(self):
+        """This model's captured CUDA-graph decode steps (runtime/graphs.py), built on first use."""
+        if self._graphs is None:
+            from .graphs import GraphPool
+
+            self._graphs = GraphPool(self)
+        return self._graphs
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
 
     # -- the network ---------------------------------------------------------------------------
-    def _blocks(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """ids, positions [B, S] -> final residual stream h [B*S, E]. attend(layer, qkv [B, S, 3E]) -> [B, S, E]."""
+    def _blocks(self, ids: torch.Tensor, start: torch.Tensor | None, attend) -> torch.Tensor:
+        """ids [B, S] -> ln_f(final residual stream) [B*S, E]. Row b's positions are start[b] + s
+        (start [B] int32 on the device), or s when start is None. attend(layer, scale, qkv [B, S, 3E])
+        -> [B, S, E]."""
         ops, eps, b, s = self.ops, self.config.layer_norm_epsilon, *ids.shape
-        h = F.embedding(ids, self.wte).view(b * s, -1)  # [M, E]
-        res = F.embedding(positions, self.wpe).view(b * s, -1)  # [M, E], added inside layer 0's ln_1
+        first = self.layers[0]
+        a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps)  # [M, E]
         for i, lw in enumerate(self.layers):
-            a, h = ops.layer_norm(h, res, lw.ln_1_w, lw.ln_1_b, eps)
-            res = None
             qkv = ops.linear(a, lw.qkv_w, lw.qkv_b)  # [M, 3E]
             att = attend(i, lw.scale, qkv.view(b, s, -1)).view(b * s, -1)  # [M, E]
             h = ops.linear(att, lw.attn_proj_w, lw.attn_proj_b, residual=h)
             m, _ = ops.layer_norm(h, None, lw.ln_2_w, lw.ln_2_b, eps)
             f = ops.linear(m, lw.fc_w, lw.fc_b, activation=self.config.activation)  # [M, I]
-            h = ops.linear(f, lw.mlp_proj_w, lw.mlp_proj_b, residual=h)
-        return h
+            p = ops.linear(f, lw.mlp_proj_w, lw.mlp_proj_b)
+            norm_w, norm_b = self.next_norm[i]
+            a, h = ops.layer_norm(p, h, norm_w, norm_b, eps)
+        return a
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, E] -> logits [N, V]: ln_f then the (tied) lm_head."""
-        y, _ = self.ops.layer_norm(h, None, *self.ln_f, self.config.layer_norm_epsilon)
+    def _logits(self, y: torch.Tensor) -> torch.Tensor:
+        """y [N, E] (after ln_f) -> logits [N, V] through the (tied) lm_head."""
         return y @ self.lm_head.t()
 
     @torch.inference_mode()
@@ -170,13 +187,12 @@ class GPT2:
         b, t = ids.shape
         cache.reset()
         cache.reserve(t, b)
-        positions = torch.arange(t, device=self.device).expand(b, t)
         upcast = self.config.reorder_and_upcast_attn
 
         def attend(i, scale, qkv):
             return self.ops.prefill_attention(qkv, cache.k[i], cache.v[i], seq_lens, scale, upcast)
 
-        h = self._blocks(ids, positions, attend)  # [B*T, E]
+        h = self._blocks(ids, None, attend)  # [B*T, E], after ln_f
         last = torch.arange(b, device=self.device) * t + seq_lens.long() - 1  # [B]
         cache.lengths[:b].copy_(seq_lens)
         cache.advance(t)
@@ -186,20 +202,27 @@ class GPT2:
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step: ids [B, S] (S new tokens per sequence, S <= 8) appended at each sequence's
         length. Returns the logits of the last new token [B, V]; cache.lengths grows by S in place."""
+        s = ids.shape[1]
+        cache.reserve(s, ids.shape[0])
+        logits = self._decode_logits(ids, cache, cache.host_max_len + s)
+        cache.advance(s)
+        return logits
+
+    def _decode_logits(self, ids: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+        """The device work of a decode step, no host bookkeeping and no host sync (a CUDA graph
+        captures exactly this). kv_len: a host bound >= every length + S (the torch path slices the
+        cache to it; a captured step passes the cache's max_len)."""
         b, s = ids.shape
-        cache.reserve(s, b)
         lengths = cache.lengths[:b]
-        positions = lengths[:, None].long() + torch.arange(s, device=self.device)  # [B, S]
-        kv_len = cache.host_max_len + s
         upcast = self.config.reorder_and_upcast_attn
 
         def attend(i, scale, qkv):
             return self.ops.decode_attention(qkv, cache.k[i], cache.v[i], lengths, scale, upcast, kv_len)
 
-        h = self._blocks(ids, positions, attend)  # [B*S, E]
-        lengths += s
-        cache.advance(s)
-        return self._logits(h.view(b, s, -1)[:, -1])
+        with torch.inference_mode():
+            h = self._blocks(ids, lengths, attend)  # [B*S, E], after ln_f; positions from lengths
+            lengths += s
+            return self._logits(h.view(b, s, -1)[:, -1])
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,8 +239,7 @@ class GPT2:
         def attend(i, scale, qkv):
             return self.ops.prefill_attention(qkv, scratch[0], scratch[1], seq_lens, scale, upcast)
 
-        positions = torch.arange(t, device=self.device).expand(b, t)
-        aligned = self._logits(self._blocks(ids, positions, attend)).view(b, t, -1)  # [B, T, V], row b at 0..len-1
+        aligned = self._logits(self._blocks(ids, None, attend)).view(b, t, -1)  # [B, T, V], row b at 0..len-1
         if bool((starts == 0).all()):
             return aligned.masked_fill_(~_valid(lens, t, self.device)[:, :, None], 0)
         out = torch.zeros_like(aligned)

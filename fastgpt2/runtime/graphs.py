@@ -1,0 +1,162 @@
+"""The decode step with static shapes, and its CUDA-graph capture and replay.
+
+A `DecodeStep` owns static buffers: `tokens` [B] (the last chosen tokens: the step's input, and
+its output, overwritten in place) and the cache (K/V written in place, `lengths` [B] on the device,
+incremented in place). One call runs embed -> layers -> ln_f -> lm_head -> next-token choice with
+no host sync. On CUDA the step is captured once (after one warm-up run on a side stream, which
+compiles the Triton kernels) into a CUDA graph with a private memory pool and replayed; on the CPU
+(or with use_cuda_graph=False) the same body runs eagerly.
+
+Sampling draws with the exponential race (argmax of p / q with q ~ Exp(1), an exact sample of p)
+from a seeded generator on the model's device: no host sync, capturable, and a seed reproduces a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FastGPT2Error
+from .kv_cache import KVCache
+
+
+class GraphError(FastGPT2Error):
+    """A CUDA-graph request that cannot be served."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+class DecodeStep:
+    def __init__(self, model, cache: KVCache, sampling: Sampling = Sampling(), seed: int | None = None,
+                 use_cuda_graph: bool | None = None, batch: int | None = None):
+        device = model.device
+        if use_cuda_graph is None:
+            use_cuda_graph = device.type == "cuda"
+        if use_cuda_graph and device.type != "cuda":
+            raise GraphError(f"use_cuda_graph=True needs a CUDA device; this model is on {device}")
+        self.model, self.cache, self.sampling = model, cache, sampling
+        self.batch = batch or cache.batch
+        self.use_cuda_graph = use_cuda_graph
+        self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)  # [B] in and out
+        self.logits = None  # [B, V] of the last step (a static buffer once graphed)
+        self.generator = None
+        if sampling.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.reseed(seed)
+        self.graph = None
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    # -- the body: device work only ------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Next tokens from logits [B, V], written into self.tokens in place."""
+        s = self.sampling
+        if not s.do_sample:
+            torch.argmax(logits, dim=-1, out=self.tokens)
+            return
+        from .generate import filter_logits
+
+        probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)  # [B, V] fp32
+        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        torch.argmax(probs / race, dim=-1, out=self.tokens)
+
+    def _body(self) -> torch.Tensor:
+        kv_len = self.cache.max_len if self.use_cuda_graph else self.cache.host_max_len + 1
+        logits = self.model._decode_logits(self.tokens[:, None], self.cache, kv_len)  # lengths += 1
+        self._choose(logits)
+        return logits
+
+    # -- host side --------------------------------------------------------------------------
+    def reseed(self, seed: int | None) -> None:
+        if self.generator is not None:
+            if seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(seed)
+
+    def start(self, prefill_logits: torch.Tensor) -> torch.Tensor:
+        """Choose the first new tokens from the prefill's last-token logits [B, V]."""
+        self._choose(prefill_logits)
+        self.logits = prefill_logits
+        return self.tokens
+
+    def __call__(self) -> torch.Tensor:
+        """One decode step: feeds self.tokens, leaves the next tokens in self.tokens."""
+        self.cache.reserve(1, self.batch)
+        if not self.use_cuda_graph:
+            self.logits = self._body()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.cache.advance(1)
+        return self.tokens
+
+    def _capture(self) -> None:
+        import time
+
+        device = self.model.device
+        start = time.perf_counter()
+        saved_lengths, saved_tokens = self.cache.lengths.clone(), self.tokens.clone()
+        saved_rng = self.generator.get_state() if self.generator is not None else None
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: Triton compiles here, never inside the capture
+            self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        # undo the warm-up (its K/V writes sit at positions the real step overwrites before reading)
+        self.cache.lengths.copy_(saved_lengths)
+        self.tokens.copy_(saved_tokens)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            if not hasattr(graph, "register_generator_state"):
+                raise GraphError("this torch cannot capture a seeded generator in a CUDA graph; "
+                                 "pass use_cuda_graph=False to sample eagerly")
+            self.generator.set_state(saved_rng)
+            graph.register_generator_state(self.generator)
+        self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits = self._body()
+        torch.cuda.synchronize(device)
+        self.graph = graph
+        self.capture_seconds = time.perf_counter() - start
+
+
+def graph_cache_len(needed: int, n_positions: int) -> int:
+    """Cache length of a graphed step: the next power of two >= needed (so graphs are reused
+    across prompt lengths), at most n_positions."""
+    length = 16
+    while length < needed:
+        length *= 2
+    return min(length, n_positions)
+
+
+class GraphPool:
+    """A model's captured decode steps, one per (batch, cache length, sampling) bucket. A step is
+    rebuilt, never reused, when any of these (or the model's dtype/device, fixed per model) differ."""
+
+    def __init__(self, model, max_entries: int = 8):
+        self.model = model
+        self.max_entries = max_entries
+        self.steps: dict[tuple, DecodeStep] = {}
+
+    def get(self, batch: int, needed_len: int, sampling: Sampling, seed: int | None) -> DecodeStep:
+        cfg = self.model.config
+        key = (batch, graph_cache_len(needed_len, cfg.n_positions), sampling,
+               self.model.dtype, str(self.model.device))
+        step = self.steps.pop(key, None)
+        if step is None:
+            if len(self.steps) >= self.max_entries:
+                self.steps.pop(next(iter(self.steps)))  # drop the least recently used
+            cache = KVCache(cfg, batch, key[1], self.model.dtype, self.model.device)
+            step = DecodeStep(self.model, cache, sampling, seed, use_cuda_graph=True)
+        else:
+            step.reseed(seed)
+        self.steps[key] = step  # most recently used last
+        return step
