@@ -1,0 +1,145 @@
+"""The decode step's static contract (same buffers every step, no cache-sized allocation per
+step) on the CPU, and CUDA-graph replay vs eager on a GPU."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastgpt2
+from fastgpt2.runtime.graphs import DecodeStep, GraphError, Sampling, graph_cache_len
+
+CFG = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=64)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op allocates: views, in-place and out= ops
+    (whose results alias an input) are excluded."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and all(r.alias_info is None for r in func._schema.returns):
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.sizes.append(t.numel())
+        return out
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(True, 0.8, 20, 0.9)], ids=["greedy", "sampled"])
+def test_same_buffers_every_step_and_no_cache_sized_allocation(sampling):
+    model = fastgpt2.GPT2.from_config(CFG, seed=3)
+    batch, prompt, max_len = 3, 6, 40
+    cache = model.new_cache(batch, max_len)
+    step = DecodeStep(model, cache, sampling, seed=1, use_cuda_graph=False)
+    ids = torch.randint(0, CFG.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2))
+    step.start(model.prefill(ids, torch.full((batch,), prompt, dtype=torch.int32), cache))
+    ptrs = (step.tokens.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.lengths.data_ptr())
+    one_layer_k = batch * CFG.n_head * max_len * CFG.head_dim  # the smallest cache-sized tensor
+    for i in range(20):
+        with _Allocations() as seen:
+            out = step()
+        assert out is step.tokens
+        assert (step.tokens.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.lengths.data_ptr()) == ptrs
+        assert max(seen.sizes) < one_layer_k, f"step {i} allocated a cache-sized tensor"
+    assert cache.lengths.tolist() == [prompt + 20] * batch
+
+
+def test_eager_step_equals_model_decode():
+    model = fastgpt2.GPT2.from_config(CFG, seed=4)
+    ids = torch.randint(0, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5))
+    lens = torch.full((2,), 5, dtype=torch.int32)
+    cache_a, cache_b = model.new_cache(2, 20), model.new_cache(2, 20)
+    step = DecodeStep(model, cache_a, use_cuda_graph=False)
+    tokens = step.start(model.prefill(ids, lens, cache_a)).clone()
+    model.prefill(ids, lens, cache_b)
+    for _ in range(8):
+        logits_b = model.decode(tokens[:, None], cache_b)
+        step()
+        assert torch.equal(step.logits, logits_b)
+        assert torch.equal(step.tokens, logits_b.argmax(-1))
+        tokens = step.tokens.clone()
+
+
+def test_graph_cache_len_buckets():
+    assert [graph_cache_len(n, 1024) for n in (1, 16, 17, 100, 600, 1024)] == [16, 16, 32, 128, 1024, 1024]
+    assert graph_cache_len(40, 32) == 32
+
+
+def test_cuda_graph_on_cpu_is_a_clear_error():
+    model = fastgpt2.GPT2.from_config(CFG)
+    with pytest.raises(GraphError, match="use_cuda_graph=True needs a CUDA device"):
+        model.generate(torch.tensor([[1, 2]]), 3, use_cuda_graph=True)
+    with pytest.raises(GraphError, match="needs a CUDA device"):
+        DecodeStep(model, model.new_cache(1, 8), use_cuda_graph=True)
+
+
+def test_stop_check_every_n_steps_trims_to_the_same_output():
+    model = fastgpt2.GPT2.from_config(CFG, seed=6)
+    ids = torch.randint(0, CFG.vocab_size, (2, 4), generator=torch.Generator().manual_seed(7))
+    free = model.generate(ids, 20)
+    eos = int(free[0, 4 + 2])
+    every_step = model.generate(ids, 20, eos_token_id=eos)
+    for n in (3, 8):
+        assert torch.equal(model.generate(ids, 20, eos_token_id=eos, stop_check_every=n), every_step)
+
+
+# -- GPU: graphed vs eager -------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; none here")
+
+
+def _gpu_model(backend="auto"):
+    cfg = fastgpt2.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1000, n_positions=256)
+    return fastgpt2.GPT2.from_config(cfg, device="cuda", dtype=torch.float16, backend=backend, seed=0)
+
+
+def _run_steps(model, ids, graphed, steps, sampling=Sampling(), seed=None):
+    b, t = ids.shape
+    cache = model.new_cache(b, t + steps + 1)
+    step = DecodeStep(model, cache, sampling, seed, use_cuda_graph=graphed)
+    step.start(model.prefill(ids, torch.full((b,), t, dtype=torch.int32, device="cuda"), cache))
+    tokens, logits = [], []
+    for _ in range(steps):
+        step()
+        tokens.append(step.tokens.clone())
+        logits.append(step.logits.clone())
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_graphed_equals_eager_over_64_steps(backend, batch):
+    model = _gpu_model(backend)
+    ids = torch.randint(0, 1000, (batch, 9), device="cuda")
+    tok_e, log_e = _run_steps(model, ids, graphed=False, steps=64)
+    tok_g, log_g = _run_steps(model, ids, graphed=True, steps=64)
+    assert torch.equal(tok_g, tok_e)
+    assert torch.equal(log_g, log_e)
+
+
+@gpu
+@pytest.mark.gpu
+def test_resizing_the_batch_rebuilds_graphs():
+    model = _gpu_model()
+    for batch in (1, 8, 3, 8, 1):
+        ids = torch.randint(0, 1000, (batch, 7), device="cuda")
+        graphed = model.generate(ids, 24, use_cuda_graph=True)
+        eager = model.generate(ids, 24, use_cuda_graph=False)
+        assert torch.equal(graphed, eager), f"batch {batch}"
+    assert {key[0] for key in model.graphs.steps} == {1, 3, 8}
+
+
+@gpu
+@pytest.mark.gpu
+def test_seeded_sampling_reproduces_in_graphs():
+    model = _gpu_model()
+    ids = torch.randint(0, 1000, (4, 5), device="cuda")
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=50, seed=1234)
+    a = model.generate(ids, 40, use_cuda_graph=True, **kwargs)
+    b = model.generate(ids, 40, use_cuda_graph=True, **kwargs)
+    c = model.generate(ids, 40, use_cuda_graph=False, **kwargs)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
