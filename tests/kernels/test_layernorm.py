@@ -1,0 +1,171 @@
+"""add_layer_norm under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA).
+
+Reference: add_layer_norm_ref in float64 on the same (rounded) inputs. Outputs are poisoned with NaN
+before the launch. Tolerances:
+- fp32: max|y - ref64| / max|ref64| <= 1e-5 (normwise relative error);
+- fp16 / bf16: max|y - ref64| <= 2 * max|torch_at_dtype - ref64| + atol, where torch_at_dtype is the
+  same computation in PyTorch at that dtype (x + residual rounded, then F.layer_norm), atol = one
+  unit in the last place at 1.0 (fp16 2**-10, bf16 2**-7); for bf16 under the interpreter, the
+  larger of that and the same computation with truncating conversions (see below);
+- s = x + residual must equal PyTorch's ``x + residual`` at the dtype bit for bit. One exception,
+  the interpreter's: triton 3.9's interpreter converts fp32 -> bf16 by truncation (round toward
+  zero; ``cast_impl`` calls ``_convert_float`` with no rounding mode) where the GPU rounds to
+  nearest even, so under TRITON_INTERPRET=1 a bf16 s may also be the truncated fp32 sum.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+from fastgpt2.kernels.layernorm import MAX_N, add_layer_norm, add_layer_norm_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATOL = {"fp16": 2.0**-10, "bf16": 2.0**-7}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _bf16_truncated(t):
+    """fp32 -> bf16 by truncation (round toward zero), the interpreter's conversion."""
+    return (t.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+def _check_sum(s, x, r):
+    expected = x + r  # PyTorch at the dtype: the fp32 sum rounded to nearest even
+    if torch.equal(s, expected):
+        return
+    assert INTERPRETED and s.dtype == torch.bfloat16, "s must be x + residual rounded once to the dtype"
+    ok = (s == expected) | (s == _bf16_truncated(x.float() + r.float()))
+    assert ok.all(), "bf16 s is neither the rounded nor the (interpreter's) truncated sum"
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _inputs(m, n, dtype, seed, *, residual=True, scale=2.0, shift=3.0):
+    g = torch.Generator().manual_seed(seed)
+    # a mean far from 0 next to a modest spread: a one-pass variance would lose digits here
+    x = (shift + scale * torch.randn(m, n, generator=g)).to(dtype)
+    r = torch.randn(m, n, generator=g).to(dtype) if residual else None
+    w = (1.0 + 0.5 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype)
+    return x, r, w, b
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _poisoned(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype)
+
+
+def _check_y(y, x, r, w, b, eps, dname):
+    ref64, _ = add_layer_norm_ref(_f64(x), _f64(r), _f64(w), _f64(b), eps)
+    assert not torch.isnan(y).any(), "poisoned output not fully written"
+    err = (y.double() - ref64).abs().max().item()
+    if dname == "fp32":
+        rel = err / ref64.abs().max().item()
+        assert rel <= 1e-5, f"fp32 normwise relative error {rel:.3g} > 1e-5"
+    else:
+        torch_y, _ = add_layer_norm_ref(x, r, w, b, eps)
+        torch_err = (torch_y.double() - ref64).abs().max().item()
+        if INTERPRETED and dname == "bf16":
+            # the same computation with the interpreter's truncating fp32 -> bf16 conversions
+            s_t = x if r is None else _bf16_truncated(x.float() + r.float())
+            y_t = _bf16_truncated(add_layer_norm_ref(s_t.float(), None, w.float(), b.float(), eps)[0])
+            torch_err = max(torch_err, (y_t.double() - ref64).abs().max().item())
+        bound = 2 * torch_err + ATOL[dname]
+        assert err <= bound, f"{dname} error {err:.3g} > 2 * torch's {torch_err:.3g} + atol"
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("n", [37, 768, 1600])
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_layer_norm(m, n, dname, with_residual):
+    dtype, eps = DTYPES[dname], 1e-5
+    x, r, w, b = _inputs(m, n, dtype, _seed("ln", m, n, dname, with_residual), residual=with_residual)
+    out = _poisoned(m, n, dtype)
+    res_out = _poisoned(m, n, dtype) if with_residual else None
+    y, s = add_layer_norm(x, r, w, b, eps, out=out, residual_out=res_out)
+    assert y is out
+    if with_residual:
+        assert s is res_out
+        _check_sum(s, x, r)
+    else:
+        assert s is x, "without a residual, s is x itself"
+    _check_y(y, x, r, w, b, eps, dname)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_allocates_outputs(dname):
+    dtype = DTYPES[dname]
+    x, r, w, b = _inputs(5, 300, dtype, _seed("alloc", dname))
+    y, s = add_layer_norm(x, r, w, b, 1e-5)
+    assert y.shape == s.shape == x.shape and y.dtype == s.dtype == dtype
+    _check_sum(s, x, r)
+    _check_y(y, x, r, w, b, 1e-5, dname)
+
+
+def test_eps_honoured():
+    # variance ~1e-4: eps=1e-3 dominates, so a kernel that ignored eps would be far off
+    x, r, w, b = _inputs(7, 768, torch.float32, _seed("eps"), scale=0.01, shift=0.5, residual=False)
+    y, _ = add_layer_norm(x, r, w, b, 1e-3, out=_poisoned(7, 768, torch.float32))
+    _check_y(y, x, r, w, b, 1e-3, "fp32")
+    y_default, _ = add_layer_norm_ref(x, r, w, b, 1e-5)
+    assert (y - y_default).abs().max() > 0.1
+
+
+def test_tiny_rows_and_row_strides():
+    # N=1 (variance 0: y == bias) and inputs that are row slices of wider tensors (stride(0) != N)
+    x, r, w, b = _inputs(7, 1, torch.float32, _seed("n1"))
+    y, _ = add_layer_norm(x, r, w, b, 1e-5, out=_poisoned(7, 1, torch.float32))
+    torch.testing.assert_close(y, b.expand(7, 1), rtol=0, atol=1e-6)
+
+    xw, rw, w, b = _inputs(33, 1000, torch.float16, _seed("strided"))
+    x, r = xw[:, 100:868], rw[:, :768]
+    out = _poisoned(33, 900, torch.float16)[:, :768]
+    y, s = add_layer_norm(x, r, w[:768], b[:768], 1e-5, out=out)
+    assert torch.equal(s, x + r)
+    _check_y(y, x, r, w[:768], b[:768], 1e-5, "fp16")
+
+
+def test_empty_rows():
+    x, r, w, b = _inputs(0, 768, torch.float32, 0)
+    y, s = add_layer_norm(x, r, w, b, 1e-5)
+    assert y.shape == s.shape == (0, 768)
+
+
+def test_errors():
+    x, r, w, b = _inputs(4, 64, torch.float32, 0)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        add_layer_norm(x[0], None, w, b, 1e-5)
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 32\)"):
+        add_layer_norm(x, r[:, :32], w, b, 1e-5)
+    with pytest.raises(ValueError, match="weight has shape"):
+        add_layer_norm(x, r, w[:10], b, 1e-5)
+    with pytest.raises(ValueError, match="bias has shape"):
+        add_layer_norm(x, r, w, b[:10], 1e-5)
+    with pytest.raises(ValueError, match="residual is torch.float16.*mixed dtypes"):
+        add_layer_norm(x, r.half(), w, b, 1e-5)
+    with pytest.raises(ValueError, match="weight is torch.float16.*mixed dtypes"):
+        add_layer_norm(x, r, w.half(), b, 1e-5)
+    with pytest.raises(ValueError, match="out is torch.float16"):
+        add_layer_norm(x, r, w, b, 1e-5, out=torch.empty(4, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out has shape \(4, 65\)"):
+        add_layer_norm(x, r, w, b, 1e-5, out=torch.empty(4, 65))
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        add_layer_norm(x.double(), None, w.double(), b.double(), 1e-5)
+    with pytest.raises(ValueError, match="x must have a contiguous last dim"):
+        add_layer_norm(torch.randn(64, 4).t(), None, w, b, 1e-5)
+    with pytest.raises(ValueError, match="residual_out was given but residual is None"):
+        add_layer_norm(x, None, w, b, 1e-5, residual_out=torch.empty_like(x))
+    big = MAX_N + 1
+    with pytest.raises(ValueError, match=f"N={big} is not supported"):
+        add_layer_norm(torch.randn(2, big), None, torch.randn(big), torch.randn(big), 1e-5)
+    with pytest.raises(ValueError, match="different devices"):
+        add_layer_norm(x, None, w.to("meta"), b, 1e-5)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        add_layer_norm(x.to("meta"), None, w.to("meta"), b.to("meta"), 1e-5)

@@ -1,0 +1,168 @@
+"""linear (GEMM + bias + activation / residual epilogue) under Triton's interpreter.
+
+Reference: linear_ref in float64 on the same (rounded) inputs; outputs poisoned with NaN before the
+launch. Tolerances:
+- fp32: max|y - ref64| / max|ref64| <= 1e-5 (normwise relative error);
+- fp16: max|y - ref64| <= 2 * max|torch_fp16 - ref64| + 2**-10, torch_fp16 being linear_ref run in
+  fp16 by PyTorch (x @ w + b, activation, residual, each rounded to fp16).
+bf16 GEMMs are not run here: the interpreter's tl.dot is wrong for bf16 operands
+(triton-lang/triton#11584); the compile check (tests/compile) covers them.
+
+M = 1, 7, 33 take the decode config (M <= 64), M = 70 and 130 the prefill one; K = 100, N = 300 are
+not multiples of any block; GPT-2 small's and xl's layer shapes run in both configs.
+"""
+import zlib
+
+import pytest
+import torch
+
+from fastgpt2.kernels import mlp
+from fastgpt2.kernels.mlp import ACTIVATIONS, linear, linear_gelu, linear_ref, linear_residual
+
+# gelu_tanh / silu of large negative inputs overflow exp() in numpy (the result, 0, is right)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _inputs(m, k, n, dtype, seed, *, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)  # outputs O(1) for any K
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype)
+    r = torch.randn(m, n, generator=g).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _poisoned(m, n, dtype):
+    return torch.full((m, n), float("nan"), dtype=dtype)
+
+
+def _check(y, x, w, b, r, activation, dname):
+    ref64 = linear_ref(_f64(x), _f64(w), _f64(b), activation=activation, residual=_f64(r))
+    assert not torch.isnan(y).any(), "poisoned output not fully written"
+    err = (y.double() - ref64).abs().max().item()
+    if dname == "fp32":
+        rel = err / ref64.abs().max().item()
+        assert rel <= 1e-5, f"fp32 normwise relative error {rel:.3g} > 1e-5"
+    else:
+        torch_y = linear_ref(x, w, b, activation=activation, residual=r)
+        torch_err = (torch_y.double() - ref64).abs().max().item()
+        assert err <= 2 * torch_err + 2.0**-10, f"{dname} error {err:.3g} > 2 * torch's {torch_err:.3g} + atol"
+
+
+def _run(m, k, n, dname, activation, with_residual, tag):
+    dtype = DTYPES[dname]
+    x, w, b, r = _inputs(m, k, n, dtype, _seed(tag, m, k, n, dname, activation, with_residual), residual=with_residual)
+    out = _poisoned(m, n, dtype)
+    y = linear(x, w, b, activation=activation, residual=r, out=out)
+    assert y is out
+    _check(y, x, w, b, r, activation, dname)
+
+
+def test_config_table():
+    assert [mlp.pick_config(m).name for m in (1, 7, 33, 64, 65, 70, 4096)] == ["decode"] * 4 + ["prefill"] * 3
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 7, 33, 70, 130])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_odd_shape_every_epilogue(activation, with_residual, m, dname):
+    _run(m, 100, 300, dname, activation, with_residual, "odd")
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("m", [7, 70])
+@pytest.mark.parametrize(
+    "k, n, activation, with_residual",
+    [
+        (768, 2304, "none", False),  # gpt2 QKV
+        (768, 3072, "gelu_tanh", False),  # gpt2 MLP fc
+        (3072, 768, "none", True),  # gpt2 MLP proj
+    ],
+)
+def test_gpt2_small_shapes(k, n, activation, with_residual, m, dname):
+    _run(m, k, n, dname, activation, with_residual, "gpt2")
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize(
+    "m, k, n, activation, with_residual",
+    [
+        (3, 1600, 1600, "none", True),  # gpt2-xl attention output projection, decode
+        (1, 1600, 6400, "gelu_tanh", False),  # gpt2-xl MLP fc, decode
+        (70, 1600, 4800, "none", False),  # gpt2-xl QKV, prefill
+    ],
+)
+def test_gpt2_xl_shapes(m, k, n, activation, with_residual, dname):
+    _run(m, k, n, dname, activation, with_residual, "xl")
+
+
+def test_row_strides_and_inplace_residual():
+    # x a column slice of a wider activation (stride(0) != K); out is the residual itself
+    dtype = torch.float32
+    x_wide, w, b, r = _inputs(33, 200, 300, dtype, _seed("strided"), residual=True)
+    x = x_wide[:, 50:150]
+    w = w[:100]
+    r_copy = r.clone()
+    y = linear(x, w, b, residual=r, out=r)
+    assert y is r
+    _check(y, x, w, b, r_copy, "none", "fp32")
+
+
+def test_wrappers_and_allocation():
+    x, w, b, r = _inputs(5, 64, 96, torch.float16, _seed("wrappers"), residual=True)
+    y = linear_gelu(x, w, b)
+    assert y.shape == (5, 96) and y.dtype == torch.float16
+    _check(y, x, w, b, None, "gelu_tanh", "fp16")
+    _check(linear_gelu(x, w, b, activation="gelu_erf"), x, w, b, None, "gelu_erf", "fp16")
+    out = _poisoned(5, 96, torch.float16)
+    assert linear_residual(x, w, b, r, out=out) is out
+    _check(out, x, w, b, r, "none", "fp16")
+
+
+def test_empty():
+    x, w, b, _ = _inputs(0, 64, 96, torch.float32, 0)
+    assert linear(x, w, b).shape == (0, 96)
+
+
+def test_errors():
+    x, w, b, r = _inputs(4, 32, 48, torch.float32, 0, residual=True)
+    with pytest.raises(ValueError, match="unknown activation 'gelu_new'.*allowed: none, gelu_tanh, gelu_erf, relu, silu"):
+        linear(x, w, b, activation="gelu_new")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        linear_ref(x, w, b, activation="tanh")
+    with pytest.raises(ValueError, match=r"w has shape \(33, 48\), expected \[K=32, N\]"):
+        linear(x, torch.randn(33, 48), b)
+    with pytest.raises(ValueError, match=r"b has shape \(47,\), expected \(48,\)"):
+        linear(x, w, b[:47])
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 47\), expected \(4, 48\)"):
+        linear(x, w, b, residual=r[:, :47])
+    with pytest.raises(ValueError, match=r"out has shape \(5, 48\)"):
+        linear(x, w, b, out=torch.empty(5, 48))
+    with pytest.raises(ValueError, match="w is torch.float16, x is torch.float32; mixed dtypes"):
+        linear(x, w.half(), b)
+    with pytest.raises(ValueError, match="residual is torch.bfloat16"):
+        linear(x, w, b, residual=r.bfloat16())
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        linear(x.double(), w.double(), b.double())
+    with pytest.raises(ValueError, match="w must have a contiguous last dim"):
+        linear(x, torch.randn(48, 32).t(), b)
+    with pytest.raises(ValueError, match="x must be a 2-D tensor"):
+        linear(x[None], w, b)
+    with pytest.raises(ValueError, match="out overlaps x or w"):
+        sq_x, sq_w, sq_b, _ = _inputs(4, 32, 32, torch.float32, 1)
+        linear(sq_x, sq_w, sq_b, out=sq_x)
+    with pytest.raises(ValueError, match="different devices"):
+        linear(x, w.to("meta"), b)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        linear(x.to("meta"), w.to("meta"), b.to("meta"))
