@@ -1,5 +1,10 @@
 """Residual add + LayerNorm: ``s = x + residual``, ``y = (s - mean) / sqrt(var + eps) * weight + bias``.
 
+The same kernel also gathers its two inputs (GATHER): ``x = wte[ids]``, ``residual = wpe[positions]``,
+so GPT-2's token + position embedding is fused into layer 0's ln_1 (``embed_layer_norm``). Positions
+are ``start[b] + s`` for token s of sequence b, with ``start`` read on the device (the KV cache's
+lengths in decode), or ``s`` when there is no start (prefill).
+
 One program per row; the whole row lives in registers (``BLOCK_N = next_power_of_2(N)``, at least
 128, masked), so any width up to ``MAX_N`` works, the GPT-2 ones included (768, 1024, 1280, 1600).
 Statistics (mean, biased variance) are fp32 whatever the I/O dtype (fp32 / fp16 / bf16). The sum
@@ -26,10 +31,10 @@ _NUM_STAGES = 1  # no loop to pipeline
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # S == 1 (decode) must not compile a variant the compile check never saw
 def _add_layernorm_kernel(
-    x_ptr,  # [M, N], row stride stride_x, last dim contiguous
-    r_ptr,  # [M, N] residual (unused when not HAS_RESIDUAL)
+    x_ptr,  # [M, N], row stride stride_x, last dim contiguous; GATHER: the table [V, N] (wte)
+    r_ptr,  # [M, N] residual (unused when not HAS_RESIDUAL); GATHER: the table [P, N] (wpe)
     w_ptr,  # [N] weight
     b_ptr,  # [N] bias
     y_ptr,  # [M, N] out: the normalized row
@@ -40,16 +45,28 @@ def _add_layernorm_kernel(
     stride_y,
     stride_s,
     eps,  # fp32
+    ids_ptr,  # GATHER: [M] int64 token ids, row m is token m % S of sequence m // S
+    start_ptr,  # GATHER and HAS_START: [M // S] int32 position of each sequence's first token
+    S,  # GATHER: tokens per sequence (i32)
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,  # power of two >= N
+    GATHER: tl.constexpr,  # x and residual rows gathered by token id and position (needs HAS_RESIDUAL)
+    HAS_START: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64 before any stride product
     cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask = cols < N
+    x_row = row
+    r_row = row
+    if GATHER:
+        x_row = tl.load(ids_ptr + row).to(tl.int64)  # token id
+        r_row = row % S  # position within the step
+        if HAS_START:
+            r_row += tl.load(start_ptr + row // S).to(tl.int64)
 
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)  # [BLOCK_N], I/O dtype
+    x = tl.load(x_ptr + x_row * stride_x + cols, mask=mask, other=0.0)  # [BLOCK_N], I/O dtype
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(r_ptr + r_row * stride_r + cols, mask=mask, other=0.0)
         # the sum in fp32, rounded once to the I/O dtype (as PyTorch's x + residual), then stored
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(s_ptr + row * stride_s + cols, s, mask=mask)
@@ -148,12 +165,80 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
         x, r, weight, bias, out, s,
         n, x.stride(0), r.stride(0), out.stride(0), s.stride(0),
         float(eps),
+        x, x, 1,  # ids, start, S: unused without GATHER
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
+        GATHER=False,
+        HAS_START=False,
         num_warps=_WARPS_BY_BLOCK_N[block_n],
         num_stages=_NUM_STAGES,
     )
     return out, s
+
+
+def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, residual_out=None):
+    """GPT-2's embedding fused into the first layernorm: h = wte[ids] + wpe[positions], y = layer_norm(h).
+    Returns (y, h), both [B*S, N].
+
+    ids: [B, S] int64 token ids (checked against the vocabulary by the caller); start: [B] int32 on
+    the device (sequence b's tokens sit at positions start[b] .. start[b] + S - 1) or None (positions
+    0 .. S-1); wte: [V, N]; wpe: [P, N]; weight, bias: [N]; one float dtype on one device. Positions
+    must be < P (the caller's cache checks guarantee it).
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
+        raise ValueError(f"embed_layer_norm: ids must be a [B, S] int64 tensor, got {getattr(ids, 'shape', type(ids))} "
+                         f"{getattr(ids, 'dtype', '')}")
+    b, seq = ids.shape
+    for name, table in (("wte", wte), ("wpe", wpe)):
+        if table.dim() != 2 or table.dtype != weight.dtype or table.stride(-1) != 1:
+            raise ValueError(f"embed_layer_norm: {name} must be a 2-D {weight.dtype} table with a contiguous "
+                             f"last dim, got shape {tuple(table.shape)} {table.dtype}")
+    n = wte.shape[1]
+    if wpe.shape[1] != n:
+        raise ValueError(f"embed_layer_norm: wte has width {n}, wpe {wpe.shape[1]}; they must match")
+    if not 0 < n <= MAX_N:
+        raise ValueError(f"embed_layer_norm: row length N={n} is not supported (1 <= N <= {MAX_N})")
+    if start is not None and (tuple(start.shape) != (b,) or start.dtype != torch.int32):
+        raise ValueError(f"embed_layer_norm: start must be [B]={b} int32, got {tuple(start.shape)} {start.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (n,) or t.dtype != weight.dtype or (n > 1 and t.stride(0) != 1):
+            raise ValueError(f"embed_layer_norm: {name} must be a contiguous [{n}] {weight.dtype} vector")
+    m = b * seq
+    out = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if out is None else out
+    h = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if residual_out is None else residual_out
+    _check_rows("out", out, (m, n), wte.dtype)
+    _check_rows("residual_out", h, (m, n), wte.dtype)
+    ids = ids.contiguous()
+    tensors = {"ids": ids, "wte": wte, "wpe": wpe, "weight": weight, "bias": bias, "out": out, "residual_out": h}
+    if start is not None:
+        tensors["start"] = start
+    _check_device(tensors)
+    if m == 0:
+        return out, h
+    block_n = _block_n(n)
+    _add_layernorm_kernel[(m,)](
+        wte, wpe, weight, bias, out, h,
+        n, wte.stride(0), wpe.stride(0), out.stride(0), h.stride(0),
+        float(eps),
+        ids, start if start is not None else ids, seq,
+        HAS_RESIDUAL=True,
+        BLOCK_N=block_n,
+        GATHER=True,
+        HAS_START=start is not None,
+        num_warps=_WARPS_BY_BLOCK_N[block_n],
+        num_stages=_NUM_STAGES,
+    )
+    return out, h
+
+
+def embed_layer_norm_ref(ids, start, wte, wpe, weight, bias, eps):
+    """Plain PyTorch, in the tables' dtype: (layer_norm(h), h), h = wte[ids] + wpe[positions]."""
+    b, seq = ids.shape
+    positions = torch.arange(seq, device=ids.device).expand(b, seq)
+    if start is not None:
+        positions = positions + start[:, None].long()
+    h = (wte[ids] + wpe[positions]).reshape(b * seq, -1)
+    return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
 
 
 def add_layer_norm_ref(x, residual, weight, bias, eps):
@@ -163,24 +248,32 @@ def add_layer_norm_ref(x, residual, weight, bias, eps):
 
 
 def compile_specs(dtype: str) -> list[CompileSpec]:
-    """Every (BLOCK_N, HAS_RESIDUAL) the launcher can produce, for dtype "fp16" or "bf16"."""
+    """Every (BLOCK_N, HAS_RESIDUAL, GATHER, HAS_START) the launchers can produce, for dtype "fp16" or "bf16"."""
     if dtype not in ("fp16", "bf16", "fp32"):
         raise ValueError(f"compile_specs: dtype {dtype!r} is not one of 'fp16', 'bf16', 'fp32'")
     ptr = f"*{dtype}"
     specs = []
+    # (launcher, HAS_RESIDUAL, GATHER, HAS_START): add_layer_norm without and with a residual;
+    # embed_layer_norm for prefill (positions from 0) and decode (positions from the cache lengths)
+    variants = [("add_layer_norm[no_residual]", False, False, False), ("add_layer_norm[residual]", True, False, False),
+                ("embed_layer_norm[prefill]", True, True, False), ("embed_layer_norm[decode]", True, True, True)]
     for block_n, warps in _WARPS_BY_BLOCK_N.items():
-        for has_res in (False, True):
+        for label, has_res, gather, has_start in variants:
+            # without GATHER, ids/start are placeholders the launcher fills with x
             signature = {
                 "x_ptr": ptr, "r_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "s_ptr": ptr,
                 "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
-                "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr",
+                "eps": "fp32",
+                "ids_ptr": "*i64" if gather else ptr, "start_ptr": "*i32" if has_start else ("*i64" if gather else ptr),
+                "S": "i32",
+                "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr", "GATHER": "constexpr", "HAS_START": "constexpr",
             }
             specs.append(
                 CompileSpec(
-                    name=f"layernorm.add_layer_norm[{'residual' if has_res else 'no_residual'}] BLOCK_N={block_n}",
+                    name=f"layernorm.{label} BLOCK_N={block_n}",
                     fn=_add_layernorm_kernel,
                     signature=signature,
-                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_N": block_n},
+                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_N": block_n, "GATHER": gather, "HAS_START": has_start},
                     num_warps=warps,
                     num_stages=_NUM_STAGES,
                     uses_dot=False,

@@ -29,7 +29,7 @@ FUSIONS = {
         "residual add fused into the attention-output and MLP-output GEMM epilogues",
         "bias + activation fused into the c_fc GEMM epilogue",
         "K/V cache write fused into the attention kernels (prefill and decode)",
-        "flash-decoding's reduce skipped when one split covers the cache",
+        "flash-decoding's reduce skipped when one split covers the cache (short caches only)",
     ],
     "torch": [],
 }
@@ -93,7 +93,7 @@ def count_decode_step(model, batch: int = 1, prompt_len: int = 5) -> LaunchCount
 
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    cache = model.new_cache(batch, prompt_len + 3)
+    cache = model.new_cache(batch, cfg.n_positions)  # a long cache: decode attention splits and reduces
     step = DecodeStep(model, cache, use_cuda_graph=False)
     logits = model.prefill(ids.to(model.device), torch.full((batch,), prompt_len, dtype=torch.int32, device=model.device), cache)
     step.start(logits)
@@ -110,7 +110,7 @@ def measure_budget(backend: str, n_embd: int = 64, n_head: int = 1) -> dict:
 
     counts = {}
     for n_layer in (1, 2):
-        cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=128, n_positions=32)
+        cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=128, n_positions=1024)
         counts[n_layer] = count_decode_step(GPT2.from_config(cfg, backend=backend))
     per_layer = counts[2].total - counts[1].total
     return {

@@ -169,3 +169,48 @@ def test_errors():
         add_layer_norm(x, None, w.to("meta"), b, 1e-5)
     with pytest.raises(ValueError, match="runs on CUDA"):
         add_layer_norm(x.to("meta"), None, w.to("meta"), b.to("meta"), 1e-5)
+
+
+# -- embed_layer_norm: the token + position gather fused into the first layernorm ---------------
+from fastgpt2.kernels.layernorm import embed_layer_norm, embed_layer_norm_ref  # noqa: E402
+
+
+def _embed_inputs(b, seq, n, dtype, seed, vocab=50, positions=40):
+    g = torch.Generator().manual_seed(seed)
+    wte = (0.5 * torch.randn(vocab, n, generator=g)).to(dtype)
+    wpe = (0.5 * torch.randn(positions, n, generator=g)).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(n, generator=g)).to(dtype)
+    bias = (0.5 * torch.randn(n, generator=g)).to(dtype)
+    ids = torch.randint(0, vocab, (b, seq), generator=g)
+    start = torch.randint(0, positions - seq + 1, (b,), generator=g).to(torch.int32)
+    return ids, start, wte, wpe, w, bias
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("b, seq, n", [(1, 1, 768), (3, 1, 37), (2, 7, 1600), (1, 33, 64)])
+@pytest.mark.parametrize("with_start", [True, False], ids=["decode", "prefill"])
+def test_embed_layer_norm(b, seq, n, dname, with_start):
+    dtype = DTYPES[dname]
+    ids, start, wte, wpe, w, bias = _embed_inputs(b, seq, n, dtype, _seed("embed", b, seq, n, dname, with_start))
+    start = start if with_start else None
+    out, h = _poisoned(b * seq, n, dtype), _poisoned(b * seq, n, dtype)
+    y, s = embed_layer_norm(ids, start, wte, wpe, w, bias, 1e-5, out=out, residual_out=h)
+    assert y is out and s is h
+    positions = torch.arange(seq).expand(b, seq) + (start[:, None].long() if with_start else 0)
+    x, r = wte[ids].reshape(b * seq, n), wpe[positions].reshape(b * seq, n)
+    _check_sum(h, x, r)  # h = wte[ids] + wpe[pos], rounded once like PyTorch's add
+    _check_y(y, x, r, w, bias, 1e-5, dname)
+    ref_y, ref_h = embed_layer_norm_ref(ids, start, wte, wpe, w, bias, 1e-5)
+    assert torch.equal(ref_h, x + r) and ref_y.shape == y.shape
+
+
+def test_embed_layer_norm_errors():
+    ids, start, wte, wpe, w, bias = _embed_inputs(2, 3, 16, torch.float32, 1)
+    with pytest.raises(ValueError, match=r"ids must be a \[B, S\] int64 tensor"):
+        embed_layer_norm(ids.int(), start, wte, wpe, w, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"start must be \[B\]=2 int32"):
+        embed_layer_norm(ids, start.long(), wte, wpe, w, bias, 1e-5)
+    with pytest.raises(ValueError, match="wte has width 16, wpe 8"):
+        embed_layer_norm(ids, start, wte, wpe[:, :8].contiguous(), w, bias, 1e-5)
+    with pytest.raises(ValueError, match="wpe must be a 2-D torch.float32 table"):
+        embed_layer_norm(ids, start, wte, wpe.half(), w, bias, 1e-5)
