@@ -1,9 +1,21 @@
-"""`fastgpt2 bench`: prefill and decode tokens/sec of fastgpt2 and transformers (eager attention) on
-the same weights, in the same process, side by side.
+"""`fastgpt2 bench`: prefill and decode tokens/sec of fastgpt2 (each backend the device runs) and
+transformers (eager attention) on the same weights, in the same process, side by side, against the
+memory-bandwidth roofline measured in the same run.
 
-Decode tokens/sec = batch * new_tokens / (generate time - prefill time): both sides run their
-public generate() (greedy, no early stop), so the figure includes everything a user pays per
-token. Each figure is the median of `runs` timed runs after `warmup` untimed ones.
+Figures (each timed figure is the median of `runs` timed runs after `warmup` untimed ones; timers
+are device-synchronised, CUDA events on CUDA):
+
+- prefill tok/s: batch * prompt_len / prefill time. fastgpt2: ``model.prefill`` into a cache;
+  transformers: ``forward(use_cache=True, logits_to_keep=1)``, as its generate() runs the prompt.
+- decode tok/s: batch * (new_tokens - 1) / (generate time - prefill time). Both sides run their
+  public generate() (greedy, no early stop), so the figure holds everything a user pays per token;
+  the first new token comes from the prefill's logits, so new_tokens - 1 decode steps remain.
+- ms/token: one decode step (a new token for every sequence of the batch), in ms.
+- weight GB/s: ``decode_weight_bytes`` / step time; % roofline: that over the memory bandwidth
+  ``measure_bandwidth`` measured in this run (the decode step cannot read its weights faster).
+- KV read/step: ``kv_read_bytes`` of the last decode step (K and V of every cached position).
+- setup s: the first (cold) prefill + generate call, kept out of the steady-state figures; on CUDA
+  it holds Triton's compilation and CUDA-graph capture.
 """
 from __future__ import annotations
 
@@ -12,35 +24,72 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .runtime.config import PRESETS, GPT2Config
 from .runtime.model import GPT2, resolve_device, resolve_dtype
 
-
-@dataclass
-class Row:
-    engine: str  # "fastgpt2[torch]", "fastgpt2[triton]", "transformers"
-    batch: int
-    prefill_tok_s: float
-    decode_tok_s: float
-    ms_per_token: float  # per decode step (one token for every sequence of the batch)
-    speedup_decode: float | None = None  # vs transformers, same batch
-    speedup_prefill: float | None = None
+PIP_BENCH = "pip install 'fastgpt2[bench]'"
 
 
+# --------------------------------------------------------------------------------------------
+# Bytes: the roofline's numerator (tools/roofline.py uses the same function)
+# --------------------------------------------------------------------------------------------
+def decode_weight_bytes(cfg: GPT2Config, batch: int = 1, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of weights one decode step reads, every weight read once, in the model dtype.
+
+    With E = n_embd, I = inner dim (4E by default), L = n_layer, V = vocab_size, B = batch:
+
+        per layer   ln_1 (2E) + c_attn (E*3E + 3E) + attn.c_proj (E*E + E)
+                    + ln_2 (2E) + c_fc (E*I + I) + mlp.c_proj (I*E + E)    = 4E^2 + 2EI + 9E + I
+        ln_f        2E
+        lm_head     V*E   (wte read whole when tied; the untied lm_head.weight otherwise)
+        embedding   B*E (wte rows) + B*E (wpe rows): the step gathers one row of each per sequence
+
+        bytes = itemsize(dtype) * (L * (4E^2 + 2EI + 9E + I) + 2E + V*E + 2*B*E)
+
+    The KV cache is not a weight: see ``kv_read_bytes``. GPT-2 small in fp16 at batch 1:
+    247,309,824 bytes (the full 124.4M parameters would be 248.9 MB; the step skips the other
+    1023 rows of wpe).
+    """
+    e, i, n_layer, v = cfg.n_embd, cfg.inner_dim, cfg.n_layer, cfg.vocab_size
+    per_layer = 4 * e * e + 2 * e * i + 9 * e + i
+    return dtype.itemsize * (n_layer * per_layer + 2 * e + v * e + 2 * batch * e)
+
+
+def kv_read_bytes(cfg: GPT2Config, batch: int, kv_len: int, dtype: torch.dtype) -> int:
+    """K and V bytes one decode step reads when each of `batch` sequences attends over `kv_len`
+    positions (its own new token included): 2 * n_layer * batch * kv_len * n_embd * itemsize."""
+    return 2 * cfg.n_layer * batch * kv_len * cfg.n_embd * dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and the machine
+# --------------------------------------------------------------------------------------------
 def machine_description(device: torch.device) -> str:
+    """The GPU's name (compute capability, memory) or the CPU's model name (vector ISA, threads)."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
+    cpu, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "flags"):
+                    info.setdefault(key.strip(), value.strip())
+                if len(info) == 2:
+                    break
+    except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    if not isa and "avx2" in flags:
+        isa = ["AVX2"]
+    return f"{cpu}{' (' + ', '.join(isa) + ')' if isa else ''}, {torch.get_num_threads()} threads"
 
 
 def _sync(device: torch.device) -> None:
@@ -48,19 +97,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
+def time_call(fn, device: torch.device) -> float:
+    """Seconds one call of fn takes on the device: CUDA events on CUDA, perf_counter on the CPU,
+    synchronised before and after."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 5) -> dict:
+    """Memory read bandwidth as torch reaches it: a sum over an fp32 tensor of `nbytes`, timed
+    `runs` times after one warm-up; the median. Bytes counted: the tensor, read once per sum."""
+    device = torch.device(device)
+    n = max(1, nbytes // 4)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        x.sum()
+        times = [time_call(x.sum, device) for _ in range(runs)]
+    del x
+    seconds = statistics.median(times)
+    return {"GBps": 4 * n / seconds / 1e9, "bytes": 4 * n, "runs": runs, "method": "torch.sum over an fp32 tensor"}
+
+
+def _measure(fn, device, runs: int, warmup: int, tick) -> tuple[float, float, list[float]]:
+    """(first call's seconds, median of the timed runs, the timed runs). The first call is the
+    setup run: a warm-up when warmup >= 1, else also the first timed run."""
+    first = time_call(fn, device)
+    tick()
+    for _ in range(warmup - 1):
+        fn()
+        tick()
+    times = [first] if warmup == 0 else []
+    while len(times) < runs:
+        times.append(time_call(fn, device))
+        tick()
+    return first, statistics.median(times), times
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
 def reference_model(model: GPT2):
     """transformers' GPT2LMHeadModel (eager attention) holding the same weights as `model`."""
     try:
@@ -69,9 +153,13 @@ def reference_model(model: GPT2):
     except ImportError as exc:
         raise SystemExit(
             "fastgpt2 bench compares against transformers, which is not installed: "
-            "pip install 'fastgpt2[bench]' (or pass --no-reference to time fastgpt2 alone)"
+            f"{PIP_BENCH} (or pass --no-reference to time fastgpt2 alone)"
         ) from exc
-    hf_cfg = HFConfig(**model.config.to_hf_dict())
+    hf_dict = model.config.to_hf_dict()
+    for key in ("bos_token_id", "eos_token_id"):  # tiny test vocabularies lack GPT-2's 50256
+        if hf_dict[key] is not None and not 0 <= hf_dict[key] < hf_dict["vocab_size"]:
+            hf_dict[key] = None
+    hf_cfg = HFConfig(**hf_dict)
     hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="eager", dtype=model.dtype)
     state = {"transformer." + k: v for k, v in model.weights.items() if k != "lm_head.weight"}
     if not model.config.tie_word_embeddings:
@@ -85,88 +173,321 @@ def reference_model(model: GPT2):
     return hf.to(model.device).eval()
 
 
-def bench_pair(prefill, generate, device, batch, prompt_len, new_tokens, runs, warmup):
-    """(prefill tok/s, decode tok/s, ms per decode step) from a prefill and a generate callable."""
-    t_prefill = _median_seconds(prefill, device, runs, warmup)
-    t_generate = _median_seconds(generate, device, runs, warmup)
-    decode = max(t_generate - t_prefill, 1e-9)
-    steps = new_tokens - 1  # the first new token comes from the prefill's logits
-    return batch * prompt_len / t_prefill, batch * steps / decode, 1e3 * decode / steps
+def hf_prefill_kwargs(hf) -> dict:
+    """forward() arguments for transformers' prefill as its generate() runs it: only the last
+    position's logits when the model takes logits_to_keep (transformers >= 4.50)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+
+
+# --------------------------------------------------------------------------------------------
+# The launch budget (fastgpt2.runtime.launches, optional)
+# --------------------------------------------------------------------------------------------
+def launch_budgets(backends: list[str], progress=None) -> dict:
+    """{backend: launch_budget(backend)} from fastgpt2.runtime.launches; a backend whose budget
+    cannot be had maps to {"backend": b, "error": why} (printed, never fatal to the bench)."""
+    try:
+        from .runtime.launches import launch_budget
+    except ImportError as exc:
+        why = f"fastgpt2.runtime.launches is not importable ({exc})"
+        return {b: {"backend": b, "error": why} for b in backends}
+    out = {}
+    for backend in backends:
+        if progress is not None:
+            progress.stage(f"launch budget ({backend})")
+        try:
+            out[backend] = dict(launch_budget(backend))
+        except Exception as exc:  # noqa: BLE001 - reported in the output, the timings stand
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = lines[-1] if lines else ""  # a failed subprocess's traceback ends with its cause
+            out[backend] = {"backend": backend, "error": f"{type(exc).__name__}: {why}"[:300]}
+        if progress is not None:
+            progress.tick()
+    return out
+
+
+def format_launch_budget(backend: str, budget: dict) -> str:
+    if "error" in budget:
+        return f"launch budget (backend={backend}): not available: {budget['error']}"
+    fusions = ", ".join(budget.get("fusions") or []) or "none"
+    total = budget.get("total")
+    per = f"{budget['per_layer']:g} per layer + {budget['per_step']:g} per step"
+    if total is not None:
+        per += f" = {total} per decode step ({budget.get('n_layer', '?')} layers)"
+    return f"launch budget (backend={backend}): {per}; fusions: {fusions}"
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    engine: str  # "fastgpt2[torch]", "fastgpt2[triton]", "transformers"
+    batch: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    ms_per_token: float  # per decode step (one token for every sequence of the batch)
+    weight_GBps: float  # decode_weight_bytes / step time
+    roofline_pct: float | None  # weight_GBps over the measured memory bandwidth, in %
+    kv_read_bytes: int  # K/V bytes the last decode step reads
+    setup_s: float  # first (cold) prefill + generate call
+    speedup_decode: float | None = None  # vs transformers, same batch
+    speedup_prefill: float | None = None
+    prefill_runs_s: list[float] = field(default_factory=list)
+    generate_runs_s: list[float] = field(default_factory=list)
+
+
+class _Progress:
+    """A tqdm bar on stderr (plain lines without tqdm); silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled, self.bar = enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, file=sys.stderr, unit="call", leave=False, dynamic_ncols=True)
+
+    def stage(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+        elif self.enabled:
+            print(f"  {text} ...", file=sys.stderr, flush=True)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"--plot needs matplotlib, which is not installed: {PIP_BENCH}") from exc
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"--batch takes comma-separated positive integers (e.g. 1,8,32), got {text!r}")
+    return batches
 
 
 def run(args) -> dict:
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as exc:
+        raise SystemExit(f"fastgpt2 bench: {exc}") from None
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode speed is measured over the steps after the first)")
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
-    backends = ["torch"] if device.type == "cpu" else ["triton", "torch"]
-    if args.backend:
-        backends = [args.backend]
-    models = {}
-    for backend in backends:
-        if args.model in PRESETS or args.config:
-            cfg = GPT2Config(**json.loads(args.config)) if args.config else GPT2Config.from_name(args.model)
-            models[backend] = GPT2.from_config(cfg, device=device, dtype=dtype, backend=backend, seed=args.seed)
-        else:
-            models[backend] = GPT2.from_pretrained(args.model, device=device, dtype=dtype, backend=backend)
-    first = next(iter(models.values()))
+    if args.runs < 1 or args.warmup < 0:
+        raise SystemExit("--runs must be >= 1 and --warmup >= 0")
+    if args.prompt_len < 1:
+        raise SystemExit("--prompt-len must be >= 1")
+    if args.plot:
+        require_matplotlib()  # before minutes of timing, not after
+    batches = _parse_batches(args.batch if args.batch is not None else ("1,8,32" if device.type == "cuda" else "1,8"))
+    backends = [args.backend] if args.backend else (["torch"] if device.type == "cpu" else ["triton", "torch"])
+    if args.config:
+        try:
+            cfg = GPT2Config(**json.loads(args.config))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SystemExit(f"--config must be a JSON object of GPT2Config fields, e.g. "
+                             f"'{{\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 4}}': {exc}") from None
+    if not args.bandwidth_gib > 0:
+        raise SystemExit("--bandwidth-gib must be > 0 (1 GiB or more measures the memory, not a cache)")
+    random_weights = bool(args.config) or args.model in PRESETS
+    if random_weights:
+        first = GPT2.from_config(cfg if args.config else GPT2Config.from_name(args.model),
+                                 device=device, dtype=dtype, backend=backends[0], seed=args.seed)
+    else:
+        first = GPT2.from_pretrained(args.model, device=device, dtype=dtype, backend=backends[0])
     cfg = first.config
-    hf = None if args.no_reference else reference_model(first)
-    batches = [int(b) for b in str(args.batch).split(",")]
+    models = {first.backend: first}
+    for backend in backends[1:]:  # the same tensors: nothing is copied
+        model = GPT2(cfg, first.weights, device=device, dtype=dtype, backend=backend)
+        models.setdefault(model.backend, model)
     if args.prompt_len + args.new_tokens > cfg.n_positions:
         raise SystemExit(f"--prompt-len + --new-tokens must be <= n_positions ({cfg.n_positions})")
+    hf = None if args.no_reference else reference_model(first)
+    # the triton budget is counted on any machine (under the interpreter without CUDA): it is the
+    # GPU decode step's launch count even where only the torch backend is timed
+    budget_backends = [] if args.no_launch_budget else list(dict.fromkeys(["triton", *models]))
 
-    rows: list[Row] = []
-    for batch in batches:
-        ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len),
-                            generator=torch.Generator().manual_seed(args.seed)).to(device)
-        ref = None
-        if hf is not None:
-            log(f"  timing transformers, batch {batch} ...")
-            with torch.inference_mode():
-                ref = Row("transformers", batch, *bench_pair(
-                    lambda: hf(ids, use_cache=True),
-                    lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                        do_sample=False),
-                    device, batch, args.prompt_len, args.new_tokens, args.runs, args.warmup))
-        for backend, model in models.items():
-            log(f"  timing fastgpt2[{backend}], batch {batch} ...")
-            cache = model.new_cache(batch, args.prompt_len)
-            lens = torch.full((batch,), args.prompt_len, dtype=torch.int32, device=device)
-            row = Row(f"fastgpt2[{backend}]", batch, *bench_pair(
-                lambda: model.prefill(ids, lens, cache),
-                lambda: model.generate(ids, args.new_tokens),
-                device, batch, args.prompt_len, args.new_tokens, args.runs, args.warmup))
+    engines = len(models) + (hf is not None)
+    progress = _Progress(1 + len(batches) * engines * 2 * (args.warmup + args.runs) + len(budget_backends),
+                         enabled=not args.quiet)
+    try:
+        progress.stage(f"memory bandwidth ({args.bandwidth_gib:g} GiB read)")
+        bandwidth = measure_bandwidth(device, int(args.bandwidth_gib * 2**30))
+        progress.tick()
+        rows: list[Row] = []
+        for batch in batches:
+            ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len),
+                                generator=torch.Generator().manual_seed(args.seed)).to(device)
+            weight_bytes = decode_weight_bytes(cfg, batch, dtype)
+            kv_bytes = kv_read_bytes(cfg, batch, args.prompt_len + args.new_tokens - 1, dtype)
+
+            def timed(engine, prefill, generate):
+                progress.stage(f"{engine} batch {batch}: prefill")
+                p_first, t_prefill, p_runs = _measure(prefill, device, args.runs, args.warmup, progress.tick)
+                progress.stage(f"{engine} batch {batch}: generate")
+                g_first, t_generate, g_runs = _measure(generate, device, args.runs, args.warmup, progress.tick)
+                steps = args.new_tokens - 1
+                step_s = max(t_generate - t_prefill, 1e-9) / steps
+                weight_gbps = weight_bytes / step_s / 1e9
+                return Row(engine, batch, batch * args.prompt_len / t_prefill, batch / step_s, 1e3 * step_s,
+                           weight_gbps, 100 * weight_gbps / bandwidth["GBps"], kv_bytes, p_first + g_first,
+                           prefill_runs_s=p_runs, generate_runs_s=g_runs)
+
+            ref = None
+            if hf is not None:
+                mask = torch.ones_like(ids)
+                kwargs = hf_prefill_kwargs(hf)
+                with torch.inference_mode():
+                    ref = timed("transformers",
+                                lambda: hf(ids, use_cache=True, **kwargs),
+                                lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                                    do_sample=False))
+            for backend, model in models.items():
+                cache = model.new_cache(batch, args.prompt_len)
+                lens = torch.full((batch,), args.prompt_len, dtype=torch.int32, device=device)
+                row = timed(f"fastgpt2[{backend}]",
+                            lambda: model.prefill(ids, lens, cache),
+                            lambda: model.generate(ids, args.new_tokens))
+                if ref is not None:
+                    row.speedup_decode = row.decode_tok_s / ref.decode_tok_s
+                    row.speedup_prefill = row.prefill_tok_s / ref.prefill_tok_s
+                rows.append(row)
             if ref is not None:
-                row.speedup_decode = row.decode_tok_s / ref.decode_tok_s
-                row.speedup_prefill = row.prefill_tok_s / ref.prefill_tok_s
-            rows.append(row)
-        if ref is not None:
-            rows.append(ref)
+                rows.append(ref)
+        budgets = launch_budgets(budget_backends, progress) if budget_backends else {}
+    finally:
+        progress.close()
     return {
         "machine": machine_description(device),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": args.model if not args.config else f"config {args.config}",
-        "weights": "seeded random" if (args.model in PRESETS or args.config) else "checkpoint",
+        "weights": "seeded random" if random_weights else "checkpoint",
+        "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+                   "vocab_size": cfg.vocab_size, "parameters": cfg.num_parameters()},
+        "batches": batches,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "runs": args.runs,
+        "warmup": args.warmup,
         "torch": torch.__version__,
+        "bandwidth": bandwidth,
+        "weight_bytes_per_step": {str(b): decode_weight_bytes(cfg, b, dtype) for b in batches},
         "rows": [asdict(r) for r in rows],
+        "launch_budget": budgets,
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
 def format_table(result: dict) -> str:
-    head = (f"fastgpt2 bench: {result['model']} ({result['weights']} weights), {result['device']} "
-            f"[{result['machine']}], {result['dtype']}, prompt {result['prompt_len']}, "
-            f"{result['new_tokens']} new tokens, median of {result['runs']}")
-    lines = [head, "",
-             "| engine | batch | prefill tok/s | decode tok/s | ms/step | decode vs transformers | prefill vs transformers |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    cfg = result.get("config", {})
+    shape = (f"; {cfg['n_layer']} layers, n_embd {cfg['n_embd']}, {cfg['parameters'] / 1e6:.1f}M params"
+             if cfg else "")
+    bw = result["bandwidth"]
+    batch1 = result["batches"][0]
+    wbytes = result["weight_bytes_per_step"][str(batch1)]
+    lines = [
+        f"fastgpt2 bench: {result['model']} ({result['weights']} weights{shape})",
+        f"machine: {result['machine']} | device {result['device']} | dtype {result['dtype']} | torch {result['torch']}",
+        f"batch {','.join(map(str, result['batches']))} | prompt {result['prompt_len']} | new tokens "
+        f"{result['new_tokens']} | median of {result['runs']} runs after {result['warmup']} warm-up",
+        f"memory bandwidth: {bw['GBps']:.1f} GB/s measured ({bw['method']}, {bw['bytes'] / 2**30:.2f} GiB, "
+        f"median of {bw['runs']})",
+        f"decode reads {_fmt_bytes(wbytes)} of weights per step at batch {batch1}: roofline "
+        f"{bw['GBps'] * 1e9 / wbytes:,.1f} steps/s",
+        "",
+        "| engine | batch | prefill tok/s | decode tok/s | ms/token | weight GB/s | % roofline | KV read/step "
+        "| setup s | decode vs transformers | prefill vs transformers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
     for r in result["rows"]:
-        ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
-        lines.append(f"| {r['engine']} | {r['batch']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['ms_per_token']:.2f} | {ratio(r['speedup_decode'])} | {ratio(r['speedup_prefill'])} |")
+        pct = f"{r['roofline_pct']:.1f}%" if r.get("roofline_pct") is not None else "-"
+        lines.append(
+            f"| {r['engine']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
+            f"{r['ms_per_token']:.2f} | {_fmt_num(r['weight_GBps'])} | {pct} | {_fmt_bytes(r['kv_read_bytes'])} | "
+            f"{r['setup_s']:.2f} | {ratio(r['speedup_decode'])} | {ratio(r['speedup_prefill'])} |")
+    lines.append("")
+    speedups = {}
+    for r in result["rows"]:
+        if r["speedup_decode"] is not None:
+            speedups.setdefault(r["engine"], []).append(
+                f"decode {r['speedup_decode']:.2f}x, prefill {r['speedup_prefill']:.2f}x at batch {r['batch']}")
+    for engine, parts in speedups.items():
+        lines.append(f"{engine} vs transformers (same weights, same batch, same run): {'; '.join(parts)}")
+    lines.append("ms/token: one decode step (a token for every sequence). % roofline: weight bytes per step / "
+                 "step time / measured bandwidth.")
+    lines.append(f"KV read/step: K and V of the last decode step ({result['prompt_len'] + result['new_tokens'] - 1} "
+                 "positions per sequence), not in weight GB/s. setup s: the first (cold) prefill + generate, "
+                 "outside the medians (on CUDA: Triton compilation, CUDA-graph capture).")
+    for backend, budget in result.get("launch_budget", {}).items():
+        lines.append(format_launch_budget(backend, budget))
     return "\n".join(lines)
+
+
+def plot_decode(result: dict, path: str) -> None:
+    """A PNG bar chart: decode tok/s per engine, one panel per batch, each fastgpt2 bar labelled
+    with its speedup over transformers; the panel title gives the weight-read roofline."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    batches = result["batches"]
+    engines = list(dict.fromkeys(r["engine"] for r in result["rows"]))
+    colours = {e: c for e, c in zip(engines, ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b"))}
+    colours["transformers"] = "#ff7f0e"
+    fig = Figure(figsize=(1.2 + 3.3 * len(batches), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(batches), squeeze=False)[0]
+    for ax, batch in zip(axes, batches):
+        rows = [r for r in result["rows"] if r["batch"] == batch]
+        names = [r["engine"] for r in rows]
+        values = [r["decode_tok_s"] for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=[colours[n] for n in names], width=0.65)
+        for bar, r in zip(bars, rows):
+            label = _fmt_num(r["decode_tok_s"])
+            if r["speedup_decode"] is not None:
+                label += f"\n{r['speedup_decode']:.2f}x"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        xytext=(0, 2), textcoords="offset points", fontsize=9,
+                        fontweight="bold" if r["speedup_decode"] is not None else "normal")
+        ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
+        ax.set_ylim(0, max(values) * 1.25)
+        roof = result["bandwidth"]["GBps"] * 1e9 / result["weight_bytes_per_step"][str(batch)] * batch
+        ax.set_title(f"batch {batch}\n(weight-read roofline {roof:,.0f} tok/s)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("decode tokens/s (higher is better)")
+    fig.suptitle(f"fastgpt2 bench: {result['model']}, {result['device']} [{result['machine']}], {result['dtype']}, "
+                 f"prompt {result['prompt_len']}, {result['new_tokens']} new, median of {result['runs']}\n"
+                 "bar labels: decode tok/s and, for fastgpt2, its speedup over transformers (same batch, same run)",
+                 fontsize=9, wrap=True)
+    fig.savefig(path, dpi=120)

@@ -76,16 +76,27 @@ def test_bench_smoke_run_prints_a_table_and_valid_json(tmp_path, capsys):
     cfg = json.dumps(dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     out = tmp_path / "bench.json"
     code = main(["bench", "--config", cfg, "--batch", "1,2", "--prompt-len", "5", "--new-tokens", "4",
-                 "--runs", "1", "--warmup", "0", "--json", str(out), "--quiet"])
+                 "--runs", "1", "--warmup", "0", "--json", str(out), "--quiet", "--no-launch-budget",
+                 "--bandwidth-gib", "0.01"])
     assert code == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
+    assert "prefill" not in printed.err and "%|" not in printed.err  # --quiet: no progress
     assert "| fastgpt2[torch] | 1 |" in table and "| transformers | 2 |" in table
+    assert "device cpu | dtype float32 | torch " in table and "batch 1,2 | prompt 5 | new tokens 4" in table
+    assert "memory bandwidth:" in table and "fastgpt2[torch] vs transformers" in table
+    assert "launch budget" not in table
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["torch"] == torch.__version__
+    assert result["machine"] and result["batches"] == [1, 2] and result["launch_budget"] == {}
+    assert result["bandwidth"]["GBps"] > 0 and result["bandwidth"]["bytes"] == int(0.01 * 2**30) // 4 * 4
     engines = [(r["engine"], r["batch"]) for r in result["rows"]]
     assert engines == [("fastgpt2[torch]", 1), ("transformers", 1), ("fastgpt2[torch]", 2), ("transformers", 2)]
     for r in result["rows"]:
-        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["ms_per_token"] > 0 and r["setup_s"] > 0
+        assert r["weight_GBps"] > 0 and r["roofline_pct"] > 0
+        assert r["kv_read_bytes"] == 2 * 1 * r["batch"] * (5 + 4 - 1) * 32 * 4
+        assert len(r["prefill_runs_s"]) == len(r["generate_runs_s"]) == 1
     assert all(r["speedup_decode"] > 0 for r in result["rows"] if r["engine"] != "transformers")
 
 

@@ -1,0 +1,154 @@
+"""The benchmark's bookkeeping (bytes per step, the roofline tool, the launch budget line, the plot)
+and the bench/ suite's CPU run. Structure and validity only: nothing here asserts a timing."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgpt2.benchmark import decode_weight_bytes, kv_read_bytes
+from fastgpt2.cli import main
+from fastgpt2.runtime.config import GPT2Config
+from fastgpt2.runtime.kv_cache import KVCache
+from fastgpt2.runtime.model import GPT2
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = json.dumps(dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+FAST = ["bench", "--config", TINY, "--batch", "1", "--prompt-len", "4", "--new-tokens", "3", "--runs", "1",
+        "--warmup", "0", "--bandwidth-gib", "0.01", "--quiet"]
+
+
+def _roofline_tool():
+    spec = importlib.util.spec_from_file_location("roofline", ROOT / "tools" / "roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_weight_bytes_reads_every_weight_once(tied, batch):
+    cfg = GPT2Config(n_layer=3, n_embd=48, n_head=4, n_inner=80, vocab_size=100, n_positions=40, tie_word_embeddings=tied)
+    model = GPT2.from_config(cfg, dtype=torch.float32)
+    # every tensor of the model once, except the embedding tables: B rows gathered from each
+    read = sum(w.numel() for k, w in model.weights.items() if k not in ("wte.weight", "wpe.weight"))
+    read += 2 * batch * cfg.n_embd
+    if tied:
+        read += cfg.vocab_size * cfg.n_embd  # the lm_head is wte, read whole
+    assert decode_weight_bytes(cfg, batch, torch.float32) == 4 * read
+    assert decode_weight_bytes(cfg, batch, torch.bfloat16) == 2 * read
+
+
+def test_kv_read_bytes_of_a_full_cache_is_the_cache_size():
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=40)
+    cache = KVCache(cfg, 3, 17, torch.float16, torch.device("cpu"))
+    assert kv_read_bytes(cfg, 3, 17, torch.float16) == cache.nbytes
+
+
+def test_roofline_numbers_for_gpt2(capsys):
+    tool = _roofline_tool()
+    gpt2 = next(r for r in tool.roofline(torch.float16, 1) if r["model"] == "gpt2")
+    e, v, layers = 768, 50257, 12
+    weights = layers * (12 * e * e + 13 * e) + 2 * e + v * e + 2 * e  # layers, ln_f, lm_head = wte, 1 row of wte + wpe
+    assert gpt2["bytes_per_step"] == 2 * weights == 247_309_824
+    h100 = gpt2["gpus"]["H100 SXM"]
+    assert h100["us_per_step"] == pytest.approx(247_309_824 / 3350e9 * 1e6) == pytest.approx(73.824, abs=1e-3)
+    assert h100["tokens_per_s"] == pytest.approx(13_545.8, abs=0.1)
+    assert gpt2["gpus"]["A100 SXM 80GB"]["us_per_step"] == pytest.approx(121.289, abs=1e-3)
+    assert gpt2["gpus"]["A100 40GB"]["us_per_step"] == pytest.approx(159.042, abs=1e-3)
+    assert gpt2["gpus"]["H100 PCIe"]["us_per_step"] == pytest.approx(123.655, abs=1e-3)
+    assert [r["model"] for r in tool.roofline()] == ["gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert tool.main([]) == 0
+    table = capsys.readouterr().out
+    assert "(goal, to be measured)" in table
+    assert "| gpt2 | 124.4M | 247.3 MB | 121.3 µs, 8,245 tok/s | 159.0 µs, 6,288 tok/s | 73.8 µs, 13,546 tok/s |" in table
+
+
+def _fake_launches(monkeypatch, budget):
+    module = types.ModuleType("fastgpt2.runtime.launches")
+    module.launch_budget = budget
+    monkeypatch.setitem(sys.modules, "fastgpt2.runtime.launches", module)
+
+
+def test_launch_budget_is_printed_and_written(monkeypatch, capsys, tmp_path):
+    def budget(backend):
+        if backend == "torch":
+            raise ValueError("no budget for the torch backend\n(second line)")
+        return {"backend": backend, "per_layer": 7.0, "per_step": 3.0, "total": 87, "n_layer": 12,
+                "fusions": ["residual add in the GEMM epilogue", "K/V write in attention"],
+                "by_op": {"triton:_linear_kernel": 48}}
+
+    _fake_launches(monkeypatch, budget)
+    out = tmp_path / "b.json"
+    assert main([*FAST, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("launch budget (backend=triton): 7 per layer + 3 per step = 87 per decode step (12 layers); "
+            "fusions: residual add in the GEMM epilogue, K/V write in attention") in printed
+    assert "launch budget (backend=torch): not available: ValueError: (second line)" in printed
+    result = json.loads(out.read_text())
+    assert list(result["launch_budget"]) == ["triton", "torch"]  # triton: counted on any machine
+    assert result["launch_budget"]["triton"]["by_op"] == {"triton:_linear_kernel": 48}
+    assert "error" in result["launch_budget"]["torch"]
+
+
+def test_no_launch_budget_skips_it(monkeypatch, capsys):
+    def budget(backend):
+        raise AssertionError("--no-launch-budget must not count launches")
+
+    _fake_launches(monkeypatch, budget)
+    assert main([*FAST, "--no-launch-budget", "--no-reference"]) == 0
+    printed = capsys.readouterr().out
+    assert "launch budget" not in printed and "| fastgpt2[torch] | 1 |" in printed and "| transformers |" not in printed
+
+
+def test_plot_writes_a_png(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    _fake_launches(monkeypatch, lambda backend: {"backend": backend, "per_layer": 1, "per_step": 1, "total": 3,
+                                                 "n_layer": 2, "fusions": [], "by_op": {}})
+    png = tmp_path / "b.png"
+    assert main([*FAST, "--batch", "1,2", "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=re.escape("--plot needs matplotlib, which is not installed: "
+                                                   "pip install 'fastgpt2[bench]'")):
+        main([*FAST, "--plot", str(tmp_path / "b.png")])
+    assert capsys.readouterr().out == ""  # refused before timing anything
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "1,x"], "--batch takes comma-separated positive integers"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--config", "{nope"], "--config must be a JSON object of GPT2Config fields"),
+])
+def test_bench_argument_errors_are_clear(args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*FAST, *args])
+
+
+def test_bench_suite_runs_its_cpu_benchmarks():
+    """`pytest bench/` collects and runs: the decode benchmarks on this machine (tiny config), the
+    kernel benchmarks skipped without CUDA. The environment keeps TRITON_INTERPRET=1 (set by
+    tests/conftest.py without CUDA): bench/conftest.py must clear it."""
+    env = dict(os.environ, FASTGPT2_BENCH_SMALL="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    summary = text.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    engines = 3 if torch.cuda.is_available() else 2  # transformers, fastgpt2[torch] (+ fastgpt2[triton] on CUDA)
+    assert passed >= 2 * engines, summary  # batches 1 and 8
+    assert "failed" not in summary and "error" not in summary
+    assert "decode speedup vs transformers" in text and "fastgpt2[torch] batch 8:" in text
+    if not torch.cuda.is_available():
+        assert "kernel benchmarks need a CUDA GPU" in text
