@@ -12,9 +12,10 @@ from .runtime.config import ConfigError, GPT2Config
 from .runtime.kv_cache import CacheError, KVCache
 from .runtime.loader import CheckpointError
 from .runtime.model import GPT2, InputError
+from .runtime.hf import patch_hf, unpatch_hf
 
 __all__ = [
-    "GPT2", "GPT2Config", "KVCache",
+    "GPT2", "GPT2Config", "KVCache", "patch_hf", "unpatch_hf",
     "FastGPT2Error", "BackendError", "CacheError", "CheckpointError", "ConfigError", "InputError",
 ]
 __version__ = "0.1.0"

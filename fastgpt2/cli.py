@@ -50,7 +50,7 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from .benchmark import format_table, run
+    from .benchmark import format_table, plot_decode, run
 
     result = run(args)
     print(format_table(result))
@@ -58,6 +58,9 @@ def _bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        plot_decode(result, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -80,21 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="tokens/sec of fastgpt2 vs transformers on the same weights",
-                       description="Prefill and decode tokens/sec of fastgpt2 and transformers (eager attention) "
-                                   "on the same weights, in one process. With no arguments: GPT-2 small with "
-                                   "seeded random weights, no download.")
+                       description="Prefill and decode tokens/sec of fastgpt2 (every backend the device runs) and "
+                                   "transformers (eager attention) on the same weights, in one process, with the "
+                                   "weight bandwidth each reaches against the memory bandwidth measured in the same "
+                                   "run. With no arguments: GPT-2 small with seeded random weights, no download.")
     _add_model_args(b, "gpt2")
     b.add_argument("--config", default=None, help="a GPT2Config as JSON instead of --model (random weights)")
-    b.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    b.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 1,8,32 on CUDA, 1,8 on CPU)")
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--runs", type=int, default=3, help="timed runs per figure (the median is reported)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (the first is reported as setup)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-reference", action="store_true", help="time fastgpt2 alone (no transformers)")
+    b.add_argument("--no-launch-budget", action="store_true",
+                   help="skip counting the decode step's kernel launches (fastgpt2.runtime.launches)")
+    b.add_argument("--bandwidth-gib", type=float, default=1.0, metavar="GIB",
+                   help="size of the tensor read to measure memory bandwidth (default: 1 GiB)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
-    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.add_argument("--plot", default=None, metavar="FILE",
+                   help="also write a PNG bar chart of decode tok/s per engine and batch (needs matplotlib)")
+    b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=_bench)
+
+    from .parity import add_parser as _add_parity
+    _add_parity(sub)
     return parser
 
 

@@ -1,0 +1,559 @@
+"""`fastgpt2 parity`: fastgpt2 vs transformers on one checkpoint, figure by figure, layer by layer.
+
+fastgpt2 loads --model on the chosen device / dtype / backend; transformers loads --reference (by
+default the same checkpoint) on the same device, in --reference-dtype (float32 by default: the
+reference is the exact model, so the figures measure fastgpt2's own error), with
+``attn_implementation="eager"`` for Stanford CRFM configs (transformers honours
+scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn only there) and "sdpa" otherwise.
+
+Each prompt (built-in English prompts through the checkpoint's tokenizer, ``--prompts FILE`` one
+per line, or seeded random token ids when the checkpoint has no tokenizer) runs alone (batch 1, no
+padding) through both. Figures, over every position of every prompt:
+
+  max / mean |Δlogits|     |logits_fastgpt2 - logits_reference|
+  KL mean / max            KL(reference || fastgpt2) of the next-token distributions (float64)
+  top-1 agreement          fraction of positions whose argmax agrees
+  identical greedy tokens  leading tokens of the greedy continuation (--new-tokens) that agree,
+                           the worst prompt (transformers: its forward over its own cache)
+  perplexity               of each model on the prompts (teacher forced); and their relative gap
+  hidden states            per layer: max |Δ| of the residual stream over max |reference|.
+                           transformers: output_hidden_states (+ the last block's output);
+                           fastgpt2: the residual stream its own forward computes, recorded at
+                           each layernorm call of its ops (nothing recomputed).
+
+Tolerances are per fastgpt2 dtype (TOLERANCES; shown by --help). float32 must pass for a correct
+model (max |Δlogits| <= 1e-4). The float16 / bfloat16 bounds are first estimates of rounding error
+alone (checked on CPU with tests-made checkpoints, not yet on GPT-2 weights on a GPU); they are
+loose enough that a small weight error can hide under them: check a suspect model in float32.
+
+When a figure is past its tolerance the command exits 1 and names the failing figures, the first
+layer whose hidden state is past the hidden-state tolerance and the layer where the discrepancy
+jumps the most (where it is introduced).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import FastGPT2Error
+
+# tolerance per fastgpt2 dtype, against a float32 reference
+TOLERANCES = {
+    "float32": dict(max_abs_logits=1e-4, kl_mean=1e-8, kl_max=1e-6, top1=0.999, greedy="all", ppl_rel=1e-4,
+                    hidden_rel=1e-5),
+    "float16": dict(max_abs_logits=0.5, kl_mean=1e-3, kl_max=2e-2, top1=0.97, greedy=None, ppl_rel=1e-2,
+                    hidden_rel=1e-2),
+    "bfloat16": dict(max_abs_logits=2.0, kl_mean=1e-2, kl_max=1e-1, top1=0.9, greedy=None, ppl_rel=5e-2,
+                     hidden_rel=5e-2),
+}
+# name -> (label, comparison): "<=" the value must not exceed the tolerance, ">=" must reach it
+FIGURES = {
+    "max_abs_logits": ("max |Δlogits|", "<="),
+    "mean_abs_logits": ("mean |Δlogits|", None),
+    "kl_mean": ("KL(ref||fastgpt2) mean", "<="),
+    "kl_max": ("KL(ref||fastgpt2) max", "<="),
+    "top1": ("top-1 agreement", ">="),
+    "greedy": ("identical greedy tokens (worst prompt)", ">="),
+    "greedy_mean": ("identical greedy tokens (mean)", None),
+    "ppl_reference": ("perplexity, transformers", None),
+    "ppl_fastgpt2": ("perplexity, fastgpt2", None),
+    "ppl_rel": ("perplexity relative gap", "<="),
+    "hidden_rel": ("hidden states, worst layer (rel)", "<="),
+}
+
+PROMPTS = [
+    "Hello, I'm a language model,",
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1492, Columbus sailed across the Atlantic Ocean and",
+    "The capital of France is Paris, and the capital of Germany is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Machine learning models are trained on large amounts of data to",
+    "She opened the door slowly, not knowing what she would find on the other side.",
+]
+
+def _tol_text(key, value) -> str:
+    if value is None:
+        return "(shown)"
+    if key == "greedy":
+        return "all" if value == "all" else f">= {value}"
+    if key == "top1":
+        return f">= {100 * value:g}%"
+    text = f"{value:.0e}".replace("e-0", "e-") if value < 0.01 else f"{value:g}"
+    return f"<= {text}"
+
+
+def _epilog() -> str:
+    dtypes = list(TOLERANCES)
+    rows = [("max_abs_logits", "max |Δlogits|"), ("kl_mean", "KL(ref||fastgpt2) mean"),
+            ("kl_max", "KL(ref||fastgpt2) max"), ("top1", "top-1 agreement"), ("greedy", "identical greedy tokens"),
+            ("ppl_rel", "perplexity relative gap"), ("hidden_rel", "hidden states (rel, per layer)")]
+    lines = ["tolerances (fastgpt2 dtype, against a float32 reference; a figure past its tolerance fails):",
+             ("  " + f"{'figure':<32}" + "".join(f"{d:<12}" for d in dtypes)).rstrip()]
+    for key, label in rows:
+        lines.append(("  " + f"{label:<32}" + "".join(f"{_tol_text(key, TOLERANCES[d][key]):<12}" for d in dtypes)).rstrip())
+    lines += [
+        "hidden states rel = max |Δ| / max |reference| of the residual stream after each layer.",
+        "Override one with --tol NAME=VALUE, NAME one of: " + " ".join(TOLERANCES["float32"]) + ".",
+        "(--tol greedy=none only shows it.) Exit status: 0 every figure within tolerance, 1 a figure past",
+        "it, 2 an error. The float16/bfloat16 bounds are first estimates for rounding alone.",
+    ]
+    return "\n".join(lines)
+
+
+EPILOG = _epilog()
+
+
+class ParityError(FastGPT2Error):
+    """A parity run that cannot start: a checkpoint transformers cannot load, bad prompts or options."""
+
+
+# -- the command line --------------------------------------------------------------------------
+def add_parser(sub) -> argparse.ArgumentParser:
+    from .cli import _add_model_args
+
+    p = sub.add_parser(
+        "parity", help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",
+        description="Run a checkpoint in transformers and in fastgpt2 on the same prompts and report max/mean "
+                    "|Δlogits|, KL divergence, top-1 agreement, identical greedy continuation, perplexity, and "
+                    "per-layer hidden-state differences (naming the layer where a discrepancy starts).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, None)
+    p.add_argument("--reference", default=None, metavar="DIR_OR_ID",
+                   help="the checkpoint transformers loads (default: the same as --model)")
+    p.add_argument("--reference-dtype", default="float32", choices=["float32", "float16", "bfloat16", "same"],
+                   help="dtype of the transformers reference (default float32; 'same': fastgpt2's dtype)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: built-in "
+                   "English prompts; random token ids when the checkpoint has no tokenizer)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (default 32)")
+    p.add_argument("--random-prompts", type=int, default=6, metavar="N",
+                   help="how many random-id prompts when there is no tokenizer (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-id prompts")
+    p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE", help="override one tolerance")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(args) -> int:
+    result = run(args)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+        print(f"wrote {args.json}")
+    return 0 if result["passed"] else 1
+
+
+def _json_safe(value):
+    """NaN / inf (a broken model's figures) as strings, so that the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- loading -------------------------------------------------------------------------------------
+def _parse_tolerances(dtype_name: str, overrides: list[str]) -> dict:
+    tol = dict(TOLERANCES[dtype_name])
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or name not in tol:
+            raise ParityError(f"--tol {item!r}: expected NAME=VALUE with NAME one of {sorted(tol)}")
+        if name == "greedy":
+            tol[name] = None if value in ("none", "") else "all" if value == "all" else int(value)
+        else:
+            try:
+                tol[name] = float(value)
+            except ValueError:
+                raise ParityError(f"--tol {item!r}: {value!r} is not a number") from None
+    return tol
+
+
+def _load_reference(source, device: torch.device, dtype: torch.dtype):
+    from transformers import GPT2LMHeadModel
+
+    from .runtime.config import ConfigError, GPT2Config
+    from .runtime.loader import CheckpointError, resolve
+
+    directory = resolve(source)
+    try:
+        cfg = GPT2Config.from_hf(directory)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    crfm = cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn
+    attn = "eager" if crfm else "sdpa"
+    try:
+        model = GPT2LMHeadModel.from_pretrained(str(directory), attn_implementation=attn, dtype=dtype)
+    except Exception as exc:  # transformers raises many types for unreadable checkpoints
+        raise ParityError(f"transformers cannot load the reference {source}: {type(exc).__name__}: {exc}") from exc
+    return model.to(device).eval(), directory, attn
+
+
+def _tokenizer_for(*directories):
+    from .runtime.tokenizer import TokenizerError, load_tokenizer
+
+    for d in directories:
+        try:
+            return load_tokenizer(d), d
+        except TokenizerError:
+            continue
+    return None, None
+
+
+def _prompt_ids(args, model, directories) -> tuple[list[list[int]], str]:
+    """Token-id prompts and a line describing them."""
+    vocab, limit = model.config.vocab_size, model.config.n_positions - args.new_tokens
+    if limit < 1:
+        raise ParityError(f"--new-tokens {args.new_tokens} leaves no room for a prompt in n_positions="
+                          f"{model.config.n_positions}")
+    tokenizer, where = _tokenizer_for(*directories)
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        try:
+            texts = [line for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ParityError(f"--prompts {path}: cannot read it ({exc})") from exc
+        if not texts:
+            raise ParityError(f"--prompts {path} holds no prompt (one per line)")
+        if tokenizer is None:
+            raise ParityError(f"--prompts needs a tokenizer (tokenizer.json, or vocab.json + merges.txt) in {directories[0]}")
+        what = f"{len(texts)} prompts from {path}"
+    elif tokenizer is not None:
+        texts, what = PROMPTS, f"{len(PROMPTS)} built-in English prompts"
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        lengths = [min(limit, n) for n in (4, 9, 16, 25, 40, 64, 100, 7, 33, 12)]
+        n = max(1, args.random_prompts)
+        ids = [torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
+        return ids, f"{n} random token-id prompts (seed {args.seed}; no tokenizer in {directories[0]})"
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text).ids[:limit]
+        if not ids:
+            raise ParityError(f"prompt {text!r} encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ParityError(f"the tokenizer in {where} gives token id {bad[0]}, outside the model's vocabulary "
+                              f"[0, {vocab}): it does not belong to this checkpoint")
+        prompts.append(ids)
+    return prompts, f"{what} (tokenizer from {where})"
+
+
+# -- recording fastgpt2's residual stream ------------------------------------------------------------
+class _RecordingOps:
+    """Wraps a model's ops and keeps the residual stream its layernorm calls see: the forward's own
+    tensors, nothing recomputed. A layernorm with layer j's ln_1 weight normalises the stream entering
+    layer j (the output of layer j - 1); the one with ln_f normalises the last layer's output."""
+
+    def __init__(self, inner, model):
+        self._inner = inner
+        self._ln1 = {id(lw.ln_1_w): i for i, lw in enumerate(model.layers)}
+        self._ln_f = id(model.ln_f[0])
+        self.n_layer = len(model.layers)
+        self.states: dict[int, torch.Tensor] = {}  # index into [embeddings, layer 0..L-1, ln_f]
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _keep(self, index, t):
+        self.states[index] = t.detach().float().clone()
+
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        y, h = self._inner.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps)
+        if self._ln1.get(id(weight)) == 0:
+            self._keep(0, h)
+        return y, h
+
+    def layer_norm(self, x, residual, weight, bias, eps):
+        y, s = self._inner.layer_norm(x, residual, weight, bias, eps)
+        key = id(weight)
+        if key in self._ln1:
+            self._keep(self._ln1[key], s)  # the stream entering layer j
+        elif key == self._ln_f:
+            self._keep(self.n_layer, s)  # the last layer's output
+            self._keep(self.n_layer + 1, y)
+        return y, s
+
+
+def _fastgpt2_forward(model, ids):
+    recorder = _RecordingOps(model.ops, model)
+    model.ops = recorder
+    try:
+        logits = model(ids)
+    finally:
+        model.ops = recorder._inner
+    n = model.config.n_layer + 2
+    states = [recorder.states.get(i) for i in range(n)]
+    return logits[0].float(), (states if all(s is not None for s in states) else None)
+
+
+def _reference_forward(reference, ids):
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["last"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = reference.transformer.h[-1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = reference(ids, output_hidden_states=True)
+    finally:
+        handle.remove()
+    hs = [h[0].float() for h in out.hidden_states]  # [embeddings, out_0 .. out_{L-2}, ln_f(out_{L-1})]
+    states = hs[:-1] + [captured["last"][0].float(), hs[-1]]
+    return out.logits[0].float(), states
+
+
+def _reference_greedy(reference, ids, n):
+    """transformers' greedy continuation of ids [1, T], exactly n tokens (its forward over its own cache)."""
+    out_tokens = []
+    with torch.no_grad():
+        out = reference(ids, use_cache=True)
+        for step in range(n):
+            nxt = out.logits[:, -1].argmax(-1)
+            out_tokens.append(int(nxt))
+            if step + 1 < n:
+                out = reference(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return out_tokens
+
+
+# -- the comparison ------------------------------------------------------------------------------
+def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: dict) -> dict:
+    """All figures, per-layer differences and the verdict, as a JSON-ready dict."""
+    device = model.device
+    n_layer = model.config.n_layer
+    names = ["embeddings"] + [f"layer {i}" for i in range(n_layer)] + ["ln_f"]
+    layer_diff = [0.0] * len(names)
+    layer_ref = [0.0] * len(names)
+    have_layers = True
+    max_abs = sum_abs = 0.0
+    n_values = n_pos = agree = 0
+    kl_sum, kl_max = 0.0, 0.0
+    nll_ref = nll_ours = 0.0
+    n_nll = 0
+    greedy = []
+    for ids_list in prompts:
+        ids = torch.tensor([ids_list], device=device)
+        ours, our_states = _fastgpt2_forward(model, ids)
+        ref, ref_states = _reference_forward(reference, ids)
+        diff = (ours - ref).abs()
+        max_abs = max(max_abs, float(diff.max()))
+        sum_abs += float(diff.double().sum())
+        n_values += diff.numel()
+        lp_ref, lp_ours = ref.double().log_softmax(-1), ours.double().log_softmax(-1)
+        kl = (lp_ref.exp() * (lp_ref - lp_ours)).sum(-1).clamp_min(0)  # [T]
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+        agree += int((ref.argmax(-1) == ours.argmax(-1)).sum())
+        n_pos += ref.shape[0]
+        if len(ids_list) > 1:
+            target = ids[0, 1:]
+            nll_ref -= float(lp_ref[:-1].gather(1, target[:, None]).sum())
+            nll_ours -= float(lp_ours[:-1].gather(1, target[:, None]).sum())
+            n_nll += len(ids_list) - 1
+        if our_states is None or len(ref_states) != len(names):
+            have_layers = False
+        else:
+            for k, (a, b) in enumerate(zip(our_states, ref_states)):
+                a = a.reshape(b.shape)
+                layer_diff[k] = max(layer_diff[k], float((a - b).abs().max()))
+                layer_ref[k] = max(layer_ref[k], float(b.abs().max()))
+        if new_tokens > 0:
+            ours_new = model.generate(ids, max_new_tokens=new_tokens)[0, len(ids_list):].tolist()
+            ref_new = _reference_greedy(reference, ids, new_tokens)
+            same = 0
+            while same < new_tokens and ours_new[same] == ref_new[same]:
+                same += 1
+            greedy.append(same)
+
+    figures = {
+        "max_abs_logits": max_abs,
+        "mean_abs_logits": sum_abs / max(1, n_values),
+        "kl_mean": kl_sum / max(1, n_pos),
+        "kl_max": kl_max,
+        "top1": agree / max(1, n_pos),
+        "greedy": min(greedy) if greedy else None,
+        "greedy_mean": sum(greedy) / len(greedy) if greedy else None,
+        "ppl_reference": math.exp(nll_ref / n_nll) if n_nll else None,
+        "ppl_fastgpt2": math.exp(nll_ours / n_nll) if n_nll else None,
+    }
+    if n_nll:
+        figures["ppl_rel"] = abs(figures["ppl_fastgpt2"] - figures["ppl_reference"]) / figures["ppl_reference"]
+    else:
+        figures["ppl_rel"] = None
+
+    layers = []
+    if have_layers:
+        for name, d, r in zip(names, layer_diff, layer_ref):
+            layers.append({"name": name, "max_abs_diff": d, "max_abs_reference": r, "rel": d / r if r > 0 else d})
+        figures["hidden_rel"] = max(x["rel"] for x in layers)
+
+    checks = []
+    for key, value in figures.items():
+        label, op = FIGURES[key]
+        limit = tol.get(key)
+        if key == "greedy" and limit == "all":
+            limit = new_tokens
+        if op is None or limit is None or value is None:
+            continue
+        ok = value <= limit if op == "<=" else value >= limit
+        if not math.isfinite(value):
+            ok = False
+        checks.append({"figure": key, "label": label, "value": value, "op": op, "tolerance": limit, "ok": ok})
+
+    first = jump = None
+    if layers:
+        hidden_tol = tol["hidden_rel"]
+        for x in layers:
+            if first is None and not x["rel"] <= hidden_tol:
+                first = x["name"]
+        floor = hidden_tol * 1e-3
+        ratios = [layers[0]["rel"] / floor] + [
+            layers[k]["rel"] / max(layers[k - 1]["rel"], floor) for k in range(1, len(layers))
+        ]
+        k = max(range(len(layers)), key=lambda i: ratios[i])
+        if layers[k]["rel"] > hidden_tol:
+            jump = layers[k]["name"]
+    failed = [c for c in checks if not c["ok"]]
+    worst = None
+    if failed:
+        def badness(c):
+            v, t = c["value"], c["tolerance"]
+            if not math.isfinite(v):
+                return math.inf
+            return v / t if c["op"] == "<=" and t > 0 else (t - v) / max(t, 1e-30) if c["op"] == ">=" else 0.0
+        worst = max(failed, key=badness)["figure"]
+    return {
+        "figures": figures,
+        "checks": checks,
+        "layers": layers,
+        "first_divergent_layer": first,
+        "worst_layer": jump,
+        "worst_figure": worst,
+        "failed": [c["figure"] for c in failed],
+        "passed": not failed,
+    }
+
+
+def run(args) -> dict:
+    import transformers
+
+    from .runtime.model import GPT2, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    tol = _parse_tolerances(dtype_name, args.tol)
+    if args.new_tokens < 0:
+        raise ParityError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    model = GPT2.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend or "auto")
+    ref_dtype = dtype if args.reference_dtype == "same" else resolve_dtype(args.reference_dtype, device)
+    reference_source = args.reference if args.reference is not None else args.model
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference, ref_dir, attn = _load_reference(reference_source, device, ref_dtype)
+            if reference.config.vocab_size != model.config.vocab_size or reference.config.n_layer != model.config.n_layer:
+                raise ParityError(
+                    f"--reference {reference_source} is not the same architecture as --model {args.model}: "
+                    f"vocab {reference.config.vocab_size} vs {model.config.vocab_size}, layers "
+                    f"{reference.config.n_layer} vs {model.config.n_layer}")
+            prompts, prompt_note = _prompt_ids(args, model, [model.source_dir, ref_dir])
+            result = compare(model, reference, prompts, args.new_tokens, tol)
+    finally:
+        transformers.logging.set_verbosity(level)
+    result.update({
+        "model": str(args.model),
+        "reference": str(reference_source),
+        "device": str(device),
+        "dtype": dtype_name,
+        "backend": model.backend,
+        "reference_dtype": str(ref_dtype).removeprefix("torch."),
+        "reference_attn_implementation": attn,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "prompts": len(prompts),
+        "positions": sum(len(p) for p in prompts),
+        "prompt_source": prompt_note,
+        "new_tokens": args.new_tokens,
+        "tolerances": tol,
+    })
+    return result
+
+
+# -- the report ------------------------------------------------------------------------------------
+def _fmt(key, value):
+    if value is None:
+        return "n/a"
+    if key == "top1":
+        return f"{100 * value:.2f}%"
+    if key in ("greedy",):
+        return f"{value}"
+    if key in ("greedy_mean",):
+        return f"{value:.1f}"
+    if key.startswith("ppl_") and key != "ppl_rel":
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        "fastgpt2 parity",
+        f"  fastgpt2:  {r['model']}  (backend {r['backend']}, {r['device']}, {r['dtype']})",
+        f"  reference: {r['reference']}  (transformers {r['transformers_version']}, attn "
+        f"{r['reference_attn_implementation']}, {r['device']}, {r['reference_dtype']})",
+        f"  prompts:   {r['prompt_source']}: {r['positions']} positions; greedy continuation {r['new_tokens']} tokens",
+        "",
+        f"  {'figure':<42} {'value':>12}   {'tolerance':<14} status",
+    ]
+    checks = {c["figure"]: c for c in r["checks"]}
+    for key, value in r["figures"].items():
+        label = FIGURES[key][0]
+        c = checks.get(key)
+        if c is None:
+            tol_text, status = "", ""
+        else:
+            tol_text = f"{c['op']} {_fmt(key, c['tolerance'])}"
+            status = "ok" if c["ok"] else "FAIL"
+        lines.append(f"  {label:<42} {_fmt(key, value):>12}   {tol_text:<14} {status}".rstrip())
+    if r["layers"]:
+        lines += ["", "  per-layer hidden states (max |Δ|, max |reference|, relative):"]
+        tol = r["tolerances"]["hidden_rel"]
+        for x in r["layers"]:
+            mark = "" if x["rel"] <= tol else "  <- past tolerance"
+            if x["name"] == r["first_divergent_layer"]:
+                mark += " (first)"
+            if x["name"] == r["worst_layer"]:
+                mark += " (largest jump)"
+            name = x["name"] if x["name"] in ("embeddings", "ln_f") else x["name"] + " out"
+            lines.append(f"    {name:<14} {x['max_abs_diff']:.3e}  {x['max_abs_reference']:.3e}  {x['rel']:.3e}{mark}")
+    else:
+        lines += ["", "  per-layer hidden states: not available (the model's forward did not expose them)"]
+    lines.append("")
+    if r["passed"]:
+        lines.append("PASS: every figure is within its tolerance")
+    else:
+        parts = []
+        for c in r["checks"]:
+            if not c["ok"]:
+                word = "above" if c["op"] == "<=" else "below"
+                parts.append(f"{c['label']} {_fmt(c['figure'], c['value'])} is {word} {_fmt(c['figure'], c['tolerance'])}")
+        lines.append("FAIL: " + "; ".join(parts))
+        lines.append(f"  worst figure: {FIGURES[r['worst_figure']][0]}")
+        if r["first_divergent_layer"] is not None:
+            lines.append(f"  the discrepancy starts at: {r['first_divergent_layer']}"
+                         + (f"; it jumps most at: {r['worst_layer']} (worst layer)" if r["worst_layer"] else ""))
+        elif r["layers"]:
+            lines.append("  every layer's hidden state is within tolerance: the difference is in the head (lm_head)")
+    return "\n".join(lines)
+

@@ -1,0 +1,346 @@
+"""fastgpt2.patch_hf: a live transformers GPT-2 running on fastgpt2's ops gives the same results as
+transformers (forward, pipeline sampling, left-padded greedy, beam search, past_key_values,
+hidden states), shares its weights, falls back visibly where it cannot serve, and unpatches exactly.
+Also model_from_hf (a fastgpt2 GPT2 on the same tensors) and the error for non-GPT-2 models."""
+import os
+import warnings
+
+import pytest
+import torch
+from hf_reference import VOCAB, hf_greedy, hf_model
+
+import fastgpt2
+from fastgpt2.runtime.hf import FallbackWarning, HFModelError, is_patched, model_from_hf, patch_hf, patch_stats, unpatch_hf
+
+SMALL = dict(n_layer=2, n_embd=64, n_head=4)
+CRFM = dict(n_layer=3, n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+TEXT = [
+    "Hello, I'm a language model, and I like to write about the weather and the sea.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat.",
+    "A language model predicts the next word from the words that came before it.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+] * 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(TEXT, vocab_size=500, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert len(tok) <= 500
+    return tok
+
+
+def lm_for(tok, seed, **cfg):
+    """A random GPT-2 whose vocabulary is the tokenizer's; sampling by default, as gpt2's card."""
+    eos = tok.eos_token_id
+    model = hf_model(seed, vocab_size=len(tok), bos_token_id=eos, eos_token_id=eos, **cfg)
+    model.generation_config.pad_token_id = eos
+    model.generation_config.do_sample = True
+    model.generation_config.top_k = 50
+    return model
+
+
+def rand_ids(seed, shape, high=VOCAB):
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def served(model):
+    stats = patch_stats(model)
+    assert not any(k.startswith("fallback") for k in stats), stats
+    return stats
+
+
+def cached_logits(model, ids, steps):
+    """Logits of a prefill over ids, then of each step's tokens appended through past_key_values."""
+    outs = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        outs.append(out.logits)
+        for step in steps:
+            out = model(step, past_key_values=out.past_key_values, use_cache=True)
+            outs.append(out.logits)
+    return outs
+
+
+# -- the model card, generation ---------------------------------------------------------------
+def test_model_card_pipeline_sampling_gives_the_same_texts(tokenizer):
+    from transformers import pipeline, set_seed
+
+    model = lm_for(tokenizer, seed=11, **SMALL)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    set_seed(42)
+    expected = generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+
+    assert patch_hf(model) is model and is_patched(model)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    set_seed(42)
+    got = generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+    texts = [r["generated_text"] for r in got]
+    assert texts == [r["generated_text"] for r in expected]
+    assert len(texts) == 5 and len(set(texts)) > 1  # really sampled, five different continuations
+    stats = served(model)
+    assert stats["prefill"] == SMALL["n_layer"] and stats["decode"] > 0 and stats["mlp"] > 0
+
+
+def test_greedy_left_padded_batch_of_three(tokenizer):
+    model = lm_for(tokenizer, seed=12, **SMALL)
+    tokenizer.padding_side = "left"
+    prompts = ["Hello", "The quick brown zebra plays a xylophone", "Paris is the capital"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (enc["attention_mask"] == 0).any(dim=1).sum() == 2  # two rows really padded
+    with torch.no_grad():
+        expected = model.generate(**enc, max_new_tokens=16, do_sample=False)
+        patch_hf(model)
+        got = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, expected)
+    assert tokenizer.batch_decode(got) == tokenizer.batch_decode(expected)
+    stats = served(model)
+    assert stats["sdpa"] > 0  # padding: torch SDPA with transformers' mask
+
+
+def test_beam_search_four_beams(tokenizer):
+    model = lm_for(tokenizer, seed=13, **SMALL)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(["The quick brown fox jumps", "A language model"], return_tensors="pt", padding=True)
+    single = tokenizer(["Hello, I'm a language model,"], return_tensors="pt")
+    kw = dict(max_new_tokens=12, do_sample=False, num_beams=4, num_return_sequences=2)
+    with torch.no_grad():
+        expected = model.generate(**enc, **kw)
+        expected_single = model.generate(**single, **kw)
+        patch_hf(model)
+        got = model.generate(**enc, **kw)
+        got_single = model.generate(**single, **kw)
+    assert got.shape == expected.shape == (4, enc["input_ids"].shape[1] + 12)
+    assert torch.equal(got, expected) and torch.equal(got_single, expected_single)
+    stats = served(model)
+    assert stats["sdpa"] > 0 and stats["decode"] > 0  # padded batch, then the unpadded prompt on the kernels
+
+
+# -- forward, cache, hidden states ----------------------------------------------------------------
+def test_forward_past_key_values_and_hidden_states():
+    model = hf_model(seed=14, **SMALL)
+    ids = rand_ids(1, (2, 13))
+    more = [rand_ids(2, (2, 1)), rand_ids(3, (2, 3)), rand_ids(4, (2, 10))]  # decode kernel x2, then S > 8
+
+    def run():
+        outs = []
+        with torch.no_grad():
+            out = model(ids, use_cache=True, output_hidden_states=True)
+            outs.append(out.logits)
+            hidden = out.hidden_states
+            past = out.past_key_values
+            for step in more:
+                out = model(step, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                outs.append(out.logits)
+        return outs, hidden, past.get_seq_length()
+
+    expected, expected_hidden, expected_len = run()
+    patch_hf(model)
+    got, hidden, length = run()
+    assert length == expected_len == 13 + 1 + 3 + 10
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-5
+    assert len(hidden) == len(expected_hidden) == SMALL["n_layer"] + 1
+    for h, e in zip(hidden, expected_hidden):
+        assert (h - e).abs().max().item() <= 1e-5
+    stats = served(model)
+    assert stats["prefill"] == 2 and stats["decode"] == 4 and stats["sdpa"] == 2
+
+
+def test_no_parameter_is_copied_and_unpatch_restores_bit_for_bit():
+    model = hf_model(seed=15, **SMALL)
+    ids = rand_ids(5, (2, 11))
+    with torch.no_grad():
+        before = model(ids).logits
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    patch_hf(model)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    with torch.no_grad():
+        patched = model(ids).logits
+        assert (patched - before).abs().max().item() <= 1e-5
+        # the patch reads the live parameters: an in-place edit shows in the output
+        w = model.transformer.h[1].mlp.c_fc.weight
+        w[3, 5] += 1.0
+        edited = model(ids).logits
+        assert (edited - patched).abs().max().item() > 1e-3
+        unpatch_hf(model)
+        edited_ref = model(ids).logits
+        assert (edited - edited_ref).abs().max().item() <= 1e-5
+        w[3, 5] -= 1.0
+        after = model(ids).logits
+    assert not is_patched(model) and patch_stats(model) == {}
+    assert all("forward" not in mod.__dict__ for mod in model.modules())
+    assert torch.equal(after, before)
+
+
+def test_deepcopy_of_a_patched_model_runs_on_its_own_weights_and_instance_forwards_are_kept():
+    import copy
+
+    model = hf_model(seed=22, **SMALL)
+    mlp = model.transformer.h[0].mlp
+    calls = []
+
+    def hooked(x, _orig=mlp.forward):  # an instance forward set before patching (as accelerate's hooks do)
+        calls.append(1)
+        return _orig(x)
+
+    mlp.forward = hooked
+    ids = rand_ids(14, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        patch_hf(model)
+        twin = copy.deepcopy(model)
+        assert is_patched(twin) and twin.transformer.h[1].attn.c_attn.weight.data_ptr() != \
+            model.transformer.h[1].attn.c_attn.weight.data_ptr()
+        assert (twin(ids).logits - expected).abs().max().item() <= 1e-5
+        twin.transformer.h[1].attn.c_attn.weight.mul_(1.5)  # the copy's own parameter
+        changed = twin(ids).logits
+        assert (changed - expected).abs().max().item() > 1e-3
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-5  # the original is untouched
+        assert patch_stats(twin)["prefill"] == 2 * SMALL["n_layer"] and patch_stats(model)["prefill"] == SMALL["n_layer"]
+        unpatch_hf(twin)
+        assert (twin(ids).logits - changed).abs().max().item() <= 1e-5 and is_patched(model)
+        unpatch_hf(model)
+        n = len(calls)
+        assert torch.equal(model(ids).logits, expected) and len(calls) == n + 1  # the earlier forward is back
+    assert mlp.__dict__["forward"] is hooked
+
+
+def test_output_attentions_falls_back_once_with_transformers_result():
+    model = hf_model(seed=16, **SMALL)
+    model.config._attn_implementation = "eager"  # so that transformers returns real attention weights
+    ids = rand_ids(6, (2, 9))
+    with torch.no_grad():
+        expected = model(ids, output_attentions=True)
+        patch_hf(model)
+        with pytest.warns(FallbackWarning, match="output_attentions=True is not served") as record:
+            got = model(ids, output_attentions=True)
+        assert len([w for w in record if issubclass(w.category, FallbackWarning)]) == 1
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            got2 = model(ids, output_attentions=True)
+        plain = model(ids)
+    assert not [w for w in again if issubclass(w.category, FallbackWarning)]  # once per model per reason
+    assert len(got.attentions) == SMALL["n_layer"] and got.attentions[0].shape == (2, 4, 9, 9)
+    for a, e in zip(got.attentions + got2.attentions, expected.attentions * 2):
+        assert torch.equal(a, e)
+    assert torch.equal(got.logits, expected.logits)  # transformers' own code: bit for bit
+    stats = patch_stats(model)
+    assert stats["fallback:output_attentions"] == 2 and stats["prefill"] == SMALL["n_layer"]
+    assert (plain.logits - expected.logits).abs().max().item() <= 1e-5
+
+
+def test_gradients_fall_back_and_match_transformers():
+    model = hf_model(seed=17, **SMALL)
+    ids = rand_ids(7, (1, 8))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    patch_hf(model)
+    with pytest.warns(FallbackWarning, match="gradients were asked for"):
+        loss2 = model(ids, labels=ids).loss
+    loss2.backward()
+    assert torch.equal(loss2, loss)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, expected[n]), n
+    assert patch_stats(model).get("prefill", 0) == 0
+
+
+# -- configs and backends ------------------------------------------------------------------------
+def test_crfm_config_matches_transformers_eager():
+    model = hf_model(seed=18, **CRFM)
+    assert model.config._attn_implementation == "eager"
+    ids = rand_ids(8, (2, 21))
+    steps = [rand_ids(20, (2, 1)), rand_ids(21, (2, 4))]
+    prompt = rand_ids(9, (1, 7))
+    expected = cached_logits(model, ids, steps)
+    expected_greedy = hf_greedy(model, prompt, 24)
+    patch_hf(model)
+    got = cached_logits(model, ids, steps)
+    got_greedy = hf_greedy(model, prompt, 24)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
+    assert torch.equal(got_greedy, expected_greedy)
+    stats = served(model)
+    # eager hands over a float mask; without padding it is recognised as causal: the kernels serve it
+    assert stats["prefill"] == 2 * CRFM["n_layer"] and stats["decode"] == 25 * CRFM["n_layer"] and "sdpa" not in stats
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
+def test_triton_backend_under_the_interpreter():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_model(seed=19, n_layer=1, n_embd=64, n_head=1, vocab_size=128,
+                     bos_token_id=127, eos_token_id=127).to(device)  # head_dim 64
+    model.generation_config.pad_token_id = 127
+    ids = rand_ids(10, (2, 6), high=128).to(device)
+    steps = [rand_ids(22, (2, 2), high=128).to(device)]
+    prompt = rand_ids(11, (1, 5), high=128).to(device)
+    expected = cached_logits(model, ids, steps)
+    expected_greedy = hf_greedy(model, prompt, 3)
+    patch_hf(model, backend="triton")
+    got = cached_logits(model, ids, steps)
+    got_greedy = hf_greedy(model, prompt, 3)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
+    assert torch.equal(got_greedy, expected_greedy)
+    stats = served(model)
+    assert stats["prefill"] == 2 and stats["decode"] == 3
+
+
+def test_triton_backend_needs_a_kernel_head_dim():
+    model = hf_model(seed=20, n_layer=1, n_embd=32, n_head=4)  # head_dim 8
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(HFModelError, match="head_dim in"):
+            patch_hf(model, backend="triton")
+    else:
+        with pytest.raises(fastgpt2.BackendError):
+            patch_hf(model, backend="triton")
+    assert not is_patched(model)
+
+
+# -- model_from_hf and errors ---------------------------------------------------------------------
+def test_model_from_hf_shares_the_weight_tensors():
+    hf = hf_model(seed=21, n_layer=2, n_embd=64, n_head=4, n_inner=100, activation_function="gelu")
+    ours = fastgpt2.GPT2.from_hf(hf, backend="torch")
+    hf_ptrs = {k.removeprefix("transformer."): v.data_ptr() for k, v in hf.state_dict().items()}
+    assert set(ours.weights) == set(hf_ptrs) - {"lm_head.weight"}
+    for key, w in ours.weights.items():
+        assert w.data_ptr() == hf_ptrs[key], key
+    assert ours.lm_head.data_ptr() == hf.lm_head.weight.data_ptr()
+    ids = rand_ids(12, (2, 15))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    prompt = rand_ids(13, (1, 6))
+    assert torch.equal(ours.generate(prompt, max_new_tokens=16), hf_greedy(hf, prompt, 16))
+    bare = model_from_hf(hf.transformer, backend="torch")  # a GPT2Model: the head is wte
+    assert bare.wte.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_model_other_than_gpt2_is_a_clear_error(kind):
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+        name = "LlamaForCausalLM"
+    else:
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2))
+        name = "BertModel"
+    for call in (patch_hf, model_from_hf, fastgpt2.GPT2.from_hf):
+        with pytest.raises(HFModelError, match=f"GPT-2 .*got {name}") as info:
+            call(model)
+        assert isinstance(info.value, fastgpt2.FastGPT2Error)
+    with pytest.raises(HFModelError, match=name):
+        unpatch_hf(model)
