@@ -114,17 +114,22 @@ def time_call(fn, device: torch.device) -> float:
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 5) -> dict:
-    """Memory read bandwidth as torch reaches it: a sum over an fp32 tensor of `nbytes`, timed
-    `runs` times after one warm-up; the median. Bytes counted: the tensor, read once per sum."""
+    """Memory read bandwidth as torch reaches it when streaming weights: a matrix-vector product
+    over an fp32 [rows, 4096] matrix of `nbytes` (decode's own access pattern; on CPUs a plain
+    reduction such as torch.sum is compute-bound below the memory's speed), timed `runs` times
+    after one warm-up; the median. Bytes counted: the matrix, read once per product."""
     device = torch.device(device)
-    n = max(1, nbytes // 4)
-    x = torch.ones(n, dtype=torch.float32, device=device)
+    cols = 4096
+    rows = max(1, nbytes // (4 * cols))
+    matrix = torch.ones(rows, cols, dtype=torch.float32, device=device)
+    vector = torch.ones(cols, dtype=torch.float32, device=device)
     with torch.inference_mode():
-        x.sum()
-        times = [time_call(x.sum, device) for _ in range(runs)]
-    del x
+        torch.mv(matrix, vector)
+        times = [time_call(lambda: torch.mv(matrix, vector), device) for _ in range(runs)]
+    del matrix
     seconds = statistics.median(times)
-    return {"GBps": 4 * n / seconds / 1e9, "bytes": 4 * n, "runs": runs, "method": "torch.sum over an fp32 tensor"}
+    return {"GBps": 4 * rows * cols / seconds / 1e9, "bytes": 4 * rows * cols, "runs": runs,
+            "method": "torch.mv over an fp32 [rows, 4096] matrix"}
 
 
 def _measure(fn, device, runs: int, warmup: int, tick) -> tuple[float, float, list[float]]:

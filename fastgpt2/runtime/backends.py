@@ -6,7 +6,9 @@
 - ``embed_layer_norm(ids [B,S], start [B] int32 | None, wte [V,E], wpe [P,E], w, b, eps) -> (y [M,E], h [M,E])``:
   h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)
 - ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual
-- ``linear(x [M,K], w [K,N], b [N], activation, residual [M,N] | None) -> [M,N]``
+- ``prepare_linear(w [K,N])``: the form ``linear`` takes the weight in (done once, at construction)
+- ``linear(x [M,K], w, b [N], activation, residual [M,N] | None) -> [M,N]``
+- ``lm_head(y [N,E], wte [V,E]) -> [N,V]``
 - ``prefill_attention(qkv [B,T,3E], k_cache, v_cache [Bmax,H,Tmax,D], seq_lens [B] int32, scale, upcast)
   -> [B,T,E]``; writes K/V of t < seq_lens[b] at cache positions t; rows t >= seq_lens[b] are 0
 - ``decode_attention(qkv [B,S,3E], k_cache, v_cache, cache_lens [B] int32, scale, upcast, kv_len)
@@ -47,8 +49,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_ops(backend: str):
-    return TritonOps() if backend == "triton" else TorchOps()
+def make_ops(backend: str, device: torch.device, dtype: torch.dtype, pack_weights: bool = True):
+    """The ops of `backend`. pack_weights=False: linear() takes the plain [K, N] weights (for callers
+    that hand over other modules' live weights each call, as patch_hf does)."""
+    return TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights)
+
+
+def _onednn_packing_available() -> bool:
+    """oneDNN's prepacked linear (the ops torch's inductor uses on CPU) is in this torch build."""
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
 _TORCH_ACTIVATIONS = {
@@ -68,10 +79,24 @@ def _split_heads(qkv: torch.Tensor, n_head: int):
 
 
 class TorchOps:
+    """Plain PyTorch. On the CPU in bfloat16 the GEMM weights are prepacked once for oneDNN (AMX),
+    which reads them 1.6-1.8x faster than addmm at batch 1 and 8 on an AVX-512/AMX Xeon; fp32 stays
+    on addmm (MKL), which is faster at batch 1. The lm_head runs as wte @ y^T on the CPU (the large
+    matrix on the left): 1.2-1.8x faster than y @ wte^T at batch 1 and 8, with no copy of wte."""
+
     name = "torch"
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None, pack_weights: bool = True):
         self.n_head = None  # set by the model
+        cpu = device is not None and device.type == "cpu"
+        self.cpu = cpu
+        self.packed = pack_weights and cpu and dtype == torch.bfloat16 and _onednn_packing_available()
+
+    def prepare_linear(self, w: torch.Tensor):
+        """The form linear() takes w [K, N] in: w itself, or its oneDNN prepacked [N, K] form."""
+        if not self.packed:
+            return w
+        return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 8)  # packed for small M
 
     def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
         b, s = ids.shape
@@ -85,12 +110,19 @@ class TorchOps:
         return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
 
     def linear(self, x, w, b, activation="none", residual=None):
-        y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
+        if self.packed:
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
+        else:
+            y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
         if activation != "none":
             y = _TORCH_ACTIVATIONS[activation](y)
         if residual is not None:
             y += residual
         return y
+
+    def lm_head(self, y, w):
+        """y [N, E] @ w [V, E]^T -> logits [N, V] (a transposed view on the CPU)."""
+        return torch.mm(w, y.t()).t() if self.cpu else y @ w.t()
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         b, t, three_e = qkv.shape
@@ -138,8 +170,14 @@ class TritonOps:
     def layer_norm(self, x, residual, weight, bias, eps):
         return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
 
+    def prepare_linear(self, w):
+        return w
+
     def linear(self, x, w, b, activation="none", residual=None):
         return self._mlp.linear(x, w, b, activation=activation, residual=residual)
+
+    def lm_head(self, y, w):
+        return y @ w.t()  # [N, V]; a cuBLAS GEMM (DESIGN: the lm_head may stay a torch op)
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         # scores and softmax are always fp32 in the kernel, which is what upcast asks for

@@ -133,7 +133,8 @@ class _PatchState:
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self.ops = make_ops(backend)
+        # the patched modules hand over their own live weights at every call: nothing is prepacked
+        self.ops = make_ops(backend, device, dtype, pack_weights=False)
         self.ops.n_head = n_head
         self.counts: Counter = Counter()
         self.warned: set[str] = set()
@@ -147,7 +148,7 @@ class _PatchState:
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             if key == "ops":
-                value = make_ops(self.backend)
+                value = make_ops(self.backend, self.device, self.dtype, pack_weights=False)
                 value.n_head = self.ops.n_head
             elif key == "counts":
                 value = Counter()

@@ -26,7 +26,8 @@ _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_f
 FUSIONS = {
     "triton": [
         "token + position embedding gather fused into layer 0's ln_1 (embed_layer_norm)",
-        "residual add fused into the attention-output and MLP-output GEMM epilogues",
+        "attention-output residual add fused into its GEMM's epilogue",
+        "MLP-output residual add fused into the next layernorm (ln_f after the last layer)",
         "bias + activation fused into the c_fc GEMM epilogue",
         "K/V cache write fused into the attention kernels (prefill and decode)",
         "flash-decoding's reduce skipped when one split covers the cache (short caches only)",

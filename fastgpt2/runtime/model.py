@@ -65,7 +65,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 class LayerWeights(NamedTuple):
     ln_1_w: torch.Tensor  # [E]
     ln_1_b: torch.Tensor  # [E]
-    qkv_w: torch.Tensor  # [E, 3E] Conv1D (in, out)
+    qkv_w: torch.Tensor  # [E, 3E] Conv1D (in, out), as ops.prepare_linear made it
     qkv_b: torch.Tensor  # [3E]
     attn_proj_w: torch.Tensor  # [E, E]
     attn_proj_b: torch.Tensor  # [E]
@@ -86,7 +86,7 @@ class GPT2:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
-        self.ops = make_ops(self.backend)
+        self.ops = make_ops(self.backend, self.device, self.dtype)
         self.ops.n_head = cfg.n_head
         self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
         w = self.weights
@@ -94,9 +94,10 @@ class GPT2:
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
         self.lm_head = self.wte if cfg.tie_word_embeddings else w["lm_head.weight"]  # [V, E]
         self._graphs = None
+        gemm = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         self.layers = [
             LayerWeights(
-                *(w[f"h.{i}.{name}"] for name in (
+                *(self.ops.prepare_linear(w[f"h.{i}.{name}"]) if name in gemm else w[f"h.{i}.{name}"] for name in (
                     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
                     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
                     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
@@ -177,7 +178,7 @@ class GPT2:
 
     def _logits(self, y: torch.Tensor) -> torch.Tensor:
         """y [N, E] (after ln_f) -> logits [N, V] through the (tied) lm_head."""
-        return y @ self.lm_head.t()
+        return self.ops.lm_head(y, self.lm_head)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, seq_lens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -37,3 +37,31 @@ def test_importing_fastgpt2_imports_no_triton():
     code = "import sys, fastgpt2; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cpu_bfloat16_prepacks_gemm_weights_and_matches_plain_addmm(monkeypatch):
+    """The torch backend's CPU bf16 path (oneDNN prepacked GEMMs) computes the same model as the
+    plain addmm path, within bf16 rounding."""
+    from fastgpt2.runtime import backends
+
+    cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
+    packed = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
+    assert packed.ops.packed == backends._onednn_packing_available()
+    monkeypatch.setattr(backends, "_onednn_packing_available", lambda: False)
+    plain = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
+    assert not plain.ops.packed
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    a, b = packed(ids).float(), plain(ids).float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert torch.equal(packed.generate(ids, 8), plain.generate(ids, 8))
+    fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=5)
+    assert not fp32.ops.packed  # fp32 stays on MKL's addmm
+
+
+def test_cpu_lm_head_equals_the_plain_product():
+    from fastgpt2.runtime.backends import TorchOps
+
+    ops = TorchOps(torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(2)
+    y, w = torch.randn(5, 48, generator=g), torch.randn(301, 48, generator=g)
+    assert torch.allclose(ops.lm_head(y, w), y @ w.t(), atol=1e-5)
