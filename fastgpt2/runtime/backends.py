@@ -14,7 +14,8 @@
 - ``decode_attention(qkv [B,S,3E], k_cache, v_cache, cache_lens [B] int32, scale, upcast, kv_len)
   -> [B,S,E]``; writes the S new K/V at cache_lens[b] + s; query s sees keys 0..cache_lens[b]+s.
   ``kv_len`` (a host int >= every cache_lens[b] + S) lets the torch path slice the cache; the
-  Triton kernel reads lengths on the device and ignores it.
+  Triton kernel reads lengths on the device and ignores it. ``ctx``: ``decode_context(cache_lens, S,
+  kv_len, uniform_len)``, built once per step and shared by every layer (None: built per call).
 """
 from __future__ import annotations
 
@@ -79,10 +80,16 @@ def _split_heads(qkv: torch.Tensor, n_head: int):
 
 
 class TorchOps:
-    """Plain PyTorch. On the CPU in bfloat16 the GEMM weights are prepacked once for oneDNN (AMX),
-    which reads them 1.6-1.8x faster than addmm at batch 1 and 8 on an AVX-512/AMX Xeon; fp32 stays
-    on addmm (MKL), which is faster at batch 1. The lm_head runs as wte @ y^T on the CPU (the large
-    matrix on the left): 1.2-1.8x faster than y @ wte^T at batch 1 and 8, with no copy of wte."""
+    """Plain PyTorch, with the CPU's GEMMs chosen by measurement (GPT-2 small, 2-core AVX-512/AMX
+    Xeon, weights streamed from memory):
+
+    - bfloat16: the GEMM weights are prepacked once for oneDNN (AMX), which reads them 1.6-1.8x
+      faster than addmm at batch 1 and 8; the packed form replaces the plain one.
+    - float32: addmm (MKL) at M < 8 rows, where it streams at the memory's speed; at M >= 8 rows
+      oneDNN's packed GEMM is ~20% faster, so a packed copy of each weight is made on the first such
+      call (the extra memory is paid only by batched or prefill use).
+    - the lm_head: a GEMV for one row, else wte @ y^T (the large matrix on the left): 1.2-1.8x faster
+      than y @ wte^T at batch 1 and 8, with no copy of wte."""
 
     name = "torch"
 
@@ -90,7 +97,9 @@ class TorchOps:
         self.n_head = None  # set by the model
         cpu = device is not None and device.type == "cpu"
         self.cpu = cpu
-        self.packed = pack_weights and cpu and dtype == torch.bfloat16 and _onednn_packing_available()
+        onednn = pack_weights and cpu and _onednn_packing_available()
+        self.packed = onednn and dtype == torch.bfloat16
+        self.lazy_packed = {} if onednn and dtype == torch.float32 else None  # weight data_ptr -> packed
 
     def prepare_linear(self, w: torch.Tensor):
         """The form linear() takes w [K, N] in: w itself, or its oneDNN prepacked [N, K] form."""
@@ -112,6 +121,11 @@ class TorchOps:
     def linear(self, x, w, b, activation="none", residual=None):
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
+        elif self.lazy_packed is not None and x.shape[0] >= 8:
+            packed = self.lazy_packed.get(w.data_ptr())
+            if packed is None:
+                packed = self.lazy_packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 8)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         else:
             y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
         if activation != "none":
@@ -122,7 +136,9 @@ class TorchOps:
 
     def lm_head(self, y, w):
         """y [N, E] @ w [V, E]^T -> logits [N, V] (a transposed view on the CPU)."""
-        return torch.mm(w, y.t()).t() if self.cpu else y @ w.t()
+        if not self.cpu:
+            return y @ w.t()
+        return torch.mv(w, y[0])[None] if y.shape[0] == 1 else torch.mm(w, y.t()).t()
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         b, t, three_e = qkv.shape
@@ -137,18 +153,39 @@ class TorchOps:
         pad = torch.arange(t, device=qkv.device)[None, :] >= seq_lens[:, None]  # [B, T]
         return out.masked_fill_(pad[:, :, None], 0)
 
-    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len):
+    def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
+        """What every layer's decode attention shares in one step, built once per step: the write
+        positions [B, S], the row index [B, 1] and the visibility mask [B, 1, S, kv_len]; or, when
+        every sequence holds `uniform_len` tokens (known on the host), just that length."""
+        if uniform_len is not None:
+            return ("uniform", uniform_len, s)
+        b, device = cache_lens.shape[0], cache_lens.device
+        pos = cache_lens[:, None].long() + torch.arange(s, device=device)  # [B, S]
+        rows = torch.arange(b, device=device)[:, None]  # [B, 1]
+        visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
+        return ("ragged", pos, rows, visible[:, None], kv_len)
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
         b, s, three_e = qkv.shape
         q, k, v = _split_heads(qkv, self.n_head)  # [B, H, S, D]
-        pos = cache_lens[:, None].long() + torch.arange(s, device=qkv.device)  # [B, S]
-        rows = torch.arange(b, device=qkv.device)[:, None]  # [B, 1]
-        k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
-        v_cache[rows, :, pos] = v.transpose(1, 2)
-        keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
+        if ctx is None:
+            ctx = self.decode_context(cache_lens, s, kv_len)
+        if ctx[0] == "uniform":  # every sequence at the same length: slices, and a mask only for S > 1
+            length = ctx[1]
+            k_cache[:b, :, length : length + s].copy_(k)  # in place at the sequences' length
+            v_cache[:b, :, length : length + s].copy_(v)
+            keys, values = k_cache[:b, :, : length + s], v_cache[:b, :, : length + s]  # [B, H, L+S, D]
+            mask = None
+            if s > 1:  # new token j sees the cache and new tokens <= j
+                mask = torch.ones(s, length + s, dtype=torch.bool, device=qkv.device).tril(diagonal=length)
+        else:
+            _, pos, rows, mask, kv_len = ctx
+            k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
+            v_cache[rows, :, pos] = v.transpose(1, 2)
+            keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
-        visible = torch.arange(kv_len, device=qkv.device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=scale)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.to(qkv.dtype).transpose(1, 2).reshape(b, s, three_e // 3)
 
 
@@ -183,5 +220,8 @@ class TritonOps:
         # scores and softmax are always fp32 in the kernel, which is what upcast asks for
         return self._attention.prefill_attention(qkv, k_cache, v_cache, seq_lens, scale)
 
-    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len):
+    def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
+        return None  # the kernel reads the lengths on the device
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
         return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale)

@@ -67,8 +67,11 @@ class DecodeStep:
         torch.argmax(probs / race, dim=-1, out=self.tokens)
 
     def _body(self) -> torch.Tensor:
-        kv_len = self.cache.max_len if self.use_cuda_graph else self.cache.host_max_len + 1
-        logits = self.model._decode_logits(self.tokens[:, None], self.cache, kv_len)  # lengths += 1
+        if self.use_cuda_graph:  # static: the whole cache, lengths read on the device
+            logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.cache.max_len)
+        else:
+            cache = self.cache
+            logits = self.model._decode_logits(self.tokens[:, None], cache, cache.host_max_len + 1, cache.host_uniform_len)
         self._choose(logits)
         return logits
 

@@ -34,11 +34,13 @@ class KVCache:
         self.batch = batch
         self.max_len = max_len
         self.host_max_len = 0
+        self.host_uniform_len = None  # when every sequence is known (on the host) to hold this many tokens
 
     def reset(self) -> None:
         """Forget every sequence (the memory is kept)."""
         self.lengths.zero_()
         self.host_max_len = 0
+        self.host_uniform_len = None
 
     def reserve(self, new_tokens: int, batch: int) -> None:
         """Check that `new_tokens` more per sequence fit, before any compute touches the cache."""
@@ -51,8 +53,10 @@ class KVCache:
             )
 
     def advance(self, new_tokens: int) -> None:
-        """Record (on the host) that each sequence grew by at most `new_tokens`; lengths are updated by the model."""
+        """Record (on the host) that each sequence grew by `new_tokens`; lengths are updated by the model."""
         self.host_max_len += new_tokens
+        if self.host_uniform_len is not None:
+            self.host_uniform_len += new_tokens
 
     @property
     def nbytes(self) -> int:

@@ -65,3 +65,17 @@ def test_cpu_lm_head_equals_the_plain_product():
     g = torch.Generator().manual_seed(2)
     y, w = torch.randn(5, 48, generator=g), torch.randn(301, 48, generator=g)
     assert torch.allclose(ops.lm_head(y, w), y @ w.t(), atol=1e-5)
+
+
+def test_cpu_float32_packs_lazily_for_8_rows_or_more_and_matches_addmm():
+    from fastgpt2.runtime.backends import TorchOps, _onednn_packing_available
+
+    ops = TorchOps(torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(100, 300, generator=g), torch.randn(300, generator=g)
+    for m in (1, 7, 8, 33):
+        x = torch.randn(m, 100, generator=g)
+        ref = torch.addmm(b.double(), x.double(), w.double())
+        assert (ops.linear(x, w, b).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # a packed copy exists only once a call had >= 8 rows, and only where oneDNN is available
+    assert len(ops.lazy_packed or {}) == (1 if _onednn_packing_available() else 0)

@@ -89,7 +89,7 @@ def test_bench_smoke_run_prints_a_table_and_valid_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["torch"] == torch.__version__
     assert result["machine"] and result["batches"] == [1, 2] and result["launch_budget"] == {}
-    assert result["bandwidth"]["GBps"] > 0 and result["bandwidth"]["bytes"] == int(0.01 * 2**30) // 4 * 4
+    assert result["bandwidth"]["GBps"] > 0 and result["bandwidth"]["bytes"] == int(0.01 * 2**30) // (4 * 4096) * 4 * 4096  # whole [rows, 4096] fp32
     engines = [(r["engine"], r["batch"]) for r in result["rows"]]
     assert engines == [("fastgpt2[torch]", 1), ("transformers", 1), ("fastgpt2[torch]", 2), ("transformers", 2)]
     for r in result["rows"]:
