@@ -13,10 +13,10 @@ before the launch. Tolerances:
   nearest even, so under TRITON_INTERPRET=1 a bf16 s may also be the truncated fp32 sum.
 """
 import os
-import zlib
 
 import pytest
 import torch
+from kernel_checks import case_seed, f64, poisoned
 
 from fastgpt2.kernels.layernorm import MAX_N, add_layer_norm, add_layer_norm_ref
 
@@ -39,9 +39,6 @@ def _check_sum(s, x, r):
     assert ok.all(), "bf16 s is neither the rounded nor the (interpreter's) truncated sum"
 
 
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
-
 
 def _inputs(m, n, dtype, seed, *, residual=True, scale=2.0, shift=3.0):
     g = torch.Generator().manual_seed(seed)
@@ -53,16 +50,8 @@ def _inputs(m, n, dtype, seed, *, residual=True, scale=2.0, shift=3.0):
     return x, r, w, b
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _poisoned(m, n, dtype):
-    return torch.full((m, n), float("nan"), dtype=dtype)
-
-
 def _check_y(y, x, r, w, b, eps, dname):
-    ref64, _ = add_layer_norm_ref(_f64(x), _f64(r), _f64(w), _f64(b), eps)
+    ref64, _ = add_layer_norm_ref(f64(x), f64(r), f64(w), f64(b), eps)
     assert not torch.isnan(y).any(), "poisoned output not fully written"
     err = (y.double() - ref64).abs().max().item()
     if dname == "fp32":
@@ -86,9 +75,9 @@ def _check_y(y, x, r, w, b, eps, dname):
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_add_layer_norm(m, n, dname, with_residual):
     dtype, eps = DTYPES[dname], 1e-5
-    x, r, w, b = _inputs(m, n, dtype, _seed("ln", m, n, dname, with_residual), residual=with_residual)
-    out = _poisoned(m, n, dtype)
-    res_out = _poisoned(m, n, dtype) if with_residual else None
+    x, r, w, b = _inputs(m, n, dtype, case_seed("ln", m, n, dname, with_residual), residual=with_residual)
+    out = poisoned(m, n, dtype)
+    res_out = poisoned(m, n, dtype) if with_residual else None
     y, s = add_layer_norm(x, r, w, b, eps, out=out, residual_out=res_out)
     assert y is out
     if with_residual:
@@ -102,7 +91,7 @@ def test_add_layer_norm(m, n, dname, with_residual):
 @pytest.mark.parametrize("dname", list(DTYPES))
 def test_allocates_outputs(dname):
     dtype = DTYPES[dname]
-    x, r, w, b = _inputs(5, 300, dtype, _seed("alloc", dname))
+    x, r, w, b = _inputs(5, 300, dtype, case_seed("alloc", dname))
     y, s = add_layer_norm(x, r, w, b, 1e-5)
     assert y.shape == s.shape == x.shape and y.dtype == s.dtype == dtype
     _check_sum(s, x, r)
@@ -111,8 +100,8 @@ def test_allocates_outputs(dname):
 
 def test_eps_honoured():
     # variance ~1e-4: eps=1e-3 dominates, so a kernel that ignored eps would be far off
-    x, r, w, b = _inputs(7, 768, torch.float32, _seed("eps"), scale=0.01, shift=0.5, residual=False)
-    y, _ = add_layer_norm(x, r, w, b, 1e-3, out=_poisoned(7, 768, torch.float32))
+    x, r, w, b = _inputs(7, 768, torch.float32, case_seed("eps"), scale=0.01, shift=0.5, residual=False)
+    y, _ = add_layer_norm(x, r, w, b, 1e-3, out=poisoned(7, 768, torch.float32))
     _check_y(y, x, r, w, b, 1e-3, "fp32")
     y_default, _ = add_layer_norm_ref(x, r, w, b, 1e-5)
     assert (y - y_default).abs().max() > 0.1
@@ -120,13 +109,13 @@ def test_eps_honoured():
 
 def test_tiny_rows_and_row_strides():
     # N=1 (variance 0: y == bias) and inputs that are row slices of wider tensors (stride(0) != N)
-    x, r, w, b = _inputs(7, 1, torch.float32, _seed("n1"))
-    y, _ = add_layer_norm(x, r, w, b, 1e-5, out=_poisoned(7, 1, torch.float32))
+    x, r, w, b = _inputs(7, 1, torch.float32, case_seed("n1"))
+    y, _ = add_layer_norm(x, r, w, b, 1e-5, out=poisoned(7, 1, torch.float32))
     torch.testing.assert_close(y, b.expand(7, 1), rtol=0, atol=1e-6)
 
-    xw, rw, w, b = _inputs(33, 1000, torch.float16, _seed("strided"))
+    xw, rw, w, b = _inputs(33, 1000, torch.float16, case_seed("strided"))
     x, r = xw[:, 100:868], rw[:, :768]
-    out = _poisoned(33, 900, torch.float16)[:, :768]
+    out = poisoned(33, 900, torch.float16)[:, :768]
     y, s = add_layer_norm(x, r, w[:768], b[:768], 1e-5, out=out)
     assert torch.equal(s, x + r)
     _check_y(y, x, r, w[:768], b[:768], 1e-5, "fp16")
@@ -191,9 +180,9 @@ def _embed_inputs(b, seq, n, dtype, seed, vocab=50, positions=40):
 @pytest.mark.parametrize("with_start", [True, False], ids=["decode", "prefill"])
 def test_embed_layer_norm(b, seq, n, dname, with_start):
     dtype = DTYPES[dname]
-    ids, start, wte, wpe, w, bias = _embed_inputs(b, seq, n, dtype, _seed("embed", b, seq, n, dname, with_start))
+    ids, start, wte, wpe, w, bias = _embed_inputs(b, seq, n, dtype, case_seed("embed", b, seq, n, dname, with_start))
     start = start if with_start else None
-    out, h = _poisoned(b * seq, n, dtype), _poisoned(b * seq, n, dtype)
+    out, h = poisoned(b * seq, n, dtype), poisoned(b * seq, n, dtype)
     y, s = embed_layer_norm(ids, start, wte, wpe, w, bias, 1e-5, out=out, residual_out=h)
     assert y is out and s is h
     positions = torch.arange(seq).expand(b, seq) + (start[:, None].long() if with_start else 0)

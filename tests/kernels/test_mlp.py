@@ -11,10 +11,10 @@ bf16 GEMMs are not run here: the interpreter's tl.dot is wrong for bf16 operands
 M = 1, 7, 33 take the decode config (M <= 64), M = 70 and 130 the prefill one; K = 100, N = 300 are
 not multiples of any block; GPT-2 small's and xl's layer shapes run in both configs.
 """
-import zlib
 
 import pytest
 import torch
+from kernel_checks import case_seed, f64, poisoned
 
 from fastgpt2.kernels import mlp
 from fastgpt2.kernels.mlp import ACTIVATIONS, linear, linear_gelu, linear_ref, linear_residual
@@ -24,9 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())
 
 
 def _inputs(m, k, n, dtype, seed, *, residual=False):
@@ -38,16 +35,8 @@ def _inputs(m, k, n, dtype, seed, *, residual=False):
     return x, w, b, r
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _poisoned(m, n, dtype):
-    return torch.full((m, n), float("nan"), dtype=dtype)
-
-
 def _check(y, x, w, b, r, activation, dname):
-    ref64 = linear_ref(_f64(x), _f64(w), _f64(b), activation=activation, residual=_f64(r))
+    ref64 = linear_ref(f64(x), f64(w), f64(b), activation=activation, residual=f64(r))
     assert not torch.isnan(y).any(), "poisoned output not fully written"
     err = (y.double() - ref64).abs().max().item()
     if dname == "fp32":
@@ -61,8 +50,8 @@ def _check(y, x, w, b, r, activation, dname):
 
 def _run(m, k, n, dname, activation, with_residual, tag):
     dtype = DTYPES[dname]
-    x, w, b, r = _inputs(m, k, n, dtype, _seed(tag, m, k, n, dname, activation, with_residual), residual=with_residual)
-    out = _poisoned(m, n, dtype)
+    x, w, b, r = _inputs(m, k, n, dtype, case_seed(tag, m, k, n, dname, activation, with_residual), residual=with_residual)
+    out = poisoned(m, n, dtype)
     y = linear(x, w, b, activation=activation, residual=r, out=out)
     assert y is out
     _check(y, x, w, b, r, activation, dname)
@@ -110,7 +99,7 @@ def test_gpt2_xl_shapes(m, k, n, activation, with_residual, dname):
 def test_row_strides_and_inplace_residual():
     # x a column slice of a wider activation (stride(0) != K); out is the residual itself
     dtype = torch.float32
-    x_wide, w, b, r = _inputs(33, 200, 300, dtype, _seed("strided"), residual=True)
+    x_wide, w, b, r = _inputs(33, 200, 300, dtype, case_seed("strided"), residual=True)
     x = x_wide[:, 50:150]
     w = w[:100]
     r_copy = r.clone()
@@ -120,12 +109,12 @@ def test_row_strides_and_inplace_residual():
 
 
 def test_wrappers_and_allocation():
-    x, w, b, r = _inputs(5, 64, 96, torch.float16, _seed("wrappers"), residual=True)
+    x, w, b, r = _inputs(5, 64, 96, torch.float16, case_seed("wrappers"), residual=True)
     y = linear_gelu(x, w, b)
     assert y.shape == (5, 96) and y.dtype == torch.float16
     _check(y, x, w, b, None, "gelu_tanh", "fp16")
     _check(linear_gelu(x, w, b, activation="gelu_erf"), x, w, b, None, "gelu_erf", "fp16")
-    out = _poisoned(5, 96, torch.float16)
+    out = poisoned(5, 96, torch.float16)
     assert linear_residual(x, w, b, r, out=out) is out
     _check(out, x, w, b, r, "none", "fp16")
 
