@@ -254,21 +254,26 @@ def test_gradients_fall_back_and_match_transformers():
 
 
 # -- configs and backends ------------------------------------------------------------------------
+def _patched_equals_unpatched(model, ids, steps, prompt, new_tokens, **patch_kwargs):
+    """Logits over a prefill and cached steps (1e-4) and a greedy continuation (exactly) equal
+    before and after patch_hf; returns which attention paths served the patched run."""
+    expected = cached_logits(model, ids, steps)
+    expected_greedy = hf_greedy(model, prompt, new_tokens)
+    patch_hf(model, **patch_kwargs)
+    got = cached_logits(model, ids, steps)
+    got_greedy = hf_greedy(model, prompt, new_tokens)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
+    assert torch.equal(got_greedy, expected_greedy)
+    return served(model)
+
+
 def test_crfm_config_matches_transformers_eager():
     model = hf_model(seed=18, **CRFM)
     assert model.config._attn_implementation == "eager"
     ids = rand_ids(8, (2, 21))
     steps = [rand_ids(20, (2, 1)), rand_ids(21, (2, 4))]
-    prompt = rand_ids(9, (1, 7))
-    expected = cached_logits(model, ids, steps)
-    expected_greedy = hf_greedy(model, prompt, 24)
-    patch_hf(model)
-    got = cached_logits(model, ids, steps)
-    got_greedy = hf_greedy(model, prompt, 24)
-    for g, e in zip(got, expected):
-        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
-    assert torch.equal(got_greedy, expected_greedy)
-    stats = served(model)
+    stats = _patched_equals_unpatched(model, ids, steps, rand_ids(9, (1, 7)), 24)
     # eager hands over a float mask; without padding it is recognised as causal: the kernels serve it
     assert stats["prefill"] == 2 * CRFM["n_layer"] and stats["decode"] == 25 * CRFM["n_layer"] and "sdpa" not in stats
 
@@ -283,15 +288,7 @@ def test_triton_backend_under_the_interpreter():
     ids = rand_ids(10, (2, 6), high=128).to(device)
     steps = [rand_ids(22, (2, 2), high=128).to(device)]
     prompt = rand_ids(11, (1, 5), high=128).to(device)
-    expected = cached_logits(model, ids, steps)
-    expected_greedy = hf_greedy(model, prompt, 3)
-    patch_hf(model, backend="triton")
-    got = cached_logits(model, ids, steps)
-    got_greedy = hf_greedy(model, prompt, 3)
-    for g, e in zip(got, expected):
-        assert g.shape == e.shape and (g - e).abs().max().item() <= 1e-4
-    assert torch.equal(got_greedy, expected_greedy)
-    stats = served(model)
+    stats = _patched_equals_unpatched(model, ids, steps, prompt, 3, backend="triton")
     assert stats["prefill"] == 2 and stats["decode"] == 3
 
 
