@@ -126,7 +126,6 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 5
     with torch.inference_mode():
         torch.mv(matrix, vector)
         times = [time_call(lambda: torch.mv(matrix, vector), device) for _ in range(runs)]
-    del matrix
     seconds = statistics.median(times)
     return {"GBps": 4 * rows * cols / seconds / 1e9, "bytes": 4 * rows * cols, "runs": runs,
             "method": "torch.mv over an fp32 [rows, 4096] matrix"}
@@ -272,10 +271,10 @@ class _Progress:
 
 
 def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise SystemExit(f"--plot needs matplotlib, which is not installed: {PIP_BENCH}") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit(f"--plot needs matplotlib, which is not installed: {PIP_BENCH}")
 
 
 def _parse_batches(text: str) -> list[int]:

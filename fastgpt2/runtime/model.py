@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .backends import make_ops, resolve_backend
 from .config import GPT2Config

@@ -1,5 +1,4 @@
 """The launch budget of the decode step: counted on any machine (Triton in the interpreter here)."""
-import pytest
 import torch
 
 from fastgpt2.runtime.launches import count_launches, measure_budget
