@@ -135,10 +135,14 @@ class TorchOps:
         return y
 
     def lm_head(self, y, w):
-        """y [N, E] @ w [V, E]^T -> logits [N, V] (a transposed view on the CPU)."""
-        if not self.cpu:
+        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU, decode-sized N reads w
+        fastest with w on the left: a GEMV for one row, w @ y^T (then a small copy) up to 64 rows."""
+        n = y.shape[0]
+        if not self.cpu or n > 64:
             return y @ w.t()
-        return torch.mv(w, y[0])[None] if y.shape[0] == 1 else torch.mm(w, y.t()).t()
+        if n == 1:
+            return torch.mv(w, y[0])[None]
+        return torch.mm(w, y.t()).t().contiguous()
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         b, t, three_e = qkv.shape

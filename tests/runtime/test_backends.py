@@ -63,8 +63,11 @@ def test_cpu_lm_head_equals_the_plain_product():
 
     ops = TorchOps(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(2)
-    y, w = torch.randn(5, 48, generator=g), torch.randn(301, 48, generator=g)
-    assert torch.allclose(ops.lm_head(y, w), y @ w.t(), atol=1e-5)
+    w = torch.randn(301, 48, generator=g)
+    for n in (1, 5, 64, 65, 200):
+        y = torch.randn(n, 48, generator=g)
+        logits = ops.lm_head(y, w)
+        assert logits.is_contiguous() and torch.allclose(logits, y @ w.t(), atol=1e-5)
 
 
 def test_cpu_float32_packs_lazily_for_8_rows_or_more_and_matches_addmm():
