@@ -524,7 +524,8 @@ def model_from_hf(hf_model, backend: str = "auto"):
         raise HFModelError("this GPT2Model has no lm_head and its config unties the head from wte; pass the "
                            "GPT2LMHeadModel instead")
     first = gpt2.wte.weight
-    model = GPT2(cfg, weights, device=first.device, dtype=first.dtype, backend=backend)
+    # shared weights: no prepacked copies, so that in-place updates of the transformers model are seen
+    model = GPT2(cfg, weights, device=first.device, dtype=first.dtype, backend=backend, pack_weights=False)
     return model
 
 

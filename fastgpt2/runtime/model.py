@@ -80,12 +80,15 @@ class LayerWeights(NamedTuple):
 class GPT2:
     """A GPT-2 language model on fastgpt2's backends. Inference only; weights are plain tensors."""
 
-    def __init__(self, cfg: GPT2Config, weights: dict[str, torch.Tensor], device=None, dtype=None, backend="auto"):
+    def __init__(self, cfg: GPT2Config, weights: dict[str, torch.Tensor], device=None, dtype=None, backend="auto",
+                 pack_weights: bool = True):
+        """pack_weights=False: the backend uses `weights` as they are, never a repacked copy (for
+        weights shared with another live model, whose in-place updates must be seen)."""
         self.config = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
-        self.ops = make_ops(self.backend, self.device, self.dtype)
+        self.ops = make_ops(self.backend, self.device, self.dtype, pack_weights)
         self.ops.n_head = cfg.n_head
         self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
         w = self.weights

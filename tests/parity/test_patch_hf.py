@@ -319,6 +319,11 @@ def test_model_from_hf_shares_the_weight_tensors():
     assert torch.equal(ours.generate(prompt, max_new_tokens=16), hf_greedy(hf, prompt, 16))
     bare = model_from_hf(hf.transformer, backend="torch")  # a GPT2Model: the head is wte
     assert bare.wte.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    # in-place updates of the transformers weights are seen, on every GEMM path (30 rows here)
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+        expected = hf(ids).logits
+    assert (ours(ids) - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
