@@ -180,14 +180,9 @@ def _parse_tolerances(dtype_name: str, overrides: list[str]) -> dict:
 def _load_reference(source, device: torch.device, dtype: torch.dtype):
     from transformers import GPT2LMHeadModel
 
-    from .runtime.config import ConfigError, GPT2Config
-    from .runtime.loader import CheckpointError, resolve
+    from .runtime.loader import load_config
 
-    directory = resolve(source)
-    try:
-        cfg = GPT2Config.from_hf(directory)
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+    cfg, directory = load_config(source)
     crfm = cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn
     attn = "eager" if crfm else "sdpa"
     try:

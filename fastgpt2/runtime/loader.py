@@ -197,11 +197,16 @@ def load_weights(directory: Path, cfg: GPT2Config, dtype: torch.dtype, device: t
     return weights
 
 
-def load_checkpoint(name_or_path, dtype: torch.dtype, device: torch.device, revision: str | None = None):
-    """(config, weights, directory) of a checkpoint directory or hub id."""
+def load_config(name_or_path, revision: str | None = None) -> tuple[GPT2Config, Path]:
+    """(config, directory) of a checkpoint directory or hub id; a bad config.json is a CheckpointError."""
     directory = resolve(name_or_path, revision)
     try:
-        cfg = GPT2Config.from_hf(directory)
+        return GPT2Config.from_hf(directory), directory
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
+
+
+def load_checkpoint(name_or_path, dtype: torch.dtype, device: torch.device, revision: str | None = None):
+    """(config, weights, directory) of a checkpoint directory or hub id."""
+    cfg, directory = load_config(name_or_path, revision)
     return cfg, load_weights(directory, cfg, dtype, device), directory
