@@ -17,7 +17,7 @@ import torch
 from benchlib import DECODE_RESULTS, DEVICE, SMALL, median_seconds
 
 from fastgpt2.benchmark import (decode_weight_bytes, hf_prefill_kwargs, kv_read_bytes, measure_bandwidth,
-                                reference_model)
+                                reference_model, sync)
 from fastgpt2.runtime.config import GPT2Config
 from fastgpt2.runtime.model import GPT2, resolve_dtype
 
@@ -30,11 +30,6 @@ else:
 DTYPE = resolve_dtype(None, DEVICE)  # fp16 on CUDA, fp32 on the CPU
 BATCHES = (1, 8)
 ENGINES = ("transformers", "fastgpt2[torch]", "fastgpt2[triton]")  # transformers first: the others' speedup
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +58,13 @@ def _fastgpt2_round(model, ids):
     def setup():
         steps = model.stream(ids, max_new_tokens=NEW_TOKENS + 1)
         next(steps)  # prefill and the first token: not timed
-        _sync()
+        sync(DEVICE)
         return (steps,), {}
 
     def decode(steps):
         for _ in steps:  # NEW_TOKENS decode steps
             pass
-        _sync()
+        sync(DEVICE)
 
     return setup, decode
 
@@ -81,7 +76,7 @@ def _hf_round(hf, ids):
         with torch.inference_mode():
             out = hf(ids, use_cache=True, **prefill_kwargs)
             tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync()
+        sync(DEVICE)
         return (tokens, out.past_key_values), {}
 
     def decode(tokens, past):
@@ -90,7 +85,7 @@ def _hf_round(hf, ids):
                 out = hf(tokens, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync()
+        sync(DEVICE)
 
     return setup, decode
 

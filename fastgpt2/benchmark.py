@@ -92,7 +92,8 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}{' (' + ', '.join(isa) + ')' if isa else ''}, {torch.get_num_threads()} threads"
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -100,7 +101,7 @@ def _sync(device: torch.device) -> None:
 def time_call(fn, device: torch.device) -> float:
     """Seconds one call of fn takes on the device: CUDA events on CUDA, perf_counter on the CPU,
     synchronised before and after."""
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
