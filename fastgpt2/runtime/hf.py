@@ -295,10 +295,8 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
 
 def _attention_extra(module):
     scale = getattr(module, "scaling", None)
-    if scale is None:  # transformers versions before the precomputed `scaling`
-        scale = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
-        if module.scale_attn_by_inverse_layer_idx:
-            scale /= float(module.layer_idx + 1)
+    if scale is None:  # transformers versions before the precomputed `scaling`: the same rule, ours
+        scale = GPT2Config.from_hf(module.config.to_dict()).attn_scale(module.layer_idx)
     return float(scale), bool(module.reorder_and_upcast_attn)
 
 
