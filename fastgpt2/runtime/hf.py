@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPT2Error
-from .backends import make_ops, resolve_backend
+from .backends import _split_heads, make_ops, resolve_backend
 from .config import ACTIVATIONS, GPT2Config
 
 TESTED_TRANSFORMERS = ("5.23.0",)
@@ -331,7 +331,7 @@ def _serve_attention(state, module, hidden_states, past_key_values, attention_ma
     nh, d = module.num_heads, module.head_dim
     qkv = ops.linear(hidden_states.reshape(b * s, e).contiguous(), module.c_attn.weight, module.c_attn.bias)
     qkv = qkv.view(b, s, 3 * e)
-    q, k, v = qkv.view(b, s, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, D] views, as transformers splits
+    q, k, v = _split_heads(qkv, nh)  # [B, H, S, D] views, as transformers splits
 
     cache = past_key_values
     if cache is not None:
