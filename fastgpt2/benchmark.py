@@ -3,7 +3,9 @@ transformers (eager attention) on the same weights, in the same process, side by
 memory-bandwidth roofline measured in the same run.
 
 Figures (each timed figure is the median of `runs` timed runs after `warmup` untimed ones; timers
-are device-synchronised, CUDA events on CUDA):
+are device-synchronised, CUDA events on CUDA). The engines are timed round-robin (each round runs
+every engine's prefill and generate once), so the machine's drift during a run falls on all of
+them alike instead of on whichever ran last:
 
 - prefill tok/s: batch * prompt_len / prefill time. fastgpt2: ``model.prefill`` into a cache;
   transformers: ``forward(use_cache=True, logits_to_keep=1)``, as its generate() runs the prompt.
@@ -132,19 +134,26 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, runs: int = 5
             "method": "torch.mv over an fp32 [rows, 4096] matrix"}
 
 
-def _measure(fn, device, runs: int, warmup: int, tick) -> tuple[float, float, list[float]]:
-    """(first call's seconds, median of the timed runs, the timed runs). The first call is the
-    setup run: a warm-up when warmup >= 1, else also the first timed run."""
-    first = time_call(fn, device)
-    tick()
+def _measure(fns: list, device, runs: int, warmup: int, tick) -> list[tuple[float, float, list[float]]]:
+    """Time several calls side by side, round-robin: each round calls every fn once, in order, so
+    that the machine's drift (other tenants, memory bandwidth, clocks) lands on every engine alike
+    and their ratio stays honest. Per fn: (first call's seconds, median of the timed runs, the
+    timed runs). The first call is the setup run: a warm-up when warmup >= 1, else also the first
+    timed run."""
+    firsts = []
+    for fn in fns:
+        firsts.append(time_call(fn, device))
+        tick()
     for _ in range(warmup - 1):
-        fn()
-        tick()
-    times = [first] if warmup == 0 else []
-    while len(times) < runs:
-        times.append(time_call(fn, device))
-        tick()
-    return first, statistics.median(times), times
+        for fn in fns:
+            fn()
+            tick()
+    times = [[first] if warmup == 0 else [] for first in firsts]
+    while len(times[0]) < runs:
+        for fn, kept in zip(fns, times):
+            kept.append(time_call(fn, device))
+            tick()
+    return [(first, statistics.median(kept), kept) for first, kept in zip(firsts, times)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +339,8 @@ def run(args) -> dict:
     # GPU decode step's launch count even where only the torch backend is timed
     budget_backends = [] if args.no_launch_budget else list(dict.fromkeys(["triton", *models]))
 
-    engines = len(models) + (hf is not None)
-    progress = _Progress(1 + len(batches) * engines * 2 * (args.warmup + args.runs) + len(budget_backends),
+    n_engines = len(models) + (hf is not None)
+    progress = _Progress(1 + len(batches) * n_engines * 2 * (args.warmup + args.runs) + len(budget_backends),
                          enabled=not args.quiet)
     try:
         progress.stage(f"memory bandwidth ({args.bandwidth_gib:g} GiB read)")
@@ -344,33 +353,35 @@ def run(args) -> dict:
             weight_bytes = decode_weight_bytes(cfg, batch, dtype)
             kv_bytes = kv_read_bytes(cfg, batch, args.prompt_len + args.new_tokens - 1, dtype)
 
-            def timed(engine, prefill, generate):
-                progress.stage(f"{engine} batch {batch}: prefill")
-                p_first, t_prefill, p_runs = _measure(prefill, device, args.runs, args.warmup, progress.tick)
-                progress.stage(f"{engine} batch {batch}: generate")
-                g_first, t_generate, g_runs = _measure(generate, device, args.runs, args.warmup, progress.tick)
-                steps = args.new_tokens - 1
-                step_s = max(t_generate - t_prefill, 1e-9) / steps
-                weight_gbps = weight_bytes / step_s / 1e9
-                return Row(engine, batch, batch * args.prompt_len / t_prefill, batch / step_s, 1e3 * step_s,
-                           weight_gbps, 100 * weight_gbps / bandwidth["GBps"], kv_bytes, p_first + g_first,
-                           prefill_runs_s=p_runs, generate_runs_s=g_runs)
-
-            ref = None
+            # (engine, prefill, generate) for transformers (the reference, when there is one) and
+            # each fastgpt2 backend; all timed in one round-robin so that drift hits them alike
+            engines = []
             if hf is not None:
                 mask = torch.ones_like(ids)
                 kwargs = hf_prefill_kwargs(hf)
-                with torch.inference_mode():
-                    ref = timed("transformers",
-                                lambda: hf(ids, use_cache=True, **kwargs),
+                engines.append(("transformers", lambda: hf(ids, use_cache=True, **kwargs),
                                 lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                                    do_sample=False))
+                                                    do_sample=False)))
             for backend, model in models.items():
                 cache = model.new_cache(batch, args.prompt_len)
                 lens = torch.full((batch,), args.prompt_len, dtype=torch.int32, device=device)
-                row = timed(f"fastgpt2[{backend}]",
-                            lambda: model.prefill(ids, lens, cache),
-                            lambda: model.generate(ids, args.new_tokens))
+                engines.append((f"fastgpt2[{backend}]",
+                                lambda model=model, cache=cache, lens=lens: model.prefill(ids, lens, cache),
+                                lambda model=model: model.generate(ids, args.new_tokens)))
+            progress.stage(f"batch {batch}: " + ", ".join(name for name, _, _ in engines) + " (round-robin)")
+            with torch.inference_mode():
+                timings = _measure([fn for _, prefill, generate in engines for fn in (prefill, generate)],
+                                   device, args.runs, args.warmup, progress.tick)
+            by_engine = {}
+            for i, (engine, _, _) in enumerate(engines):
+                (p_first, t_prefill, p_runs), (g_first, t_generate, g_runs) = timings[2 * i], timings[2 * i + 1]
+                step_s = max(t_generate - t_prefill, 1e-9) / (args.new_tokens - 1)
+                weight_gbps = weight_bytes / step_s / 1e9
+                by_engine[engine] = Row(engine, batch, batch * args.prompt_len / t_prefill, batch / step_s,
+                                        1e3 * step_s, weight_gbps, 100 * weight_gbps / bandwidth["GBps"], kv_bytes,
+                                        p_first + g_first, prefill_runs_s=p_runs, generate_runs_s=g_runs)
+            ref = by_engine.pop("transformers", None)
+            for row in by_engine.values():
                 if ref is not None:
                     row.speedup_decode = row.decode_tok_s / ref.decode_tok_s
                     row.speedup_prefill = row.prefill_tok_s / ref.prefill_tok_s
