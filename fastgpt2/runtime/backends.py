@@ -5,7 +5,8 @@
 
 - ``embed_layer_norm(ids [B,S], start [B] int32 | None, wte [V,E], wpe [P,E], w, b, eps) -> (y [M,E], h [M,E])``:
   h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)
-- ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual
+- ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual;
+  with a residual, x is scratch the op may overwrite (the torch path adds into it in place)
 - ``prepare_linear(w [K,N])``: the form ``linear`` takes the weight in (done once, at construction)
 - ``linear(x [M,K], w, b [N], activation, residual [M,N] | None) -> [M,N]``
 - ``lm_head(y [N,E], wte [V,E]) -> [N,V]``
@@ -85,11 +86,16 @@ class TorchOps:
 
     - bfloat16: the GEMM weights are prepacked once for oneDNN (AMX), which reads them 1.6-1.8x
       faster than addmm at batch 1 and 8; the packed form replaces the plain one.
-    - float32: addmm (MKL) at M < 8 rows, where it streams at the memory's speed; at M >= 8 rows
-      oneDNN's packed GEMM is ~20% faster, so a packed copy of each weight is made on the first such
-      call (the extra memory is paid only by batched or prefill use).
-    - the lm_head: a GEMV for one row, else wte @ y^T (the large matrix on the left): 1.2-1.8x faster
-      than y @ wte^T at batch 1 and 8, with no copy of wte."""
+    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is ~30%
+      slower there); from 2 rows oneDNN's packed GEMM is faster (the 48 layer GEMMs: 17.3 vs 22.8 ms
+      at 2 rows, 20.3 vs 24.4 ms at 8), so a packed copy of each weight, the lm_head's included, is
+      made on the first such call: the extra memory (one more copy of the weights) is paid only by
+      batched or prefill use.
+    - the lm_head: a GEMV for one row; float32 from 2 rows: the packed copy above (8 rows: 7.9 vs
+      12.9 ms for wte @ y^T); bfloat16: wte @ y^T (the large matrix on the left, 1.2-1.8x faster
+      than y @ wte^T at batch 1 and 8, as fast as a packed copy, and no copy of wte)."""
+
+    PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
     name = "torch"
 
@@ -115,17 +121,14 @@ class TorchOps:
         return F.layer_norm(h, h.shape[-1:], weight, bias, eps), h
 
     def layer_norm(self, x, residual, weight, bias, eps):
-        s = x if residual is None else x + residual
-        return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
+        s = x if residual is None else x.add_(residual)  # in place: x is the caller's scratch (see the contract)
+        return torch.layer_norm(s, s.shape[-1:], weight, bias, eps), s
 
     def linear(self, x, w, b, activation="none", residual=None):
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
-        elif self.lazy_packed is not None and x.shape[0] >= 8:
-            packed = self.lazy_packed.get(w.data_ptr())
-            if packed is None:
-                packed = self.lazy_packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 8)
-            y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        elif self.lazy_packed is not None and x.shape[0] >= self.PACK_FROM_ROWS:
+            y = torch.ops.mkldnn._linear_pointwise(x, self._lazily_packed(w, w_is_kn=True), b, "none", [], "")
         else:
             y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
         if activation != "none":
@@ -134,14 +137,27 @@ class TorchOps:
             y += residual
         return y
 
+    def _lazily_packed(self, w, w_is_kn: bool):
+        """oneDNN's packed form of the float32 weight w ([K, N] when w_is_kn, else [N, K]), made on
+        its first use and kept."""
+        packed = self.lazy_packed.get(w.data_ptr())
+        if packed is None:
+            nk = w.t().contiguous() if w_is_kn else w
+            packed = self.lazy_packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(nk, 8)
+        return packed
+
     def lm_head(self, y, w):
-        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU, decode-sized N reads w
-        fastest with w on the left: a GEMV for one row, w @ y^T (then a small copy) up to 64 rows."""
+        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU: a GEMV for one row; from
+        2 rows the float32 packed copy of w, else (bfloat16) w @ y^T up to 64 rows (see the class)."""
         n = y.shape[0]
-        if not self.cpu or n > 64:
+        if not self.cpu:
             return y @ w.t()
         if n == 1:
             return torch.mv(w, y[0])[None]
+        if self.lazy_packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(y, self._lazily_packed(w, w_is_kn=False), None, "none", [], "")
+        if n > 64:
+            return y @ w.t()
         return torch.mm(w, y.t()).t().contiguous()
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):

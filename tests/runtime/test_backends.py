@@ -61,24 +61,29 @@ def test_cpu_bfloat16_prepacks_gemm_weights_and_matches_plain_addmm(monkeypatch)
 def test_cpu_lm_head_equals_the_plain_product():
     from fastgpt2.runtime.backends import TorchOps
 
-    ops = TorchOps(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(301, 48, generator=g)
-    for n in (1, 5, 64, 65, 200):
-        y = torch.randn(n, 48, generator=g)
-        logits = ops.lm_head(y, w)
-        assert logits.is_contiguous() and torch.allclose(logits, y @ w.t(), atol=1e-5)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        ops = TorchOps(torch.device("cpu"), dtype)
+        w = torch.randn(301, 48, generator=g).to(dtype)
+        for n in (1, 2, 5, 64, 65, 200):  # the GEMV, the packed copy (fp32) or w @ y^T, y @ w^T
+            y = torch.randn(n, 48, generator=g).to(dtype)
+            logits = ops.lm_head(y, w)
+            ref = y.double() @ w.double().t()
+            assert logits.dtype == dtype and logits.shape == (n, 301) and logits.is_contiguous()
+            assert (logits.double() - ref).abs().max() <= tol * ref.abs().max(), (dtype, n)
 
 
-def test_cpu_float32_packs_lazily_for_8_rows_or_more_and_matches_addmm():
+def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
     from fastgpt2.runtime.backends import TorchOps, _onednn_packing_available
 
     ops = TorchOps(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(100, 300, generator=g), torch.randn(300, generator=g)
-    for m in (1, 7, 8, 33):
+    packs = 1 if _onednn_packing_available() else 0
+    for m in (1, 2, 7, 33):
         x = torch.randn(m, 100, generator=g)
         ref = torch.addmm(b.double(), x.double(), w.double())
         assert (ops.linear(x, w, b).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    # a packed copy exists only once a call had >= 8 rows, and only where oneDNN is available
-    assert len(ops.lazy_packed or {}) == (1 if _onednn_packing_available() else 0)
+        # a packed copy exists only once a call had >= 2 rows, and only where oneDNN is available
+        assert len(ops.lazy_packed or {}) == (0 if m == 1 else packs), m
+    assert TorchOps.PACK_FROM_ROWS == 2
