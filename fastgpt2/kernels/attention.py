@@ -89,6 +89,19 @@ def _mma(a, b, acc, FP32_IEEE: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE: tl.constexpr):
+    """One key block of the online softmax: s [R, N] scores in log2 units (masked ones -inf, at
+    least one finite per row over the blocks so far), v [N, D]; m_i / l_i [R] the running max and
+    sum, acc [R, D] the unnormalised output. Returns the updated (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _tile_offsets(rows, stride, HEAD_DIM: tl.constexpr):
     # rows [R] -> element offsets [R, D] of rows*stride + d, in int64. The launchers check that every
     # stride is a multiple of 16 elements; the hint lets the loads vectorise and pipeline.
@@ -175,12 +188,7 @@ def _prefill_attn_kernel(
             v = tl.load(v_base + rows)  # [BN, D]
             s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_IEEE)
             s = s * qk_scale  # [BM, BN]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE)
 
         # 2) keys [m0, min(m0 + BM, len)): the diagonal blocks, causally masked.
         for n0 in range(m0, hi, BLOCK_N):
@@ -193,12 +201,7 @@ def _prefill_attn_kernel(
             visible = (offs_kn[None, :] <= offs_m[:, None]) & kv_ok[None, :]  # [BM, BN]
             s = tl.where(visible, s * qk_scale, float("-inf"))
             # every row sees key m0 <= its own position in the first diagonal block, so m_new is finite
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE)
 
         o = acc / l_i[:, None]
         o = tl.where(row_ok[:, None], o, 0.0)  # padding rows are 0
@@ -271,12 +274,7 @@ def _decode_attn_kernel(
         v = tl.load(vc_base + _tile_offsets(offs_kn, stride_vc_t, HEAD_DIM), mask=kv_ok[:, None], other=0.0)  # [BN, D]
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32), FP32_IEEE)
         s = tl.where(kv_ok[None, :], s * qk_scale, float("-inf"))  # [BS, BN]; cached keys: visible to all
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE)
 
     if split == num_splits - 1:
         # the S new keys (positions L .. L+S-1): query s sees new key i iff i <= s
@@ -288,12 +286,7 @@ def _decode_attn_kernel(
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32), FP32_IEEE)
         visible = (offs_s[None, :] <= offs_s[:, None]) & s_ok[None, :]  # [BS(query), BS(key)]
         s = tl.where(visible, s * qk_scale, float("-inf"))  # key 0 is visible to every row
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE)
 
     if WRITE_OUT:
         o = acc / l_i[:, None]
