@@ -64,6 +64,11 @@ def _onednn_packing_available() -> bool:
         hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
+def _onednn_pack(w_nk: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked form of a [N, K] weight for _linear_pointwise, tuned for small M (8 rows)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_nk, 8)
+
+
 _TORCH_ACTIVATIONS = {
     "none": lambda x: x,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -86,16 +91,18 @@ class TorchOps:
 
     - bfloat16: the GEMM weights are prepacked once for oneDNN (AMX), which reads them 1.6-1.8x
       faster than addmm at batch 1 and 8; the packed form replaces the plain one.
-    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is ~30%
-      slower there); from 2 rows oneDNN's packed GEMM is faster (the 48 layer GEMMs: 17.3 vs 22.8 ms
-      at 2 rows, 20.3 vs 24.4 ms at 8), so a packed copy of each weight, the lm_head's included, is
-      made on the first such call: the extra memory (one more copy of the weights) is paid only by
-      batched or prefill use.
-    - the lm_head: a GEMV for one row; float32 from 2 rows: the packed copy above (8 rows: 7.9 vs
-      12.9 ms for wte @ y^T); bfloat16: wte @ y^T (the large matrix on the left, 1.2-1.8x faster
-      than y @ wte^T at batch 1 and 8, as fast as a packed copy, and no copy of wte)."""
+    - float32: addmm (MKL) below 8 rows, where it streams at the memory's speed (oneDNN is ~30%
+      slower at one row); from 8 rows oneDNN's packed GEMM (the 48 layer GEMMs at 8 rows: 20.3 vs
+      24.4 ms), so a packed copy of each weight, the lm_head's included, is made on the first such
+      call: the extra memory (one more copy of the weights) is paid only by batched or prefill use.
+      (Packing from 2 rows was faster still, 17.3 vs 22.8 ms at 2 rows, but the batch-4 ragged
+      greedy parity test then failed in 3 of 12 runs, which the 8-row threshold never did: cause
+      not yet understood, so not shipped.)
+    - the lm_head: a GEMV for one row; float32 from 8 rows: the packed copy above (8 rows: 7.9 vs
+      12.9 ms for wte @ y^T); otherwise wte @ y^T up to 64 rows (the large matrix on the left,
+      1.2-1.8x faster than y @ wte^T at batch 1 and 8; bfloat16: as fast as a packed copy)."""
 
-    PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
+    PACK_FROM_ROWS = 8  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
     name = "torch"
 
@@ -111,7 +118,7 @@ class TorchOps:
         """The form linear() takes w [K, N] in: w itself, or its oneDNN prepacked [N, K] form."""
         if not self.packed:
             return w
-        return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 8)  # packed for small M
+        return _onednn_pack(w.t().contiguous())
 
     def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
         b, s = ids.shape
@@ -142,19 +149,18 @@ class TorchOps:
         its first use and kept."""
         packed = self.lazy_packed.get(w.data_ptr())
         if packed is None:
-            nk = w.t().contiguous() if w_is_kn else w
-            packed = self.lazy_packed[w.data_ptr()] = torch.ops.mkldnn._reorder_linear_weight(nk, 8)
+            packed = self.lazy_packed[w.data_ptr()] = _onednn_pack(w.t().contiguous() if w_is_kn else w)
         return packed
 
     def lm_head(self, y, w):
         """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU: a GEMV for one row; from
-        2 rows the float32 packed copy of w, else (bfloat16) w @ y^T up to 64 rows (see the class)."""
+        PACK_FROM_ROWS rows the float32 packed copy of w, else w @ y^T up to 64 rows (see the class)."""
         n = y.shape[0]
         if not self.cpu:
             return y @ w.t()
         if n == 1:
             return torch.mv(w, y[0])[None]
-        if self.lazy_packed is not None:
+        if self.lazy_packed is not None and n >= self.PACK_FROM_ROWS:
             return torch.ops.mkldnn._linear_pointwise(y, self._lazily_packed(w, w_is_kn=False), None, "none", [], "")
         if n > 64:
             return y @ w.t()
