@@ -16,7 +16,8 @@ class KVCache:
     """K and V for every layer: ``k``/``v`` are [n_layer, batch, n_head, max_len, head_dim] in the
     model dtype. ``lengths`` [batch] int32 on the device counts the tokens stored per sequence;
     sequence b's tokens sit at positions 0..lengths[b]-1 (its positions count from 0, whatever
-    padding the caller's batch had). ``host_max_len`` is a host-side upper bound on lengths, kept
+    padding the caller's batch had); every other position holds zeros or K/V written earlier,
+    always finite values. ``host_max_len`` is a host-side upper bound on lengths, kept
     so that overflow is caught before compute without reading the device."""
 
     def __init__(self, cfg: GPT2Config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
@@ -28,8 +29,11 @@ class KVCache:
                 f"n_positions ({cfg.n_positions}), the longest sequence GPT-2's position table covers"
             )
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
-        self.v = torch.empty(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
+        # zeros, not empty: the torch backend's ragged decode reads every position up to the longest
+        # sequence and masks the rest, and a masked position still meets the math (0 * NaN = NaN in
+        # P @ V, NaN scores): what no sequence has written yet must be finite, never stale heap bytes
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, T_max, D]
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # [B]
         self.batch = batch
         self.max_len = max_len

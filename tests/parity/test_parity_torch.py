@@ -45,16 +45,16 @@ def test_ragged_left_padded_batch_equals_each_prompt_alone(family):
                           if k != "lm_head.weight" and not k.endswith(".attn.bias")},
                          device="cpu", dtype=torch.float32, backend="torch")
     gen = torch.Generator().manual_seed(3)
-    lengths = [5, 1, 17, 9]
+    lengths = [5, 1, 17, 9, 3, 12, 7, 2]  # 8 rows: the float32 CPU path's packed oneDNN GEMMs too
     prompts = [torch.randint(0, VOCAB - 1, (n,), generator=gen) for n in lengths]
     t = max(lengths)
-    ids = torch.full((4, t), VOCAB - 1)
-    mask = torch.zeros(4, t, dtype=torch.long)
+    ids = torch.full((len(lengths), t), VOCAB - 1)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, t - len(p):] = p
         mask[row, t - len(p):] = 1
     out = ours.generate(ids, max_new_tokens=12, attention_mask=mask)
-    assert out.shape == (4, t + 12)
+    assert out.shape == (len(lengths), t + 12)
     assert torch.equal(out[:, :t], ids)
     for row, p in enumerate(prompts):
         alone = hf_greedy(hf, p[None], 12)

@@ -20,6 +20,17 @@ def test_layout_and_lengths_on_the_device(model):
     assert cache.lengths.device == model.device and cache.lengths.tolist() == [0, 0, 0]
 
 
+def test_a_new_cache_holds_zeros_not_stale_memory(model):
+    # freed NaN blocks of the cache's size: an uninitialised allocation would hand them back, and the
+    # torch backend's ragged decode reads unwritten positions under its mask (0 * NaN = NaN)
+    shape = (2, 3, 2, 20, 16)
+    junk = [torch.full(shape, float("nan"), dtype=model.dtype) for _ in range(4)]
+    del junk
+    cache = model.new_cache(3, 20)
+    assert cache.k.shape == shape
+    assert torch.count_nonzero(cache.k) == 0 and torch.count_nonzero(cache.v) == 0
+
+
 def test_longer_than_n_positions_is_refused(model):
     with pytest.raises(CacheError, match=r"cache length 25 is out of range.*n_positions \(24\)"):
         model.new_cache(1, 25)
