@@ -92,9 +92,11 @@ class GPT2:
         self.ops.n_head = cfg.n_head
         self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
         w = self.weights
+        head = "wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        w[head] = self.ops.prepare_lm_head(w[head])  # [V, E], maybe column-major; tied: the embedding too
         self.wte, self.wpe = w["wte.weight"], w["wpe.weight"]  # [V, E], [P, E]
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
-        self.lm_head = self.wte if cfg.tie_word_embeddings else w["lm_head.weight"]  # [V, E]
+        self.lm_head = w[head]  # [V, E]
         self._graphs = None
         gemm = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         self.layers = [

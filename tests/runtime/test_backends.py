@@ -64,13 +64,27 @@ def test_cpu_lm_head_equals_the_plain_product():
     g = torch.Generator().manual_seed(2)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         ops = TorchOps(torch.device("cpu"), dtype)
-        w = torch.randn(301, 48, generator=g).to(dtype)
+        plain = torch.randn(301, 48, generator=g).to(dtype)
+        w = ops.prepare_lm_head(plain)
+        assert torch.equal(w, plain) and w.stride() == ((1, 301) if dtype == torch.float32 else (48, 1))
         for n in (1, 2, 5, 8, 64, 65, 200):  # the GEMV, the packed copy (fp32) or w @ y^T, y @ w^T
             y = torch.randn(n, 48, generator=g).to(dtype)
             logits = ops.lm_head(y, w)
             ref = y.double() @ w.double().t()
             assert logits.dtype == dtype and logits.shape == (n, 301) and logits.is_contiguous()
             assert (logits.double() - ref).abs().max() <= tol * ref.abs().max(), (dtype, n)
+
+
+def test_cpu_float32_model_keeps_one_column_major_table_for_embedding_and_head():
+    cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=16)
+    fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=6)
+    assert fp32.wte is fp32.lm_head is fp32.weights["wte.weight"]  # no second copy of the table
+    assert fp32.wte.stride() == (1, 97)
+    bf16 = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=6)
+    assert bf16.wte.is_contiguous() and torch.equal(bf16.wte, fp32.wte.to(torch.bfloat16))
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(7))
+    h = fp32.wte[ids]  # the gather from the column-major table is the plain one
+    assert torch.equal(h, fp32.wte.contiguous()[ids])
 
 
 def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
