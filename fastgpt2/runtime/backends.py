@@ -54,8 +54,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def make_ops(backend: str, device: torch.device, dtype: torch.dtype, pack_weights: bool = True):
-    """The ops of `backend`. pack_weights=False: linear() takes the plain [K, N] weights (for callers
-    that hand over other modules' live weights each call, as patch_hf does)."""
+    """The ops of `backend`. pack_weights=False: linear() takes the plain [K, N] weights and the
+    lm_head keeps its layout (for callers that hand over other modules' live weights each call, as
+    patch_hf does)."""
     return TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights)
 
 
