@@ -247,7 +247,9 @@ class TritonOps:
         return w
 
     def prepare_lm_head(self, w):
-        return w
+        """w [V, E] row-major: the embedding kernel gathers whole rows (a column-major table from a
+        CPU float32 torch model is copied once, here)."""
+        return w.contiguous()
 
     def linear(self, x, w, b, activation="none", residual=None):
         return self._mlp.linear(x, w, b, activation=activation, residual=residual)

@@ -87,6 +87,20 @@ def test_cpu_float32_model_keeps_one_column_major_table_for_embedding_and_head()
     assert torch.equal(h, fp32.wte.contiguous()[ids])
 
 
+def test_triton_model_built_on_a_cpu_float32_models_weights_gets_a_row_major_table():
+    """The torch model's column-major table, handed to a triton model (TRITON_INTERPRET=1 here), is
+    copied row-major for the embedding kernel, and both compute the same logits."""
+    cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=97, n_positions=16)
+    torch_model = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, backend="torch", seed=8)
+    assert not torch_model.wte.is_contiguous()
+    triton_model = fastgpt2.GPT2(cfg, torch_model.weights, device="cpu", dtype=torch.float32, backend="triton")
+    assert triton_model.wte.is_contiguous() and triton_model.wte is triton_model.lm_head
+    assert torch.equal(triton_model.wte, torch_model.wte)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(9))
+    ref = torch_model(ids)
+    assert (triton_model(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
     from fastgpt2.runtime.backends import TorchOps, _onednn_packing_available
 
