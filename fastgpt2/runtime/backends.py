@@ -53,11 +53,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_ops(backend: str, device: torch.device, dtype: torch.dtype, pack_weights: bool = True):
-    """The ops of `backend`. pack_weights=False: linear() takes the plain [K, N] weights and the
-    lm_head keeps its layout (for callers that hand over other modules' live weights each call, as
-    patch_hf does)."""
-    return TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights)
+def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True):
+    """The ops of `backend` for a model of `n_head` heads. pack_weights=False: linear() takes the
+    plain [K, N] weights and the lm_head keeps its layout (for callers that hand over other modules'
+    live weights each call, as patch_hf does)."""
+    ops = TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights)
+    ops.n_head = n_head
+    return ops
 
 
 def _onednn_packing_available() -> bool:
@@ -112,7 +114,7 @@ class TorchOps:
     name = "torch"
 
     def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None, pack_weights: bool = True):
-        self.n_head = None  # set by the model
+        self.n_head = None  # set by make_ops
         cpu = device is not None and device.type == "cpu"
         self.cpu = cpu
         onednn = pack_weights and cpu and _onednn_packing_available()

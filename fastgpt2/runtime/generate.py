@@ -10,8 +10,15 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .graphs import DecodeStep, GraphError, Sampling
+from .graphs import DecodeStep, Sampling, resolve_use_cuda_graph
 from .model import GPT2, InputError, prepare_batch
+
+
+def _eos_list(eos_token_id) -> list:
+    """eos_token_id (None, one id or several) as a list."""
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def _check_args(model: GPT2, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id):
@@ -26,7 +33,7 @@ def _check_args(model: GPT2, max_new_tokens, do_sample, temperature, top_k, top_
             raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
     elif temperature != 1.0 or top_k is not None or top_p is not None:
         raise InputError("temperature, top_k and top_p shape sampling; pass do_sample=True to use them (greedy ignores them)")
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = _eos_list(eos_token_id)
     vocab = model.config.vocab_size
     for tok in eos + ([] if pad_token_id is None else [pad_token_id]):
         if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab:
@@ -83,13 +90,9 @@ def stream(
             f"the longest prompt ({int(lens.max())} tokens) plus max_new_tokens ({max_new_tokens}) is {total}, "
             f"past this model's n_positions ({model.config.n_positions}); shorten the prompt or generate fewer tokens"
         )
-    cuda = model.device.type == "cuda"
-    if use_cuda_graph is None:
-        use_cuda_graph = cuda
-    if use_cuda_graph and not cuda:
-        raise GraphError(f"use_cuda_graph=True needs a CUDA device; this model is on {model.device}")
+    use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, model.device)
     if stop_check_every is None:
-        stop_check_every = 8 if cuda else 1
+        stop_check_every = 8 if model.device.type == "cuda" else 1
     if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
         raise InputError(f"stop_check_every must be an integer >= 1, got {stop_check_every!r}")
     sampling = Sampling(do_sample, temperature, top_k, top_p) if do_sample else Sampling()
@@ -148,7 +151,7 @@ def generate(
     eos = kwargs.get("eos_token_id")
     if eos is not None and len(steps) > 1:
         # with stop_check_every > 1 the loop may run past the step where every row had stopped
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=new.device)
+        eos_ids = torch.tensor(_eos_list(eos), device=new.device)
         stopped = torch.isin(new, eos_ids).cummax(1).values.all(0)  # [n]: every row has hit EOS by then
         if bool(stopped.any()):
             new = new[:, : int(stopped.int().argmax()) + 1]

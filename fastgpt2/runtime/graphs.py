@@ -32,14 +32,20 @@ class Sampling:
     top_p: float | None = None
 
 
+def resolve_use_cuda_graph(use_cuda_graph: bool | None, device: torch.device) -> bool:
+    """None: graphed on CUDA, eager elsewhere; True where there is no CUDA device is an error."""
+    if use_cuda_graph is None:
+        return device.type == "cuda"
+    if use_cuda_graph and device.type != "cuda":
+        raise GraphError(f"use_cuda_graph=True needs a CUDA device; this model is on {device}")
+    return use_cuda_graph
+
+
 class DecodeStep:
     def __init__(self, model, cache: KVCache, sampling: Sampling = Sampling(), seed: int | None = None,
                  use_cuda_graph: bool | None = None, batch: int | None = None):
         device = model.device
-        if use_cuda_graph is None:
-            use_cuda_graph = device.type == "cuda"
-        if use_cuda_graph and device.type != "cuda":
-            raise GraphError(f"use_cuda_graph=True needs a CUDA device; this model is on {device}")
+        use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, device)
         self.model, self.cache, self.sampling = model, cache, sampling
         self.batch = batch or cache.batch
         self.use_cuda_graph = use_cuda_graph

@@ -134,8 +134,7 @@ class _PatchState:
         self.device = device
         self.dtype = dtype
         # the patched modules hand over their own live weights at every call: nothing is prepacked
-        self.ops = make_ops(backend, device, dtype, pack_weights=False)
-        self.ops.n_head = n_head
+        self.ops = make_ops(backend, device, dtype, n_head, pack_weights=False)
         self.counts: Counter = Counter()
         self.warned: set[str] = set()
         self.model_params: list[torch.nn.Parameter] = []
@@ -148,8 +147,7 @@ class _PatchState:
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             if key == "ops":
-                value = make_ops(self.backend, self.device, self.dtype, pack_weights=False)
-                value.n_head = self.ops.n_head
+                value = make_ops(self.backend, self.device, self.dtype, self.ops.n_head, pack_weights=False)
             elif key == "counts":
                 value = Counter()
             elif key == "warned":

@@ -88,8 +88,7 @@ class GPT2:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
-        self.ops = make_ops(self.backend, self.device, self.dtype, pack_weights)
-        self.ops.n_head = cfg.n_head
+        self.ops = make_ops(self.backend, self.device, self.dtype, cfg.n_head, pack_weights)
         self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
         w = self.weights
         head = "wte.weight" if cfg.tie_word_embeddings else "lm_head.weight"
@@ -253,7 +252,7 @@ class GPT2:
             return aligned.masked_fill_(~_valid(lens, t, self.device)[:, :, None], 0)
         out = torch.zeros_like(aligned)
         src = torch.arange(t)[None, :]
-        valid = src < lens[:, None]  # [B, T] host
+        valid = _valid(lens, t, "cpu")  # [B, T] host
         rows = torch.arange(b)[:, None].expand(b, t)[valid]
         out[rows, (starts[:, None] + src)[valid]] = aligned[rows, src.expand(b, t)[valid]]
         return out
@@ -280,6 +279,7 @@ class GPT2:
 
 
 def _valid(lens: torch.Tensor, t: int, device) -> torch.Tensor:
+    """[B, T] bool on `device`: position t of row b holds one of its lens[b] tokens (lens: host)."""
     return (torch.arange(t)[None, :] < lens[:, None]).to(device)
 
 
@@ -328,7 +328,7 @@ def prepare_batch(model: GPT2, input_ids, attention_mask, *, require_left_paddin
         )
     src = (starts[:, None] + torch.arange(t)).clamp(max=t - 1)
     aligned = ids_host.gather(1, src)
-    valid = torch.arange(t)[None, :] < lens[:, None]
+    valid = _valid(lens, t, "cpu")
     bad = valid & ((aligned < 0) | (aligned >= model.config.vocab_size))
     if bad.any():
         value = int(aligned[bad][0])
