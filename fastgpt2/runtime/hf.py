@@ -77,6 +77,16 @@ _CALL_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("fas
 _MAX_DECODE_TOKENS = 8  # the decode kernel's limit on new tokens per step
 _KERNEL_HEAD_DIMS = (32, 64, 128)  # head sizes the Triton attention kernels are built for
 
+# (reason, detail) of a call that runs on transformers' own code, shared by the model-level and the
+# module-level checks
+_AUTOGRAD = ("autograd", "gradients were asked for (grad enabled and parameters require grad), and fastgpt2's "
+                         "kernels are inference-only: wrap the call in torch.no_grad() / torch.inference_mode() "
+                         "or call model.requires_grad_(False)")
+_TRAINING = ("training", "the model is in train mode with dropout > 0, which fastgpt2 does not apply; call model.eval()")
+_OUTPUT_ATTENTIONS = ("output_attentions", "output_attentions=True is not served (fastgpt2's kernels never "
+                                           "materialise attention weights)")
+_CROSS_ATTENTION = ("cross-attention", "cross-attention (encoder_hidden_states) is not served")
+
 
 class HFModelError(FastGPT2Error):
     """A model that patch_hf / model_from_hf cannot take (not a transformers GPT-2), or cannot serve."""
@@ -206,9 +216,12 @@ def _is_plain_causal(mask: torch.Tensor, s: int, past_len: int) -> bool:
         blocked = mask <= torch.finfo(mask.dtype).min / 2  # transformers writes finfo.min (or -inf)
         if not bool((visible | blocked).all()):
             return False  # an additive bias: not a plain mask
-    k = mask.shape[-1]
-    expected = torch.arange(k, device=mask.device)[None, :] <= past_len + torch.arange(s, device=mask.device)[:, None]
-    return bool((visible == expected).all())
+    return bool((visible == _causal_visible(mask.shape[-1], s, past_len, mask.device)).all())
+
+
+def _causal_visible(k: int, s: int, past_len: int, device) -> torch.Tensor:
+    """[S, K] bool: new token j (at position past_len + j) sees keys 0 .. past_len + j."""
+    return torch.arange(k, device=device)[None, :] <= past_len + torch.arange(s, device=device)[:, None]
 
 
 def _params_need_grad(params) -> bool:
@@ -218,11 +231,9 @@ def _params_need_grad(params) -> bool:
 def _module_reason(state: _PatchState, module, x: torch.Tensor, dropouts=()) -> tuple[str, str] | None:
     """Why this module call cannot be served (reason, detail), or None."""
     if _params_need_grad(module.parameters()):
-        return "autograd", ("gradients were asked for (grad enabled and parameters require grad), and fastgpt2's "
-                            "kernels are inference-only: wrap the call in torch.no_grad() / torch.inference_mode() "
-                            "or call model.requires_grad_(False)")
+        return _AUTOGRAD
     if module.training and any(p > 0 for p in dropouts):
-        return "training", "the model is in train mode with dropout > 0, which fastgpt2 does not apply; call model.eval()"
+        return _TRAINING
     if x.device != state.device:
         return "device", (f"the input is on {x.device} but the model was patched on {state.device}; "
                           "call fastgpt2.patch_hf(model) again after moving the model")
@@ -311,10 +322,9 @@ def _attention_forward(self, hidden_states, past_key_values=None, attention_mask
     if _CALL_FALLBACK.get() is not None:
         return run_original()
     if self.is_cross_attention or encoder_hidden_states is not None:
-        why = ("cross-attention", "cross-attention (encoder_hidden_states) is not served")
+        why = _CROSS_ATTENTION
     elif output_attentions:
-        why = ("output_attentions", "output_attentions=True is not served (fastgpt2's kernels never "
-                                    "materialise attention weights)")
+        why = _OUTPUT_ATTENTIONS
     else:
         why = _module_reason(state, self, hidden_states, (self.attn_dropout.p, self.resid_dropout.p))
     if why is not None:
@@ -357,9 +367,7 @@ def _serve_attention(state, module, hidden_states, past_key_values, attention_ma
         state.counts["decode"] += 1
     else:
         if attention_mask is None:  # causal over a past, more than the decode kernel's new tokens
-            kk = keys.shape[2]
-            attention_mask = (torch.arange(kk, device=qkv.device)[None, :]
-                              <= past_len + torch.arange(s, device=qkv.device)[:, None])[None, None]
+            attention_mask = _causal_visible(keys.shape[2], s, past_len, qkv.device)[None, None]
         mask = attention_mask
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
@@ -382,18 +390,15 @@ def _gpt2_model_forward(self, *args, **kwargs):
         return original(*args, **kwargs)
     why = None
     if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
-        why = ("output_attentions", "output_attentions=True is not served (fastgpt2's kernels never "
-                                    "materialise attention weights)")
+        why = _OUTPUT_ATTENTIONS
     elif kwargs.get("encoder_hidden_states") is not None or (len(args) > 6 and args[6] is not None):
-        why = ("cross-attention", "cross-attention (encoder_hidden_states) is not served")
+        why = _CROSS_ATTENTION
     elif kwargs.get("head_mask") is not None:
         why = ("head_mask", "a head mask is not served")
     elif any(d.training and d.p > 0 for d in state.dropouts):
-        why = ("training", "the model is in train mode with dropout > 0, which fastgpt2 does not apply; call model.eval()")
+        why = _TRAINING
     elif _params_need_grad(state.model_params):
-        why = ("autograd", "gradients were asked for (grad enabled and parameters require grad), and fastgpt2's "
-                           "kernels are inference-only: wrap the call in torch.no_grad() / torch.inference_mode() "
-                           "or call model.requires_grad_(False)")
+        why = _AUTOGRAD
     if why is None:
         return original(*args, **kwargs)
     state.fallback(*why)
@@ -498,6 +503,7 @@ def patch_stats(model) -> dict[str, int]:
 def model_from_hf(hf_model, backend: str = "auto"):
     """A fastgpt2 GPT2 sharing the weight tensors of a transformers GPT2LMHeadModel or GPT2Model
     (same storage; the model runs on the parameters' device and dtype)."""
+    from .loader import is_stale_buffer
     from .model import GPT2
 
     m = _gpt2_classes()
@@ -507,8 +513,7 @@ def model_from_hf(hf_model, backend: str = "auto"):
         )
     gpt2 = _find_gpt2(hf_model)
     cfg = GPT2Config.from_hf(gpt2.config.to_dict())
-    weights = {k: v.detach() for k, v in gpt2.state_dict(keep_vars=True).items()
-               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    weights = {k: v.detach() for k, v in gpt2.state_dict(keep_vars=True).items() if not is_stale_buffer(k)}
     head = getattr(hf_model, "lm_head", None)
     if head is not None and head.weight.data_ptr() != gpt2.wte.weight.data_ptr():
         # an untied head (config says so, or the weights were untied after loading): serve it as stored

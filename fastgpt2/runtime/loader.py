@@ -34,6 +34,12 @@ _HUB_BIN = _META + [PT_BIN, PT_BIN_INDEX, "pytorch_model-*.bin"]
 _STALE = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
+def is_stale_buffer(key: str) -> bool:
+    """A causal-mask buffer (``h.N.attn.bias`` / ``h.N.attn.masked_bias``, key without
+    ``transformer.``), not a weight; never ``c_attn.bias``."""
+    return _STALE.match(key) is not None
+
+
 class CheckpointError(FastGPT2Error):
     """A checkpoint fastgpt2 cannot load, naming the file, the key and what was expected."""
 
@@ -166,7 +172,7 @@ def load_weights(directory: Path, cfg: GPT2Config, dtype: torch.dtype, device: t
     for path in weight_files(directory):
         for raw_key, tensor in read_tensors(path).items():
             key = raw_key[len("transformer.") :] if raw_key.startswith("transformer.") else raw_key
-            if _STALE.match(key):
+            if is_stale_buffer(key):
                 continue
             if key not in expected:
                 problems.append(f"{path.name}: unexpected key {raw_key!r}")
