@@ -56,9 +56,8 @@ def decode_weight_bytes(cfg: GPT2Config, batch: int = 1, dtype: torch.dtype = to
     247,309,824 bytes (the full 124.4M parameters would be 248.9 MB; the step skips the other
     1023 rows of wpe).
     """
-    e, i, n_layer, v = cfg.n_embd, cfg.inner_dim, cfg.n_layer, cfg.vocab_size
-    per_layer = 4 * e * e + 2 * e * i + 9 * e + i
-    return dtype.itemsize * (n_layer * per_layer + 2 * e + v * e + 2 * batch * e)
+    e, v = cfg.n_embd, cfg.vocab_size
+    return dtype.itemsize * (cfg.n_layer * cfg.layer_parameters + 2 * e + v * e + 2 * batch * e)
 
 
 def kv_read_bytes(cfg: GPT2Config, batch: int, kv_len: int, dtype: torch.dtype) -> int:

@@ -83,11 +83,17 @@ class GPT2Config:
             scale /= float(layer_idx + 1)
         return scale
 
+    @property
+    def layer_parameters(self) -> int:
+        """Weights of one block: ln_1 and ln_2 (4E), c_attn (E*3E + 3E), attn.c_proj (E*E + E), c_fc
+        (E*I + I), mlp.c_proj (I*E + E); = 4E^2 + 2EI + 9E + I."""
+        e, i = self.n_embd, self.inner_dim
+        return 4 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * i + i) + (i * e + e)
+
     def num_parameters(self) -> int:
-        e, i, layers = self.n_embd, self.inner_dim, self.n_layer
-        per_layer = 4 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * i + i) + (i * e + e)
+        e = self.n_embd
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
-        return self.vocab_size * e + self.n_positions * e + layers * per_layer + 2 * e + head
+        return self.vocab_size * e + self.n_positions * e + self.n_layer * self.layer_parameters + 2 * e + head
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
