@@ -105,9 +105,10 @@ class TorchOps:
       [E, V] storage, no second copy): MKL's GEMV streams that layout at ~31 GB/s against ~27 GB/s
       for row-major [V, E] (GPT-2 small's 154 MB head: 4.9 vs 5.8 ms alone, and 19.0 vs 20.5 ms for
       the whole batch-1 decode step). The tied embedding then gathers strided rows: +0.05 ms for one
-      token, +0.2 ms for 8, +5 ms for 1024 (prefill). float32 from 2 rows: the packed copy above (8 rows: 7.9 vs
-      12.9 ms for wte @ y^T); bfloat16: wte @ y^T up to 64 rows (the large matrix on the left,
-      1.2-1.8x faster than y @ wte^T at batch 1 and 8, as fast as a packed copy, no copy of wte)."""
+      token, +0.2 ms for 8, +5 ms for 1024 (prefill). float32 from 2 rows: the packed copy above
+      (8 rows: 7.9 vs 12.9 ms for wte @ y^T); bfloat16: wte @ y^T up to 64 rows (the large matrix on
+      the left, 1.2-1.8x faster than y @ wte^T at batch 1 and 8, as fast as a packed copy, no copy of
+      wte)."""
 
     PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
