@@ -116,6 +116,16 @@ def _check_rows(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) ->
         raise ValueError(f"add_layer_norm: {name} must have a contiguous last dim (strides {t.stride()})")
 
 
+def _check_vector(op: str, name: str, t: torch.Tensor, n: int, dtype: torch.dtype) -> None:
+    """weight / bias: a contiguous [n] vector of the I/O dtype."""
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({n},)")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} is {t.dtype}, the inputs are {dtype}; mixed dtypes are not supported")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
 def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=None):
     """y = layer_norm(s), s = x + residual (or x when residual is None). Returns (y, s).
 
@@ -136,12 +146,7 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
     elif residual_out is not None:
         raise ValueError("add_layer_norm: residual_out was given but residual is None (s would be x itself)")
     for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"add_layer_norm: {name} has shape {tuple(t.shape)}, expected ({n},)")
-        if t.dtype != x.dtype:
-            raise ValueError(f"add_layer_norm: {name} is {t.dtype}, x is {x.dtype}; mixed dtypes are not supported")
-        if n > 1 and t.stride(0) != 1:
-            raise ValueError(f"add_layer_norm: {name} must be contiguous")
+        _check_vector("add_layer_norm", name, t, n, x.dtype)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
@@ -201,8 +206,7 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
     if start is not None and (tuple(start.shape) != (b,) or start.dtype != torch.int32):
         raise ValueError(f"embed_layer_norm: start must be [B]={b} int32, got {tuple(start.shape)} {start.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (n,) or t.dtype != weight.dtype or (n > 1 and t.stride(0) != 1):
-            raise ValueError(f"embed_layer_norm: {name} must be a contiguous [{n}] {weight.dtype} vector")
+        _check_vector("embed_layer_norm", name, t, n, wte.dtype)
     m = b * seq
     out = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if out is None else out
     h = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if residual_out is None else residual_out
