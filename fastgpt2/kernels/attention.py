@@ -15,12 +15,12 @@ inputs every tl.dot uses input_precision="ieee" (no tf32). Configs come from sma
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch_checks import interpreted
 from .spec import CompileSpec
 
 _HEAD_DIMS = (32, 64, 128)
@@ -366,7 +366,7 @@ def _check_cache(qkv, k_cache, v_cache):
         raise ValueError(f"qkv must be 3-d [B, T, 3*H*D], got shape {tuple(qkv.shape)}")
     if not qkv.is_contiguous():
         raise ValueError("qkv must be contiguous ([B, T, 3*H*D], the fused QKV GEMM's output)")
-    if qkv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if qkv.device.type != "cuda" and not (qkv.device.type == "cpu" and interpreted(_prefill_attn_kernel)):
         raise ValueError(f"qkv is on {qkv.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.dim() != 4:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch_checks import check_device
 from .spec import CompileSpec
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
@@ -89,24 +90,6 @@ def _block_n(n: int) -> int:
     return max(MIN_BLOCK_N, triton.next_power_of_2(n))
 
 
-def _interpreted() -> bool:
-    # triton.jit returns an InterpretedFunction instead of a JITFunction under TRITON_INTERPRET=1
-    return not isinstance(_add_layernorm_kernel, triton.runtime.JITFunction)
-
-
-def _check_device(tensors: dict) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        raise ValueError(f"add_layer_norm: tensors on different devices: {devices}")
-    if first.type != "cuda" and not (first.type == "cpu" and _interpreted()):
-        raise ValueError(
-            f"add_layer_norm: tensors are on {first}; the Triton kernel runs on CUDA "
-            "(or on the CPU only under TRITON_INTERPRET=1)"
-        )
-    return first
-
-
 def _check_rows(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
     if tuple(t.shape) != shape:
         raise ValueError(f"add_layer_norm: {name} has shape {tuple(t.shape)}, expected {shape}")
@@ -159,7 +142,7 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
     tensors = {"x": x, "weight": weight, "bias": bias, "out": out}
     if residual is not None:
         tensors.update(residual=residual, residual_out=residual_out)
-    _check_device(tensors)
+    check_device("add_layer_norm", tensors, _add_layernorm_kernel)
 
     s = residual_out if residual is not None else x
     if m == 0:
@@ -216,7 +199,7 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
     tensors = {"ids": ids, "wte": wte, "wpe": wpe, "weight": weight, "bias": bias, "out": out, "residual_out": h}
     if start is not None:
         tensors["start"] = start
-    _check_device(tensors)
+    check_device("embed_layer_norm", tensors, _add_layernorm_kernel)
     if m == 0:
         return out, h
     block_n = _block_n(n)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_checks import check_device
 from .spec import CompileSpec
 
 ACTIVATIONS = ("none", "gelu_tanh", "gelu_erf", "relu", "silu")
@@ -142,11 +143,6 @@ def _linear_kernel(
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_mn)
 
 
-def _interpreted() -> bool:
-    # triton.jit returns an InterpretedFunction instead of a JITFunction under TRITON_INTERPRET=1
-    return not isinstance(_linear_kernel, triton.runtime.JITFunction)
-
-
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, last byte + 1) that t's elements occupy."""
     if t.numel() == 0:
@@ -194,14 +190,7 @@ def linear(x, w, b, *, activation="none", residual=None, out=None):
             raise ValueError(f"linear: {name} is {t.dtype}, x is {x.dtype}; mixed dtypes are not supported")
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"linear: {name} must have a contiguous last dim (strides {t.stride()})")
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"linear: tensors on different devices: {devices}")
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
-        raise ValueError(
-            f"linear: tensors are on {x.device}; the Triton kernel runs on CUDA "
-            "(or on the CPU only under TRITON_INTERPRET=1)"
-        )
+    check_device("linear", tensors, _linear_kernel)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif _overlap(out, x) or _overlap(out, w):
