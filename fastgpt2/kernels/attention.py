@@ -20,11 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import interpreted
-from .spec import CompileSpec
+from .launch_checks import DTYPES, interpreted
+from .spec import CompileSpec, check_spec_dtype
 
 _HEAD_DIMS = (32, 64, 128)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
 
@@ -360,7 +359,7 @@ def _check_aligned(t: torch.Tensor, name: str) -> None:
 
 def _check_cache(qkv, k_cache, v_cache):
     """Validates the cache pair against qkv; returns (H, D)."""
-    if qkv.dtype not in _DTYPES:
+    if qkv.dtype not in DTYPES:
         raise ValueError(f"qkv dtype {qkv.dtype} is not supported, expected one of float32, float16, bfloat16")
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-d [B, T, 3*H*D], got shape {tuple(qkv.shape)}")
@@ -549,8 +548,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     """One CompileSpec per (kernel, config) the launchers can choose for `dtype` ("fp16" or
     "bf16"), over head_dim 32, 64, 128. "fp32" is also accepted: its dots are IEEE fp32, which
     has no tensor-core path, so those specs say uses_dot=False."""
-    if dtype not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"compile_specs dtype {dtype!r} is not supported, expected 'fp16' or 'bf16'")
+    check_spec_dtype(dtype)
     kind = "fp32" if dtype == "fp32" else "half"
     ieee = dtype == "fp32"
     p = "*" + dtype

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch_checks import check_device
-from .spec import CompileSpec
+from .launch_checks import DTYPES, check_device
+from .spec import CompileSpec, check_spec_dtype
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
 # every config it can produce (compile_specs enumerates it). N <= 2048 covers GPT-2 (max 1600); a
@@ -29,7 +29,6 @@ MIN_BLOCK_N = min(_WARPS_BY_BLOCK_N)
 MAX_N = max(_WARPS_BY_BLOCK_N)
 _NUM_STAGES = 1  # no loop to pipeline
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit(do_not_specialize=["S"])  # S == 1 (decode) must not compile a variant the compile check never saw
@@ -118,8 +117,8 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"add_layer_norm: x must be a 2-D tensor [M, N], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"add_layer_norm: dtype {x.dtype} is not supported; use one of {list(_DTYPES)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"add_layer_norm: dtype {x.dtype} is not supported; use one of {list(DTYPES)}")
     m, n = x.shape
     if n == 0 or n > MAX_N:
         raise ValueError(f"add_layer_norm: row length N={n} is not supported (1 <= N <= {MAX_N})")
@@ -236,8 +235,7 @@ def add_layer_norm_ref(x, residual, weight, bias, eps):
 
 def compile_specs(dtype: str) -> list[CompileSpec]:
     """Every (BLOCK_N, HAS_RESIDUAL, GATHER, HAS_START) the launchers can produce, for dtype "fp16" or "bf16"."""
-    if dtype not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"compile_specs: dtype {dtype!r} is not one of 'fp16', 'bf16', 'fp32'")
+    check_spec_dtype(dtype)
     ptr = f"*{dtype}"
     specs = []
     # (launcher, HAS_RESIDUAL, GATHER, HAS_START): add_layer_norm without and with a residual;

@@ -22,12 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import check_device
-from .spec import CompileSpec
+from .launch_checks import DTYPES, check_device
+from .spec import CompileSpec, check_spec_dtype
 
 ACTIVATIONS = ("none", "gelu_tanh", "gelu_erf", "relu", "silu")
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -168,8 +167,8 @@ def linear(x, w, b, *, activation="none", residual=None, out=None):
     for name, t, dim in (("x", x, 2), ("w", w, 2), ("b", b, 1)):
         if not isinstance(t, torch.Tensor) or t.dim() != dim:
             raise ValueError(f"linear: {name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"linear: dtype {x.dtype} is not supported; use one of {list(_DTYPES)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"linear: dtype {x.dtype} is not supported; use one of {list(DTYPES)}")
     m, k = x.shape
     if w.shape[0] != k:
         raise ValueError(f"linear: w has shape {tuple(w.shape)}, expected [K={k}, N] (Conv1D layout, x is {tuple(x.shape)})")
@@ -199,7 +198,7 @@ def linear(x, w, b, *, activation="none", residual=None, out=None):
         return out
 
     cfg = pick_config(m)
-    block_k, num_stages = cfg.tiles(_DTYPES[x.dtype])
+    block_k, num_stages = cfg.tiles(DTYPES[x.dtype])
     r = residual if residual is not None else out  # placeholder, never read without HAS_RESIDUAL
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
     _linear_kernel[grid](
@@ -245,8 +244,7 @@ def linear_ref(x, w, b, *, activation="none", residual=None):
 def compile_specs(dtype: str) -> list[CompileSpec]:
     """Every (config, ACTIVATION, HAS_RESIDUAL) the launcher can produce, for dtype "fp16" or "bf16"
     ("fp32" also works: the fp32 stage counts, and no tensor cores since the dot is ieee)."""
-    if dtype not in ("fp16", "bf16", "fp32"):
-        raise ValueError(f"compile_specs: dtype {dtype!r} is not one of 'fp16', 'bf16', 'fp32'")
+    check_spec_dtype(dtype)
     ptr = f"*{dtype}"
     signature = {
         "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "r_ptr": ptr, "y_ptr": ptr,

@@ -19,3 +19,9 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 2
     uses_dot: bool = False  # True: the cubin must contain tensor-core instructions
+
+
+def check_spec_dtype(dtype: str) -> None:
+    """compile_specs' dtype: "fp16", "bf16" or "fp32"."""
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"compile_specs dtype {dtype!r} is not supported; use one of 'fp16', 'bf16', 'fp32'")
