@@ -4,6 +4,9 @@
 Layouts (per layer):
   qkv      [B, T or S, 3*H*D]  output of the fused QKV GEMM, contiguous; columns [0,HD) = q,
                                [HD,2HD) = k, [2HD,3HD) = v; head h owns h*D .. h*D+D-1 in each.
+                               The kernels read q, k and v as three [B, H, T, D] strided views, so
+                               the same kernels also take separate tensors (the ``*_separate``
+                               launchers: transformers' own cache, read and never written).
   k_cache  [Bmax, H, Tmax, D]  a view of the model's [L, Bmax, H, Tmax, D] cache; last dim contiguous.
   v_cache  [Bmax, H, Tmax, D]  same.
   out      [B, T or S, H*D]    last dim contiguous.
@@ -110,16 +113,25 @@ def _tile_offsets(rows, stride, HEAD_DIM: tl.constexpr):
 
 @_jit_exact
 def _prefill_attn_kernel(
-    qkv_ptr,  # [B, T, 3*H*D]
-    k_cache_ptr,  # [Bmax, H, Tmax, D]
+    q_ptr,  # [B, H, T, D] (strided view)
+    k_ptr,  # [B, H, T, D] (strided view)
+    v_ptr,  # [B, H, T, D] (strided view)
+    k_cache_ptr,  # [Bmax, H, Tmax, D]  (written when WRITE_KV)
     v_cache_ptr,  # [Bmax, H, Tmax, D]
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, T, H*D]
     scale: "tl.float32",
     T: "tl.int32",
     H: "tl.int32",
-    stride_qkv_b: "tl.int64",
-    stride_qkv_t: "tl.int64",
+    stride_q_b: "tl.int64",
+    stride_q_h: "tl.int64",
+    stride_q_t: "tl.int64",
+    stride_k_b: "tl.int64",
+    stride_k_h: "tl.int64",
+    stride_k_t: "tl.int64",
+    stride_v_b: "tl.int64",
+    stride_v_h: "tl.int64",
+    stride_v_t: "tl.int64",
     stride_kc_b: "tl.int64",
     stride_kc_h: "tl.int64",
     stride_kc_t: "tl.int64",
@@ -131,6 +143,7 @@ def _prefill_attn_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     FP32_IEEE: tl.constexpr,
 ):
     # grid: (B*H, cdiv(T, BLOCK_M)) (B*H on axis 0, which has no 65535 limit); axis 1 runs the
@@ -140,15 +153,14 @@ def _prefill_attn_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     seq_len = tl.minimum(tl.load(seq_lens_ptr + b), T)  # scalar int32; clamped against bad input
-    HD = H.to(tl.int64) * HEAD_DIM
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] query positions
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     # base pointers of (b, h, position 0); all 16-byte aligned (checked by the launcher)
-    q_base = tl.multiple_of(qkv_ptr + b * stride_qkv_b + h * HEAD_DIM, 16)
-    k_base = tl.multiple_of(q_base + HD, 16)
-    v_base = tl.multiple_of(q_base + 2 * HD, 16)
+    q_base = tl.multiple_of(q_ptr + b * stride_q_b + h * stride_q_h, 16)
+    k_base = tl.multiple_of(k_ptr + b * stride_k_b + h * stride_k_h, 16)
+    v_base = tl.multiple_of(v_ptr + b * stride_v_b + h * stride_v_h, 16)
     kc_base = tl.multiple_of(k_cache_ptr + b * stride_kc_b + h * stride_kc_h, 16)
     vc_base = tl.multiple_of(v_cache_ptr + b * stride_vc_b + h * stride_vc_h, 16)
     o_base = tl.multiple_of(out_ptr + b * stride_o_b + h * HEAD_DIM, 16)
@@ -160,31 +172,30 @@ def _prefill_attn_kernel(
         tl.store(out_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=out_ptr.dtype.element_ty), mask=in_t)
     else:
         row_ok = offs_m < seq_len  # [BM]
-        q = tl.load(q_base + _tile_offsets(offs_m, stride_qkv_t, HEAD_DIM),
+        q = tl.load(q_base + _tile_offsets(offs_m, stride_q_t, HEAD_DIM),
                     mask=row_ok[:, None], other=0.0)  # [BM, D]
         qk_scale = scale * 1.4426950408889634  # scores in log2 units
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max  [BM]
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum  [BM]
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # [BM, D]
 
-        # 0) this tile's own tokens [m0, min(m0 + BM, len)) go to the cache. Attention reads K/V only
-        #    from qkv, so no program of this launch reads what another writes. (A separate copy loop
-        #    keeps the attention loops free of stores, so their loads stay asynchronous.)
+        # 0) WRITE_KV: this tile's own tokens [m0, min(m0 + BM, len)) go to the cache. Attention
+        #    reads K/V only from k/v, so no program of this launch reads what another writes. (A
+        #    separate copy loop keeps the attention loops free of stores, so their loads stay async.)
         hi = tl.minimum(m0 + BLOCK_M, seq_len)
-        for n0 in range(m0, hi, BLOCK_N):
-            offs_kn = n0 + offs_n  # [BN]
-            kv_ok = offs_kn[:, None] < seq_len  # [BN, 1]
-            rows = _tile_offsets(offs_kn, stride_qkv_t, HEAD_DIM)  # [BN, D]
-            k = tl.load(k_base + rows, mask=kv_ok)
-            v = tl.load(v_base + rows, mask=kv_ok)
-            tl.store(kc_base + _tile_offsets(offs_kn, stride_kc_t, HEAD_DIM), k, mask=kv_ok)
-            tl.store(vc_base + _tile_offsets(offs_kn, stride_vc_t, HEAD_DIM), v, mask=kv_ok)
+        if WRITE_KV:
+            for n0 in range(m0, hi, BLOCK_N):
+                offs_kn = n0 + offs_n  # [BN]
+                kv_ok = offs_kn[:, None] < seq_len  # [BN, 1]
+                k = tl.load(k_base + _tile_offsets(offs_kn, stride_k_t, HEAD_DIM), mask=kv_ok)
+                v = tl.load(v_base + _tile_offsets(offs_kn, stride_v_t, HEAD_DIM), mask=kv_ok)
+                tl.store(kc_base + _tile_offsets(offs_kn, stride_kc_t, HEAD_DIM), k, mask=kv_ok)
+                tl.store(vc_base + _tile_offsets(offs_kn, stride_vc_t, HEAD_DIM), v, mask=kv_ok)
 
         # 1) keys [0, m0): strictly before this tile, all real and visible: no masks.
         for n0 in range(0, m0, BLOCK_N):
-            rows = _tile_offsets(n0 + offs_n, stride_qkv_t, HEAD_DIM)  # [BN, D]
-            k = tl.load(k_base + rows)  # [BN, D]
-            v = tl.load(v_base + rows)  # [BN, D]
+            k = tl.load(k_base + _tile_offsets(n0 + offs_n, stride_k_t, HEAD_DIM))  # [BN, D]
+            v = tl.load(v_base + _tile_offsets(n0 + offs_n, stride_v_t, HEAD_DIM))  # [BN, D]
             s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_IEEE)
             s = s * qk_scale  # [BM, BN]
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, FP32_IEEE)
@@ -193,9 +204,8 @@ def _prefill_attn_kernel(
         for n0 in range(m0, hi, BLOCK_N):
             offs_kn = n0 + offs_n  # [BN]
             kv_ok = offs_kn < seq_len  # [BN]
-            rows = _tile_offsets(offs_kn, stride_qkv_t, HEAD_DIM)  # [BN, D]
-            k = tl.load(k_base + rows, mask=kv_ok[:, None], other=0.0)  # [BN, D]
-            v = tl.load(v_base + rows, mask=kv_ok[:, None], other=0.0)  # [BN, D]
+            k = tl.load(k_base + _tile_offsets(offs_kn, stride_k_t, HEAD_DIM), mask=kv_ok[:, None], other=0.0)  # [BN, D]
+            v = tl.load(v_base + _tile_offsets(offs_kn, stride_v_t, HEAD_DIM), mask=kv_ok[:, None], other=0.0)  # [BN, D]
             s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_IEEE)
             visible = (offs_kn[None, :] <= offs_m[:, None]) & kv_ok[None, :]  # [BM, BN]
             s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -209,7 +219,9 @@ def _prefill_attn_kernel(
 
 @_jit_exact
 def _decode_attn_kernel(
-    qkv_ptr,  # [B, S, 3*H*D]
+    q_ptr,  # [B, H, S, D] (strided view)
+    k_new_ptr,  # [B, H, S, D] (strided view): the S new keys
+    v_new_ptr,  # [B, H, S, D] (strided view)
     k_cache_ptr,  # [Bmax, H, Tmax, D]
     v_cache_ptr,  # [Bmax, H, Tmax, D]
     cache_lens_ptr,  # [B] int32: tokens in the cache before this step
@@ -222,8 +234,15 @@ def _decode_attn_kernel(
     H: "tl.int32",
     Tmax: "tl.int32",
     num_splits: "tl.int32",
-    stride_qkv_b: "tl.int64",
-    stride_qkv_s: "tl.int64",
+    stride_q_b: "tl.int64",
+    stride_q_h: "tl.int64",
+    stride_q_s: "tl.int64",
+    stride_kn_b: "tl.int64",
+    stride_kn_h: "tl.int64",
+    stride_kn_s: "tl.int64",
+    stride_vn_b: "tl.int64",
+    stride_vn_h: "tl.int64",
+    stride_vn_s: "tl.int64",
     stride_kc_b: "tl.int64",
     stride_kc_h: "tl.int64",
     stride_kc_t: "tl.int64",
@@ -236,24 +255,23 @@ def _decode_attn_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WRITE_OUT: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     FP32_IEEE: tl.constexpr,
 ):
     # grid: (B*H, num_splits). Split `split` covers one chunk of the cached keys [0, L); the last
-    # split also covers the S new keys, read from qkv, and is the only program writing them to the
-    # cache (at L .. L+S-1, which no program of this launch reads from the cache).
+    # split also covers the S new keys, read from k_new/v_new, and (WRITE_KV) is the only program
+    # writing them to the cache (at L .. L+S-1, which no program of this launch reads from the cache).
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     L = tl.minimum(tl.load(cache_lens_ptr + b), Tmax)  # scalar int32, read on the device
-    HD = H.to(tl.int64) * HEAD_DIM
 
     offs_s = tl.arange(0, BLOCK_S)  # [BS] query rows (and new-key rows)
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     s_ok = offs_s < S  # [BS]
-    q_base = tl.multiple_of(qkv_ptr + b * stride_qkv_b + h * HEAD_DIM, 16)  # 16-byte aligned (launcher-checked)
-    new_rows = _tile_offsets(offs_s, stride_qkv_s, HEAD_DIM)  # [BS, D]
-    q = tl.load(q_base + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
+    q_base = tl.multiple_of(q_ptr + b * stride_q_b + h * stride_q_h, 16)  # 16-byte aligned (launcher-checked)
+    q = tl.load(q_base + _tile_offsets(offs_s, stride_q_s, HEAD_DIM), mask=s_ok[:, None], other=0.0)  # [BS, D]
     kc_base = tl.multiple_of(k_cache_ptr + b * stride_kc_b + h * stride_kc_h, 16)
     vc_base = tl.multiple_of(v_cache_ptr + b * stride_vc_b + h * stride_vc_h, 16)
 
@@ -277,11 +295,14 @@ def _decode_attn_kernel(
 
     if split == num_splits - 1:
         # the S new keys (positions L .. L+S-1): query s sees new key i iff i <= s
-        k = tl.load(tl.multiple_of(q_base + HD, 16) + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
-        v = tl.load(tl.multiple_of(q_base + 2 * HD, 16) + new_rows, mask=s_ok[:, None], other=0.0)  # [BS, D]
-        w_ok = (s_ok & (L + offs_s < Tmax))[:, None]  # never write past the cache end, even on bad lengths
-        tl.store(kc_base + _tile_offsets(L + offs_s, stride_kc_t, HEAD_DIM), k, mask=w_ok)
-        tl.store(vc_base + _tile_offsets(L + offs_s, stride_vc_t, HEAD_DIM), v, mask=w_ok)
+        kn_base = tl.multiple_of(k_new_ptr + b * stride_kn_b + h * stride_kn_h, 16)
+        vn_base = tl.multiple_of(v_new_ptr + b * stride_vn_b + h * stride_vn_h, 16)
+        k = tl.load(kn_base + _tile_offsets(offs_s, stride_kn_s, HEAD_DIM), mask=s_ok[:, None], other=0.0)  # [BS, D]
+        v = tl.load(vn_base + _tile_offsets(offs_s, stride_vn_s, HEAD_DIM), mask=s_ok[:, None], other=0.0)  # [BS, D]
+        if WRITE_KV:
+            w_ok = (s_ok & (L + offs_s < Tmax))[:, None]  # never write past the cache end, even on bad lengths
+            tl.store(kc_base + _tile_offsets(L + offs_s, stride_kc_t, HEAD_DIM), k, mask=w_ok)
+            tl.store(vc_base + _tile_offsets(L + offs_s, stride_vc_t, HEAD_DIM), v, mask=w_ok)
         s = _mma(q, tl.trans(k), tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float32), FP32_IEEE)
         visible = (offs_s[None, :] <= offs_s[:, None]) & s_ok[None, :]  # [BS(query), BS(key)]
         s = tl.where(visible, s * qk_scale, float("-inf"))  # key 0 is visible to every row
@@ -342,9 +363,9 @@ def _decode_reduce_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+def _check_device(t: torch.Tensor, name: str, device: torch.device, ref_name: str) -> None:
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of qkv)")
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of {ref_name})")
 
 
 def _check_aligned(t: torch.Tensor, name: str) -> None:
@@ -357,30 +378,44 @@ def _check_aligned(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} strides {tuple(t.stride())} must be multiples of 16 elements (except the last, 1)")
 
 
+def _check_first(t: torch.Tensor, name: str) -> None:
+    """The tensor whose dtype and device every other argument must share."""
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name} dtype {t.dtype} is not supported, expected one of float32, float16, bfloat16")
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreted(_prefill_attn_kernel)):
+        raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+
+
+def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, layout: str) -> None:
+    """A 4-d [.., .., .., D] operand: ref's dtype and device, last dim contiguous, aligned."""
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-d {layout}, got shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
+    _check_device(t, name, ref.device, ref_name)
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+    _check_aligned(t, name)
+
+
+def _check_head_dim(D: int) -> None:
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported, expected one of {_HEAD_DIMS}")
+
+
 def _check_cache(qkv, k_cache, v_cache):
-    """Validates the cache pair against qkv; returns (H, D)."""
-    if qkv.dtype not in DTYPES:
-        raise ValueError(f"qkv dtype {qkv.dtype} is not supported, expected one of float32, float16, bfloat16")
+    """Validates the packed qkv and the cache pair; returns (H, D)."""
+    _check_first(qkv, "qkv")
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-d [B, T, 3*H*D], got shape {tuple(qkv.shape)}")
     if not qkv.is_contiguous():
         raise ValueError("qkv must be contiguous ([B, T, 3*H*D], the fused QKV GEMM's output)")
-    if qkv.device.type != "cuda" and not (qkv.device.type == "cpu" and interpreted(_prefill_attn_kernel)):
-        raise ValueError(f"qkv is on {qkv.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4:
-            raise ValueError(f"{name} must be 4-d [Bmax, H, Tmax, D], got shape {tuple(c.shape)}")
-        if c.dtype != qkv.dtype:
-            raise ValueError(f"{name} dtype {c.dtype} does not match qkv dtype {qkv.dtype}; expected {qkv.dtype}")
-        _check_device(c, name, qkv.device)
-        if c.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {c.stride(-1)}")
-        _check_aligned(c, name)
+        _check_like(c, name, qkv, "qkv", "[Bmax, H, Tmax, D]")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache shape {tuple(k_cache.shape)} != v_cache shape {tuple(v_cache.shape)}; expected equal")
     Bmax, H, Tmax, D = k_cache.shape
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported, expected one of {_HEAD_DIMS}")
+    _check_head_dim(D)
     if qkv.shape[2] != 3 * H * D:
         raise ValueError(
             f"qkv last dim {qkv.shape[2]} does not match the cache: expected 3*H*D = 3*{H}*{D} = {3 * H * D}")
@@ -390,26 +425,64 @@ def _check_cache(qkv, k_cache, v_cache):
     return H, D
 
 
+def _check_separate(q, k, v):
+    """Validates separate q [B, H, S, D] and k, v [B, H, T, D]; returns (B, H, S, T, D)."""
+    _check_first(q, "q")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_like(t, name, q, "q", "[B, H, T, D]")
+    if k.shape != v.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}; expected equal")
+    B, H, S, D = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, D):
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)}: "
+                         f"expected [B, H, T, D] = [{B}, {H}, T, {D}]")
+    _check_head_dim(D)
+    return B, H, S, k.shape[2], D
+
+
 def _check_lens(lens, name, B, device):
     if lens.dtype != torch.int32:
         raise ValueError(f"{name} dtype {lens.dtype} is not supported, expected torch.int32")
     if lens.dim() != 1 or lens.shape[0] != B:
         raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(lens.shape)}")
-    _check_device(lens, name, device)
+    _check_device(lens, name, device, "qkv")
 
 
-def _check_out(out, qkv, shape):
+def _check_out(out, ref, ref_name, shape):
     if out is None:
-        return torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
+        return torch.empty(shape, dtype=ref.dtype, device=ref.device)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if out.dtype != qkv.dtype:
-        raise ValueError(f"out dtype {out.dtype} does not match qkv dtype {qkv.dtype}; expected {qkv.dtype}")
-    _check_device(out, "out", qkv.device)
+    if out.dtype != ref.dtype:
+        raise ValueError(f"out dtype {out.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
+    _check_device(out, "out", ref.device, ref_name)
     if out.stride(-1) != 1:
         raise ValueError(f"out must have a contiguous last dim (stride 1), got stride {out.stride(-1)}")
     _check_aligned(out, "out")
     return out
+
+
+def _heads(qkv: torch.Tensor, H: int):
+    """[B, T, 3*H*D] -> q, k, v each a [B, H, T, D] view."""
+    B, T, C = qkv.shape
+    return qkv.view(B, T, 3, H, C // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, out, scale, write_kv: bool) -> None:
+    # q, k, v [B, H, T, D] views; k_cache, v_cache [Bmax, H, Tmax, D] (unused when not write_kv)
+    B, H, T, D = q.shape
+    block_m, block_n, num_warps, num_stages = _PREFILL_CONFIGS[(_kind(q.dtype), D)]
+    assert block_m % block_n == 0, (block_m, block_n)  # the diagonal loop starts on a key-block edge
+    grid = (B * H, triton.cdiv(T, block_m))
+    _prefill_attn_kernel[grid](
+        q, k, v, k_cache, v_cache, seq_lens, out,
+        float(scale), T, H,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WRITE_KV=write_kv, FP32_IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
 
 
 def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> torch.Tensor:
@@ -425,21 +498,29 @@ def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> to
     if T > Tmax:
         raise ValueError(f"prompt length T={T} is longer than the cache (Tmax={Tmax}); expected T <= {Tmax}")
     _check_lens(seq_lens, "seq_lens", B, qkv.device)
-    out = _check_out(out, qkv, (B, T, H * D))
+    out = _check_out(out, qkv, "qkv", (B, T, H * D))
     if B == 0 or T == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _PREFILL_CONFIGS[(_kind(qkv.dtype), D)]
-    grid = (B * H, triton.cdiv(T, block_m))
-    _prefill_attn_kernel[grid](
-        qkv, k_cache, v_cache, seq_lens, out,
-        float(scale), T, H,
-        qkv.stride(0), qkv.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, FP32_IEEE=qkv.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    q, k, v = _heads(qkv, H)
+    _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, out, scale, write_kv=True)
+    return out
+
+
+def prefill_attention_separate(q, k, v, scale, *, out=None) -> torch.Tensor:
+    """Causal attention of S query tokens over the first S keys, reading K/V from tensors the caller
+    owns (transformers' cache), writing nothing but out.
+
+    q [B, H, S, D]; k, v [B, H, T, D] with T >= S (keys t >= S are not read: a StaticCache's empty
+    slots). Strided views are taken as they are (last dim contiguous). Returns out [B, S, H*D].
+    """
+    B, H, S, T, D = _check_separate(q, k, v)
+    if T < S:
+        raise ValueError(f"prefill over S={S} queries needs at least S keys, k/v hold T={T}")
+    out = _check_out(out, q, "q", (B, S, H * D))
+    if B == 0 or S == 0:
+        return out
+    lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+    _launch_prefill(q, k, v, k, v, lens, out, scale, write_kv=False)
     return out
 
 
@@ -448,6 +529,46 @@ def default_num_splits(B: int, H: int, Tmax: int) -> int:
     by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(1, B * H))
     by_length = triton.cdiv(Tmax, _MIN_KEYS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+
+
+def _check_decode_s(S: int) -> None:
+    if not 1 <= S <= MAX_DECODE_TOKENS:
+        raise ValueError(f"decode takes S new tokens per sequence with 1 <= S <= {MAX_DECODE_TOKENS}, got S={S}")
+
+
+def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool) -> None:
+    # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens [B] int32
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    B, H, S, D = q.shape
+    if B == 0:
+        return
+    Tmax = k_cache.shape[2]
+    block_n, num_warps, num_stages = _DECODE_CONFIGS[(_kind(q.dtype), D)]
+    write_out = num_splits == 1
+    if write_out:
+        part_m = part_l = part_acc = torch.empty(1, dtype=torch.float32, device=q.device)  # unused
+    else:
+        part_m = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty((B * H, num_splits, S, D), dtype=torch.float32, device=q.device)
+    _decode_attn_kernel[(B * H, num_splits)](
+        q, k_new, v_new, k_cache, v_cache, cache_lens, out, part_m, part_l, part_acc,
+        float(scale), S, H, Tmax, num_splits,
+        *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_S=_DECODE_BLOCK_S, BLOCK_N=block_n, WRITE_OUT=write_out, WRITE_KV=write_kv,
+        FP32_IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not write_out:
+        r_warps, r_stages = _REDUCE_CONFIGS[D]
+        _decode_reduce_kernel[(B * H * S,)](
+            part_m, part_l, part_acc, out,
+            S, H, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, num_warps=r_warps, num_stages=r_stages,
+        )
 
 
 def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None) -> torch.Tensor:
@@ -460,43 +581,35 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     """
     H, D = _check_cache(qkv, k_cache, v_cache)
     B, S, _ = qkv.shape
-    if not 1 <= S <= MAX_DECODE_TOKENS:
-        raise ValueError(f"decode takes S new tokens per sequence with 1 <= S <= {MAX_DECODE_TOKENS}, got S={S}")
-    Tmax = k_cache.shape[2]
+    _check_decode_s(S)
     _check_lens(cache_lens, "cache_lens", B, qkv.device)
-    out = _check_out(out, qkv, (B, S, H * D))
+    out = _check_out(out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
-        num_splits = default_num_splits(B, H, Tmax)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-    if B == 0:
-        return out
-    block_n, num_warps, num_stages = _DECODE_CONFIGS[(_kind(qkv.dtype), D)]
-    write_out = num_splits == 1
-    if write_out:
-        part_m = part_l = part_acc = torch.empty(1, dtype=torch.float32, device=qkv.device)  # unused
-    else:
-        part_m = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=qkv.device)
-        part_l = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=qkv.device)
-        part_acc = torch.empty((B * H, num_splits, S, D), dtype=torch.float32, device=qkv.device)
-    _decode_attn_kernel[(B * H, num_splits)](
-        qkv, k_cache, v_cache, cache_lens, out, part_m, part_l, part_acc,
-        float(scale), S, H, Tmax, num_splits,
-        qkv.stride(0), qkv.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_S=_DECODE_BLOCK_S, BLOCK_N=block_n, WRITE_OUT=write_out,
-        FP32_IEEE=qkv.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if not write_out:
-        r_warps, r_stages = _REDUCE_CONFIGS[D]
-        _decode_reduce_kernel[(B * H * S,)](
-            part_m, part_l, part_acc, out,
-            S, H, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, num_warps=r_warps, num_stages=r_stages,
-        )
+        num_splits = default_num_splits(B, H, k_cache.shape[2])
+    q, k, v = _heads(qkv, H)
+    _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True)
+    return out
+
+
+def decode_attention_separate(q, k, v, past_len: int, scale, *, out=None, num_splits=None) -> torch.Tensor:
+    """Attention of S (1..8) new tokens over K/V the caller already holds, new ones included
+    (transformers' cache after its update), writing nothing but out.
+
+    q [B, H, S, D]; k, v [B, H, T, D] with the past at positions [0, past_len) and the S new
+    tokens at [past_len, past_len + S) of every sequence (T >= past_len + S; later positions are
+    not read). Query s sees keys 0 .. past_len + s. Returns out [B, S, H*D].
+    """
+    B, H, S, T, D = _check_separate(q, k, v)
+    _check_decode_s(S)
+    if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or past_len + S > T:
+        raise ValueError(f"past_len must be an int with 0 <= past_len and past_len + S <= T "
+                         f"(S={S}, T={T}), got {past_len!r}")
+    out = _check_out(out, q, "q", (B, S, H * D))
+    if num_splits is None:
+        num_splits = default_num_splits(B, H, past_len + S)
+    lens = torch.full((B,), past_len, dtype=torch.int32, device=q.device)
+    new = slice(past_len, past_len + S)
+    _launch_decode(q, k[:, :, new], v[:, :, new], k, v, lens, out, scale, num_splits, write_kv=False)
     return out
 
 
@@ -541,6 +654,15 @@ def decode_attention_ref(qkv, k_cache, v_cache, cache_lens, scale) -> torch.Tens
     return out
 
 
+def separate_attention_ref(q, k, v, past_len: int, scale) -> torch.Tensor:
+    """q [B, H, S, D] at positions past_len .. past_len+S-1 over k, v [B, H, T, D] (keys beyond
+    past_len + S ignored) -> [B, S, H*D]: the *_separate launchers' result. Plain torch in q's dtype."""
+    B, H, S, D = q.shape
+    n = past_len + S
+    out = torch.stack([_causal_softmax_av(q[b], k[b, :, :n], v[b, :, :n], scale, past_len) for b in range(B)])
+    return out.transpose(1, 2).reshape(B, S, H * D)  # [B, H, S, D] -> [B, S, H*D]
+
+
 # --------------------------------------------------------------------------------------------
 # Compile specs: every (kernel, config) the launchers can pick
 # --------------------------------------------------------------------------------------------
@@ -557,38 +679,42 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     for D in _HEAD_DIMS:
         bm, bn, w, st = _PREFILL_CONFIGS[(kind, D)]
         sig = {
-            "qkv_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "seq_lens_ptr": "*i32", "out_ptr": p,
-            "scale": "fp32", "T": "i32", "H": "i32",
-            "stride_qkv_b": i64, "stride_qkv_t": i64,
-            "stride_kc_b": i64, "stride_kc_h": i64, "stride_kc_t": i64,
-            "stride_vc_b": i64, "stride_vc_h": i64, "stride_vc_t": i64,
+            "q_ptr": p, "k_ptr": p, "v_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "seq_lens_ptr": "*i32",
+            "out_ptr": p, "scale": "fp32", "T": "i32", "H": "i32",
+            **{f"stride_{x}_{d}": i64 for x in ("q", "k", "v") for d in ("b", "h", "t")},
+            **{f"stride_{x}_{d}": i64 for x in ("kc", "vc") for d in ("b", "h", "t")},
             "stride_o_b": i64, "stride_o_t": i64,
-            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "FP32_IEEE": "constexpr",
+            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "WRITE_KV": "constexpr",
+            "FP32_IEEE": "constexpr",
         }
-        specs.append(CompileSpec(
-            name=f"attention.prefill[{dtype}] D={D} BM={bm} BN={bn}", fn=_prefill_attn_kernel, signature=sig,
-            constexprs={"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "FP32_IEEE": ieee},
-            num_warps=w, num_stages=st, uses_dot=not ieee))
+        for write_kv in (True, False):  # prefill_attention / prefill_attention_separate
+            specs.append(CompileSpec(
+                name=f"attention.prefill[{dtype}{'' if write_kv else ',separate'}] D={D} BM={bm} BN={bn}",
+                fn=_prefill_attn_kernel, signature=sig,
+                constexprs={"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "WRITE_KV": write_kv, "FP32_IEEE": ieee},
+                num_warps=w, num_stages=st, uses_dot=not ieee))
 
         bn, w, st = _DECODE_CONFIGS[(kind, D)]
         sig = {
-            "qkv_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "cache_lens_ptr": "*i32", "out_ptr": p,
+            "q_ptr": p, "k_new_ptr": p, "v_new_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p,
+            "cache_lens_ptr": "*i32", "out_ptr": p,
             "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
             "scale": "fp32", "S": "i32", "H": "i32", "Tmax": "i32", "num_splits": "i32",
-            "stride_qkv_b": i64, "stride_qkv_s": i64,
-            "stride_kc_b": i64, "stride_kc_h": i64, "stride_kc_t": i64,
-            "stride_vc_b": i64, "stride_vc_h": i64, "stride_vc_t": i64,
+            **{f"stride_{x}_{d}": i64 for x in ("q", "kn", "vn") for d in ("b", "h", "s")},
+            **{f"stride_{x}_{d}": i64 for x in ("kc", "vc") for d in ("b", "h", "t")},
             "stride_o_b": i64, "stride_o_s": i64,
             "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr", "BLOCK_N": "constexpr",
-            "WRITE_OUT": "constexpr", "FP32_IEEE": "constexpr",
+            "WRITE_OUT": "constexpr", "WRITE_KV": "constexpr", "FP32_IEEE": "constexpr",
         }
-        for write_out in (True, False):
-            specs.append(CompileSpec(
-                name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
-                fn=_decode_attn_kernel, signature=sig,
-                constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
-                            "WRITE_OUT": write_out, "FP32_IEEE": ieee},
-                num_warps=w, num_stages=st, uses_dot=not ieee))
+        for write_kv in (True, False):  # decode_attention / decode_attention_separate
+            for write_out in (True, False):
+                specs.append(CompileSpec(
+                    name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}"
+                         f"{'' if write_kv else ',separate'}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
+                    fn=_decode_attn_kernel, signature=sig,
+                    constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
+                                "WRITE_OUT": write_out, "WRITE_KV": write_kv, "FP32_IEEE": ieee},
+                    num_warps=w, num_stages=st, uses_dot=not ieee))
 
         w, st = _REDUCE_CONFIGS[D]
         sig = {

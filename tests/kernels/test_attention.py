@@ -257,6 +257,90 @@ def test_decode_matches_prefill(dtype, S):
 
 
 # ---------------------------------------------------------------------------------------------
+# separate q/k/v (transformers' cache: read, never written)
+# ---------------------------------------------------------------------------------------------
+def _separate_inputs(B, H, S, T, D, dtype, seed, strided):
+    """q [B, H, S, D], k/v [B, H, T, D]. strided: q is a head view of a packed [B, S, 3HD] tensor and
+    k/v views of a larger StaticCache-like buffer (as transformers hands them over)."""
+    if strided:
+        q = _split_heads(_randn((B, S, 3 * H * D), dtype, seed), H)[0]
+        big_k = _randn((B + 1, H, T + 6, D), dtype, seed + 1)
+        big_v = _randn((B + 1, H, T + 6, D), dtype, seed + 2)
+        return q, big_k[1:, :, :T], big_v[1:, :, :T]
+    return (_randn((B, H, S, D), dtype, seed), _randn((B, H, T, D), dtype, seed + 1),
+            _randn((B, H, T, D), dtype, seed + 2))
+
+
+def _separate_refs(q, k, v, past, scale):
+    ref64 = A.separate_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), past, scale)
+    return ref64, A.separate_attention_ref(q.cpu(), k.cpu(), v.cpu(), past, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, S, T, strided", [(1, 1, 1, False), (3, 33, 33, True), (2, 70, 75, False)])
+def test_prefill_separate(dtype, B, S, T, strided):
+    # T > S: a StaticCache's prefill, keys t >= S are empty slots (NaN here: they must not be read)
+    H, D = 3, 64
+    q, k, v = _separate_inputs(B, H, S, T, D, dtype, 80 + S, strided)
+    k[:, :, S:] = NAN
+    v[:, :, S:] = NAN
+    k0, v0 = k.clone(), v.clone()
+    out = torch.full((B, S, H * D), NAN, dtype=dtype, device=DEVICE)
+    assert A.prefill_attention_separate(q, k, v, 1 / math.sqrt(D), out=out) is out
+    _check_close(out, *_separate_refs(q, k, v, 0, 1 / math.sqrt(D)))
+    assert torch.equal(k.nan_to_num(), k0.nan_to_num()) and torch.equal(v.nan_to_num(), v0.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("past, S, splits, strided", [(0, 1, 1, False), (37, 1, 3, True), (130, 3, 1, True),
+                                                       (9, 8, 2, False)])
+def test_decode_separate(dtype, past, S, splits, strided):
+    # keys past + S .. T-1 are beyond the sequence (NaN): never read; k/v are never written
+    B, H, D = 2, 2, 32
+    T = past + S + 5
+    q, k, v = _separate_inputs(B, H, S, T, D, dtype, 90 + past, strided)
+    k[:, :, past + S:] = NAN
+    v[:, :, past + S:] = NAN
+    k0, v0 = k.clone(), v.clone()
+    out = torch.full((B, S, H * D), NAN, dtype=dtype, device=DEVICE)
+    assert A.decode_attention_separate(q, k, v, past, 0.2, out=out, num_splits=splits) is out
+    _check_close(out, *_separate_refs(q, k, v, past, 0.2))
+    assert torch.equal(k.nan_to_num(), k0.nan_to_num()) and torch.equal(v.nan_to_num(), v0.nan_to_num())
+
+
+def test_separate_matches_packed():
+    """The same numbers through the packed (cache-writing) and separate launchers agree bit for bit."""
+    B, H, D, n = 2, 2, 64, 21
+    qkv = _randn((B, n, 3 * H * D), torch.float32, 95)
+    kc, vc = _poisoned_cache(B, H, n + 3, D, torch.float32)
+    packed = A.prefill_attention(qkv, kc, vc, _lens([n, n]), 0.125)
+    q, k, v = _split_heads(qkv, H)
+    assert torch.equal(A.prefill_attention_separate(q, k, v, 0.125), packed)
+    kc2, vc2 = _poisoned_cache(B, H, n + 3, D, torch.float32)
+    A.prefill_attention(qkv[:, : n - 1].contiguous(), kc2, vc2, _lens([n - 1] * B), 0.125)
+    dec = A.decode_attention(qkv[:, n - 1 :].contiguous(), kc2, vc2, _lens([n - 1] * B), 0.125, num_splits=2)
+    sep = A.decode_attention_separate(q[:, :, n - 1 :], k, v, n - 1, 0.125, num_splits=2)
+    assert torch.equal(sep, dec)
+
+
+def test_separate_errors():
+    q = torch.zeros((2, 2, 3, 32), device=DEVICE)
+    k = torch.zeros((2, 2, 10, 32), device=DEVICE)
+    with pytest.raises(ValueError, match=r"k shape .* != v shape"):
+        A.prefill_attention_separate(q, k, k[:, :, :5], 1.0)
+    with pytest.raises(ValueError, match=r"prefill over S=3 queries needs at least S keys, k/v hold T=2"):
+        A.prefill_attention_separate(q, k[:, :, :2], k[:, :, :2], 1.0)
+    with pytest.raises(ValueError, match=r"does not match q .*expected \[B, H, T, D\] = \[2, 2, T, 32\]"):
+        A.prefill_attention_separate(q, k[:1], k[:1], 1.0)
+    with pytest.raises(ValueError, match=r"past_len must be an int with 0 <= past_len and past_len \+ S <= T \(S=3, T=10\), got 8"):
+        A.decode_attention_separate(q, k, k, 8, 1.0)
+    with pytest.raises(ValueError, match=r"k dtype torch.float16 does not match q dtype torch.float32"):
+        A.decode_attention_separate(q, k.half(), k.half(), 2, 1.0)
+    with pytest.raises(ValueError, match=r"q must be 4-d"):
+        A.decode_attention_separate(q[0], k, k, 2, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # launcher errors, config table, compile specs (no kernel launches)
 # ---------------------------------------------------------------------------------------------
 def _valid(B=2, T=4, H=2, D=32, dtype=torch.float32, Tmax=8):
@@ -321,7 +405,8 @@ def test_default_num_splits_is_static():
 def test_compile_specs_cover_every_config(dtype):
     specs = A.compile_specs(dtype)
     # per head_dim: prefill, decode (direct + split), reduce
-    assert len(specs) == 3 * 4
+    # per head_dim: prefill (cache-writing + separate), decode (direct/split x cache-writing/separate), reduce
+    assert len(specs) == 3 * 7
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         params = list(s.fn.arg_names)
@@ -329,9 +414,11 @@ def test_compile_specs_cover_every_config(dtype):
         consts = [p for p in params if s.signature[p] == "constexpr"]
         assert sorted(s.constexprs) == sorted(consts), s.name
         assert all(v.startswith("*") for k, v in s.signature.items() if k.endswith("_ptr")), s.name
-        ptr_types = {s.signature[p] for p in ("qkv_ptr", "out_ptr") if p in s.signature}
+        ptr_types = {s.signature[p] for p in ("q_ptr", "k_ptr", "k_new_ptr", "out_ptr") if p in s.signature}
         assert ptr_types == {"*" + dtype}, s.name
         assert s.uses_dot == ("reduce" not in s.name)
+        if "WRITE_KV" in s.constexprs:
+            assert s.constexprs["WRITE_KV"] == ("separate" not in s.name), s.name
     for D in (32, 64, 128):
         bm, bn, w, st = A._PREFILL_CONFIGS[("half", D)]
         assert any(s.constexprs.get("HEAD_DIM") == D and s.constexprs.get("BLOCK_M") == bm
