@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .errors import FastGPT2Error
+from .runtime.hf import TESTED_TRANSFORMERS, cache_argument
 
 # tolerance per fastgpt2 dtype, against a float32 reference
 TOLERANCES = {
@@ -121,7 +122,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "parity", help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",
         description="Run a checkpoint in transformers and in fastgpt2 on the same prompts and report max/mean "
                     "|Δlogits|, KL divergence, top-1 agreement, identical greedy continuation, perplexity, and "
-                    "per-layer hidden-state differences (naming the layer where a discrepancy starts).",
+                    "per-layer hidden-state differences (naming the layer where a discrepancy starts). "
+                    f"The reference is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p, None)
     p.add_argument("--reference", default=None, metavar="DIR_OR_ID",
@@ -309,6 +311,7 @@ def _reference_forward(reference, ids):
 
 def _reference_greedy(reference, ids, n):
     """transformers' greedy continuation of ids [1, T], exactly n tokens (its forward over its own cache)."""
+    name = cache_argument()  # "cache" from transformers 5.24, "past_key_values" before
     out_tokens = []
     with torch.no_grad():
         out = reference(ids, use_cache=True)
@@ -316,7 +319,7 @@ def _reference_greedy(reference, ids, n):
             nxt = out.logits[:, -1].argmax(-1)
             out_tokens.append(int(nxt))
             if step + 1 < n:
-                out = reference(nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+                out = reference(nxt[:, None], use_cache=True, **{name: out[name]})
     return out_tokens
 
 
@@ -476,6 +479,7 @@ def run(args) -> dict:
         "reference_dtype": str(ref_dtype).removeprefix("torch."),
         "reference_attn_implementation": attn,
         "transformers_version": transformers.__version__,
+        "transformers_tested": list(TESTED_TRANSFORMERS),
         "torch_version": torch.__version__,
         "prompts": len(prompts),
         "positions": sum(len(p) for p in prompts),

@@ -19,6 +19,10 @@
   ``kv_len`` (a host int >= every cache_lens[b] + S) lets the torch path slice the cache; the
   Triton kernel reads lengths on the device and ignores it. ``ctx``: ``decode_context(cache_lens, S,
   kv_len, uniform_len)``, built once per step and shared by every layer (None: built per call).
+- ``prefill_attention_separate(q [B,H,S,D], k, v [B,H,T,D], scale, upcast) -> [B,S,E]``: causal over
+  the first S keys (T >= S); k/v are a caller's cache (transformers'), read and never written
+- ``decode_attention_separate(q [B,H,S,D], k, v [B,H,T,D], past_len, scale, upcast) -> [B,S,E]``:
+  the S (<= 8) new tokens sit at past_len .. past_len+S-1 of k/v; query s sees keys 0..past_len+s
 """
 from __future__ import annotations
 
@@ -227,6 +231,25 @@ class TorchOps:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.to(qkv.dtype).transpose(1, 2).reshape(b, s, three_e // 3)
 
+    def prefill_attention_separate(self, q, k, v, scale, upcast):
+        b, h, s, d = q.shape
+        keys, values = k[:, :, :s], v[:, :, :s]  # a StaticCache's empty slots t >= S are not read
+        if upcast and q.dtype != torch.float32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale)  # [B, H, S, D]
+        return out.to(k.dtype).transpose(1, 2).reshape(b, s, h * d)
+
+    def decode_attention_separate(self, q, k, v, past_len, scale, upcast):
+        b, h, s, d = q.shape
+        keys, values = k[:, :, : past_len + s], v[:, :, : past_len + s]  # [B, H, past+S, D]
+        mask = None
+        if s > 1:  # new token j sees the past and new tokens <= j
+            mask = torch.ones(s, past_len + s, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
+        if upcast and q.dtype != torch.float32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, H, S, D]
+        return out.to(k.dtype).transpose(1, 2).reshape(b, s, h * d)
+
 
 class TritonOps:
     """The Triton kernels. Imported lazily: whether triton interprets or compiles is fixed when the
@@ -269,3 +292,9 @@ class TritonOps:
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
         return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale)
+
+    def prefill_attention_separate(self, q, k, v, scale, upcast):
+        return self._attention.prefill_attention_separate(q, k, v, scale)
+
+    def decode_attention_separate(self, q, k, v, past_len, scale, upcast):
+        return self._attention.decode_attention_separate(q, k, v, past_len, scale)

@@ -7,48 +7,53 @@
     pipeline("text-generation", model=model, tokenizer=...)("Hello", max_length=30)
     fastgpt2.unpatch_hf(model)                # back to transformers' own code, bit for bit
 
-Tested with transformers 5.23.0 (torch 2.13, tokenizers 0.23; CPU, backend="torch", and the Triton
-kernels under TRITON_INTERPRET=1; not yet on a GPU). patch_hf refuses transformers 4.x with a clear
-error (its GPT-2 attention has another signature); other 5.x releases should work as long as
-GPT2Attention / GPT2MLP keep their 5.x forward signatures and attributes. model_from_hf only reads
-weights and works with any version.
+Tested with transformers 5.17.0 to 5.24.0 (``TESTED_TRANSFORMERS``; torch 2.13 CPU, backend="torch",
+and the Triton kernels under TRITON_INTERPRET=1). Older releases are refused; a newer one runs after
+one ``UntestedTransformersWarning``. model_from_hf only reads weights and works with any 5.x.
 
 patch_hf takes a GPT2LMHeadModel, a GPT2Model or another GPT-2 head model (the GPT2Model inside is
-patched); anything else is an ``HFModelError`` naming the class. The embeddings, the residual adds
-and the lm_head stay transformers' own. backend="triton" needs head_dim in (32, 64, 128).
+patched); anything else is an ``HFModelError`` naming the class. backend="triton" needs head_dim in
+(32, 64, 128).
 
-What the patch does (module level; transformers keeps its own model loop, embeddings, caches and
-generation utilities, so ``forward``, ``generate`` with greedy / sampling / beam search /
-``num_return_sequences`` / left padding, ``pipeline``, ``past_key_values`` and
-``output_hidden_states`` all keep working):
+Only transformers' public extension points and leaf modules whose forward has been the same through
+5.x are used; GPT2Model / GPT2Block / GPT2Attention keep transformers' own forward, so its cache
+(DynamicCache, StaticCache, beam reordering), masks, generation utilities and argument names (5.24
+renamed ``past_key_values`` to ``cache``) stay transformers' business:
 
-- every ``nn.LayerNorm`` of the GPT2Model (ln_1, ln_2, ln_f): ``ops.layer_norm`` with the module's
-  own weight, bias and eps;
-- every ``GPT2MLP``: ``ops.linear(c_fc, activation)`` then ``ops.linear(c_proj)`` (Conv1D weights
-  are [in, out], read from the module at each call); the activation is config.activation_function
-  mapped through ``fastgpt2.runtime.config.ACTIVATIONS``;
-- every self-attention ``GPT2Attention``: QKV and the output projection through ``ops.linear``, the
-  attention itself by one of three paths, counted in ``patch_stats(model)``:
+- attention: ``AttentionInterface.register("fastgpt2", ...)`` and
+  ``AttentionMaskInterface.register("fastgpt2", ...)`` (the mask is transformers' own SDPA mask), selected
+  with ``model.set_attn_implementation("fastgpt2")``. transformers updates its cache first and hands over
+  query [B, H, S, D] and the whole key/value [B, H, T, D]; each call takes one route, counted in
+  ``patch_stats(model)``:
 
-  ``"prefill"``  ops.prefill_attention (the kernel): no past in the cache and a purely causal mask
-                 (``attention_mask`` None, or a 4-D mask equal to the causal one: no padding).
-  ``"decode"``   ops.decode_attention (the kernel): tokens appended to a cache (S <= 8 new
-                 tokens), purely causal. transformers' cache is updated first as usual; its full
-                 K/V [B, H, T_total, D] is handed to the kernel with cache_lens = T_total - S (the
-                 kernel rewrites the same new K/V in place, which changes nothing).
-  ``"sdpa"``     torch's scaled_dot_product_attention with transformers' own 4-D mask: padded
-                 batches (left padding, beam search over padded prompts) and other non-causal
-                 masks, and more than 8 new tokens over a past. Same math, not a fallback.
+  ``"prefill"``  ops.prefill_attention_separate (the kernel): causal over the first S keys, no padding
+                 (mask None with S > 1, as SDPA's is_causal; or a mask equal to that: StaticCache's
+                 upper-left prefill, eager-style float masks).
+  ``"decode"``   ops.decode_attention_separate (the kernel): S <= 8 new tokens over the cache behind
+                 them, no padding (mask None with S == 1, or a mask equal to causal at that offset,
+                 StaticCache's included). The cache is read, never written a second time.
+  ``"sdpa"``     torch's scaled_dot_product_attention with transformers' mask: padded batches (left
+                 padding, beam search over padded prompts), other masks, more than 8 new tokens over a
+                 past. Same math, not a fallback.
 
-  The softmax scale is the module's own (``scaling``: scale_attn_weights and
-  scale_attn_by_inverse_layer_idx), and reorder_and_upcast_attn computes scores in fp32.
+  The softmax scale is the ``scaling`` transformers passes (the module's own rule when it passes
+  none); ``module.reorder_and_upcast_attn`` is read here (transformers honours it only in "eager").
+- every ``nn.LayerNorm`` (ln_1, ln_2, ln_f): ``ops.layer_norm``; every ``GPT2MLP``:
+  ``ops.linear(c_fc, activation)`` then ``ops.linear(c_proj)``; the self-attention's ``Conv1D``s
+  (c_attn, c_proj): ``ops.linear``. Weights are read from the modules at each call.
+- the GPT2Model gets a forward pre-hook (reading its arguments by name) and a forward hook: the
+  model-level guards below, and a check that every layer's attention went through fastgpt2.
+
+Every patched forward and the attention function raise ``FastGPT2Error`` on an argument they do not
+know; patch_hf inspects, by name, the signatures and attributes it relies on and refuses a release
+that changed them (``HFModelError`` naming the release and the tested range).
 
 What falls back to transformers' own code, for that call, with a ``FallbackWarning`` (once per
-model per reason; counted as ``"fallback:<reason>"``): ``output_attentions=True`` (fastgpt2's
-kernels never materialise attention weights), cross-attention (``encoder_hidden_states``), a head
-mask, autograd (grad enabled while parameters require grad: the kernels are inference-only), train
-mode with dropout > 0, an activation fastgpt2 does not serve, inputs on another device or dtype
-than the model had when patched. Never silently a different result.
+model per reason; counted as ``"fallback:<reason>"``): ``output_attentions=True`` (eager attention,
+which returns the weights), cross-attention (``encoder_hidden_states``), a head mask, autograd (grad
+enabled while parameters require grad), train mode with dropout > 0, an activation fastgpt2 does not
+serve, inputs on another device or dtype than the model had when patched. Never silently a
+different result.
 
 ``model_from_hf(hf_model, backend)`` builds a fastgpt2 ``GPT2`` (its own KV cache, generation, CUDA
 graphs) whose weights are the very tensors of the transformers model (same data_ptr).
@@ -57,6 +62,8 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import inspect
+import re
 import types
 import warnings
 from collections import Counter
@@ -65,17 +72,26 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPT2Error
-from .backends import _split_heads, make_ops, resolve_backend
+from .backends import make_ops, resolve_backend
 from .config import ACTIVATIONS, GPT2Config
 
-TESTED_TRANSFORMERS = ("5.23.0",)
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")  # the oldest and the newest release the tests ran on
+ATTN_IMPLEMENTATION = "fastgpt2"  # the name registered with transformers' attention interfaces
 
 _STATE_ATTR = "_fastgpt2_patch"  # the _PatchState, on the GPT2Model
-_SLOT_ATTR = "_fastgpt2_slot"  # a _Slot, on each patched module
+_SLOT_ATTR = "_fastgpt2_slot"  # a _Slot, on each patched module (the attention modules included)
 # set while a call that cannot be served runs transformers' own code: every patched module defers
 _CALL_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpt2_hf_fallback", default=None)
 _MAX_DECODE_TOKENS = 8  # the decode kernel's limit on new tokens per step
 _KERNEL_HEAD_DIMS = (32, 64, 128)  # head sizes the Triton attention kernels are built for
+# keyword arguments transformers' GPT2Attention forwards to the attention function that fastgpt2 has
+# no use for (positions are already in the embeddings; the cache is already updated): anything else
+# is an error, never dropped
+_ATTENTION_KWARGS_IGNORED = frozenset({"position_ids", "use_cache", "cache_position"})
+# what patch_hf relies on, checked by name at patch time
+_GPT2_ATTENTION_ATTRS = ("scaling", "reorder_and_upcast_attn", "is_cross_attention", "layer_idx", "num_heads",
+                         "head_dim", "c_attn", "c_proj", "attn_dropout", "_upcast_and_reordered_attn")
+_GPT2_MODEL_PARAMS = ("attention_mask", "encoder_hidden_states", "use_cache")
 
 # (reason, detail) of a call that runs on transformers' own code, shared by the model-level and the
 # module-level checks
@@ -86,6 +102,7 @@ _TRAINING = ("training", "the model is in train mode with dropout > 0, which fas
 _OUTPUT_ATTENTIONS = ("output_attentions", "output_attentions=True is not served (fastgpt2's kernels never "
                                            "materialise attention weights)")
 _CROSS_ATTENTION = ("cross-attention", "cross-attention (encoder_hidden_states) is not served")
+_HEAD_MASK = ("head_mask", "a head mask is not served")
 
 
 class HFModelError(FastGPT2Error):
@@ -94,6 +111,10 @@ class HFModelError(FastGPT2Error):
 
 class FallbackWarning(UserWarning):
     """A call (or part of one) that fastgpt2 does not serve ran on transformers' own code."""
+
+
+class UntestedTransformersWarning(UserWarning):
+    """transformers is newer than the newest release patch_hf was tested with."""
 
 
 # -- finding the GPT-2 inside a transformers model ----------------------------------------------
@@ -105,15 +126,86 @@ def _gpt2_classes():
     return m
 
 
-def _check_transformers_version():
-    import transformers
+def _release(version: str) -> tuple[int, ...]:
+    """'5.24.0' -> (5, 24, 0); '5.25.0.dev0' -> (5, 25, 0)."""
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
+
+def _tested_range() -> str:
+    return f"{TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
+
+
+_warned_untested: set[str] = set()
+
+
+def _check_transformers_version(version: str | None = None) -> str:
+    """The installed transformers release; below the tested range an HFModelError, above it one
+    UntestedTransformersWarning per process."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if _release(version) < _release(TESTED_TRANSFORMERS[0]):
         raise HFModelError(
-            f"patch_hf needs transformers >= 5 (its GPT-2 attention takes a Cache object); this is "
-            f"transformers {transformers.__version__}. Tested with {', '.join(TESTED_TRANSFORMERS)}."
-        )
+            f"patch_hf needs transformers >= {TESTED_TRANSFORMERS[0]}; this is transformers {version} "
+            f"(tested range {_tested_range()}): pip install 'transformers>={TESTED_TRANSFORMERS[0]}'")
+    if _release(version) > _release(TESTED_TRANSFORMERS[1]) and version not in _warned_untested:
+        _warned_untested.add(version)
+        warnings.warn(
+            f"fastgpt2.patch_hf was tested with transformers {_tested_range()}; this is {version}. It checks the "
+            f"signatures it relies on and refuses a release that changed them, but run `fastgpt2 parity` on your "
+            f"model before trusting it", UntestedTransformersWarning, stacklevel=3)
+    return version
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def _check_api(m, gpt2, version: str) -> None:
+    """Everything patch_hf relies on, by name; a release that changed any of it is refused."""
+    problems = []
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:
+        problems.append(f"transformers' attention interfaces ({exc})")
+    else:
+        for name, obj in (("AttentionInterface.register", AttentionInterface),
+                          ("AttentionMaskInterface.register", AttentionMaskInterface)):
+            if not callable(getattr(obj, "register", None)):
+                problems.append(name)
+        if "attention_mask" not in _params(sdpa_mask):
+            problems.append("masking_utils.sdpa_mask(attention_mask=...)")
+    if not callable(getattr(gpt2, "set_attn_implementation", None)):
+        problems.append("PreTrainedModel.set_attn_implementation")
+    expected = {"GPT2MLP.forward": (m.GPT2MLP.forward, ["self", "hidden_states"]),
+                "Conv1D.forward": (m.Conv1D.forward, ["self", "x"]),
+                "nn.LayerNorm.forward": (torch.nn.LayerNorm.forward, ["self", "input"])}
+    for name, (fn, params) in expected.items():
+        if _params(fn) != params:
+            problems.append(f"{name}{tuple(_params(fn))} (expected {tuple(params)})")
+    model_params = _params(m.GPT2Model.forward)
+    problems += [f"GPT2Model.forward({p}=...)" for p in _GPT2_MODEL_PARAMS if p not in model_params]
+    for block in gpt2.h:
+        attn = block.attn
+        problems += [f"GPT2Attention.{a}" for a in _GPT2_ATTENTION_ATTRS if not hasattr(attn, a)]
+        problems += [f"Conv1D.{a}" for a in ("weight", "bias", "nf") if not hasattr(attn.c_attn, a)]
+        problems += [f"GPT2MLP.{a}" for a in ("c_fc", "c_proj", "act", "dropout") if not hasattr(block.mlp, a)]
+        break
+    if problems:
+        raise HFModelError(
+            f"transformers {version} changed what fastgpt2.patch_hf relies on: {', '.join(sorted(set(problems)))}. "
+            f"patch_hf is tested with transformers {_tested_range()}; install one of those "
+            f"(pip install 'transformers>={TESTED_TRANSFORMERS[0]},<={TESTED_TRANSFORMERS[1]}') or use "
+            f"fastgpt2.GPT2.from_hf(model), which only reads the weights")
+
+
+def cache_argument() -> str:
+    """The name under which this transformers release's GPT-2 forward takes and returns the cache:
+    "cache" from 5.24, "past_key_values" before (5.24 deprecated the old name, removed in 5.40)."""
+    m = _gpt2_classes()
+    return "cache" if "cache" in _params(m.GPT2Model.forward) else "past_key_values"
 
 
 def _describe(model) -> str:
@@ -149,21 +241,23 @@ class _PatchState:
         self.warned: set[str] = set()
         self.model_params: list[torch.nn.Parameter] = []
         self.dropouts: list[torch.nn.Dropout] = []
-        self._mask_memo = None  # (mask, version, S, past_len, result): one check per forward, not per layer
+        self.original_impl = "sdpa"  # the model's attn_implementation before patch_hf
+        self.n_layer = 0
+        self.attention_calls = 0  # calls of fastgpt2's attention function (served or deferred)
+        self.calls = []  # per GPT2Model call in flight: (attention_calls at its start, fallback token)
+        self._mask_memo = None  # (mask, version, S, T, result): one check per forward, not per layer
 
     def __deepcopy__(self, memo):
         """A copied model gets its own state: fresh ops and counters, its own parameters (through memo)."""
         new = _PatchState.__new__(_PatchState)
         memo[id(self)] = new
+        fresh = {"counts": Counter, "warned": set, "calls": list, "_mask_memo": lambda: None,
+                 "attention_calls": lambda: 0}
         for key, value in self.__dict__.items():
             if key == "ops":
                 value = make_ops(self.backend, self.device, self.dtype, self.ops.n_head, pack_weights=False)
-            elif key == "counts":
-                value = Counter()
-            elif key == "warned":
-                value = set()
-            elif key == "_mask_memo":
-                value = None
+            elif key in fresh:
+                value = fresh[key]()
             elif key == "label":
                 value = f"a copy of {self.label}"
             else:
@@ -180,12 +274,12 @@ class _PatchState:
                 f"(warned once per model and reason)", FallbackWarning, stacklevel=_caller_level(),
             )
 
-    def plain_causal(self, mask: torch.Tensor, s: int, past_len: int) -> bool:
+    def causal_past(self, mask: torch.Tensor, s: int, t: int) -> int | None:
         memo = self._mask_memo
-        if memo is not None and memo[0] is mask and memo[1:4] == (mask._version, s, past_len):
+        if memo is not None and memo[0] is mask and memo[1:4] == (mask._version, s, t):
             return memo[4]
-        result = _is_plain_causal(mask, s, past_len)
-        self._mask_memo = (mask, mask._version, s, past_len, result)
+        result = _causal_past(mask, s, t)
+        self._mask_memo = (mask, mask._version, s, t, result)
         return result
 
 
@@ -204,19 +298,29 @@ def _caller_level() -> int:
     return level
 
 
-def _is_plain_causal(mask: torch.Tensor, s: int, past_len: int) -> bool:
-    """Whether a transformers 4-D mask [B, 1 | H, S, K] (bool: True = attend; float: 0 = attend,
-    very negative = blocked) is exactly causal over past_len + S positions: no padding, no bias."""
-    if mask.dim() != 4 or mask.shape[-2] != s or mask.shape[-1] < past_len + s:
-        return False
+def _visible(mask: torch.Tensor) -> torch.Tensor | None:
+    """A transformers 4-D mask as bool (True = attend): bool masks as they are; float masks 0 = attend,
+    very negative = blocked; None for anything else (an additive bias)."""
     if mask.dtype == torch.bool:
-        visible = mask
-    else:
-        visible = mask == 0
-        blocked = mask <= torch.finfo(mask.dtype).min / 2  # transformers writes finfo.min (or -inf)
-        if not bool((visible | blocked).all()):
-            return False  # an additive bias: not a plain mask
-    return bool((visible == _causal_visible(mask.shape[-1], s, past_len, mask.device)).all())
+        return mask
+    visible = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2  # transformers writes finfo.min (or -inf)
+    return visible if bool((visible | blocked).all()) else None
+
+
+def _causal_past(mask: torch.Tensor, s: int, t: int) -> int | None:
+    """The past length p when `mask` [B, 1, S, T] is exactly causal at offset p for every sequence
+    (query j sees keys 0 .. p + j, no padding, nothing else), else None."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != s or mask.shape[3] != t:
+        return None
+    visible = _visible(mask)
+    if visible is None:
+        return None
+    seen = visible[:, 0, -1].sum(-1)  # [B] keys the last query sees: p + S when causal
+    past = int(seen[0]) - s
+    if past < 0:
+        return None
+    return past if bool((visible[:, 0] == _causal_visible(t, s, past, mask.device)).all()) else None
 
 
 def _causal_visible(k: int, s: int, past_len: int, device) -> torch.Tensor:
@@ -230,7 +334,7 @@ def _params_need_grad(params) -> bool:
 
 def _module_reason(state: _PatchState, module, x: torch.Tensor, dropouts=()) -> tuple[str, str] | None:
     """Why this module call cannot be served (reason, detail), or None."""
-    if _params_need_grad(module.parameters()):
+    if _params_need_grad(module.parameters()) or x.requires_grad:
         return _AUTOGRAD
     if module.training and any(p > 0 for p in dropouts):
         return _TRAINING
@@ -243,15 +347,24 @@ def _module_reason(state: _PatchState, module, x: torch.Tensor, dropouts=()) -> 
     return None
 
 
-# -- the patched forwards --------------------------------------------------------------------------
+def _refuse_extra(where: str, args, kwargs) -> None:
+    if args or kwargs:
+        given = [f"{len(args)} more positional" if args else None] + [f"{k}=" for k in kwargs]
+        raise FastGPT2Error(
+            f"fastgpt2.patch_hf: {where} got arguments it does not know ({', '.join(g for g in given if g)}); "
+            f"this transformers release calls it differently from the tested ones ({_tested_range()}): "
+            f"fastgpt2.unpatch_hf(model) runs transformers' own code")
+
+
+# -- the patched leaf forwards ---------------------------------------------------------------------
 # Each patched module holds a _Slot in its __dict__ and a forward bound to it with types.MethodType,
 # reading the state from the slot: copy.deepcopy of a patched model gives a patched copy running on
 # the copy's own parameters (deepcopy rebinds bound methods and copies the slot and the state).
 class _Slot:
     def __init__(self, state, original, previous, extra=()):
         self.state = state
-        self.original = original  # the forward to fall back to (bound to this module)
-        self.previous = previous  # (had an instance forward before the patch, which one)
+        self.original = original  # the forward to fall back to (bound to this module); None: not replaced
+        self.previous = previous  # (had an instance forward before the patch, which one); None: not replaced
         self.extra = extra
 
 
@@ -259,7 +372,8 @@ def _slot(module) -> _Slot:
     return module.__dict__[_SLOT_ATTR]
 
 
-def _layer_norm_forward(self, x):
+def _layer_norm_forward(self, x, *args, **kwargs):
+    _refuse_extra("LayerNorm.forward", args, kwargs)
     slot = _slot(self)
     state, original = slot.state, slot.original
     if _CALL_FALLBACK.get() is not None:
@@ -271,12 +385,13 @@ def _layer_norm_forward(self, x):
         state.fallback(*why)
         return original(x)
     e = self.weight.shape[0]
-    y, _ = state.ops.layer_norm(x.reshape(-1, e).contiguous(), None, self.weight, self.bias, self.eps)
+    y, _ = state.ops.layer_norm(x.reshape(-1, e).contiguous(), None, self.weight, self.bias, self.eps)  # [M, E]
     state.counts["layer_norm"] += 1
     return y.view(x.shape)
 
 
-def _mlp_forward(self, hidden_states):
+def _mlp_forward(self, hidden_states, *args, **kwargs):
+    _refuse_extra("GPT2MLP.forward", args, kwargs)
     slot = _slot(self)
     state, original, (activation, act_name) = slot.state, slot.original, slot.extra
     if _CALL_FALLBACK.get() is not None:
@@ -288,125 +403,202 @@ def _mlp_forward(self, hidden_states):
         state.fallback(*why)
         return original(hidden_states)
     ops, shape = state.ops, hidden_states.shape
-    x = hidden_states.reshape(-1, shape[-1]).contiguous()
-    h = ops.linear(x, self.c_fc.weight, self.c_fc.bias, activation=activation)
-    out = ops.linear(h, self.c_proj.weight, self.c_proj.bias)
+    x = hidden_states.reshape(-1, shape[-1]).contiguous()  # [M, E]
+    h = ops.linear(x, self.c_fc.weight, self.c_fc.bias, activation=activation)  # [M, inner]
+    out = ops.linear(h, self.c_proj.weight, self.c_proj.bias)  # [M, E]
     state.counts["mlp"] += 1
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """A cache tensor the Triton launchers accept: contiguous, 16-byte aligned."""
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        t = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
-    return t
-
-
-def _attention_extra(module):
-    scale = getattr(module, "scaling", None)
-    if scale is None:  # transformers versions before the precomputed `scaling`: the same rule, ours
-        scale = GPT2Config.from_hf(module.config.to_dict()).attn_scale(module.layer_idx)
-    return float(scale), bool(module.reorder_and_upcast_attn)
-
-
-def _attention_forward(self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None,
-                       encoder_attention_mask=None, output_attentions=False, **kwargs):
-    slot = _slot(self)
-    state, original, (scale, upcast) = slot.state, slot.original, slot.extra
-
-    def run_original():
-        return original(hidden_states, past_key_values=past_key_values, attention_mask=attention_mask,
-                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                        output_attentions=output_attentions, **kwargs)
-
-    if _CALL_FALLBACK.get() is not None:
-        return run_original()
-    if self.is_cross_attention or encoder_hidden_states is not None:
-        why = _CROSS_ATTENTION
-    elif output_attentions:
-        why = _OUTPUT_ATTENTIONS
-    else:
-        why = _module_reason(state, self, hidden_states, (self.attn_dropout.p, self.resid_dropout.p))
-    if why is not None:
-        state.fallback(*why)
-        return run_original()
-    return _serve_attention(state, self, hidden_states, past_key_values, attention_mask, scale, upcast)
-
-
-def _serve_attention(state, module, hidden_states, past_key_values, attention_mask, scale, upcast):
-    ops = state.ops
-    b, s, e = hidden_states.shape
-    nh, d = module.num_heads, module.head_dim
-    qkv = ops.linear(hidden_states.reshape(b * s, e).contiguous(), module.c_attn.weight, module.c_attn.bias)
-    qkv = qkv.view(b, s, 3 * e)
-    q, k, v = _split_heads(qkv, nh)  # [B, H, S, D] views, as transformers splits
-
-    cache = past_key_values
-    if cache is not None:
-        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: this is self-attention
-        past_len = int(cache.get_seq_length(module.layer_idx))
-        keys, values = cache.update(k, v, module.layer_idx)
-    else:
-        past_len, keys, values = 0, k, v
-    total = past_len + s
-    causal = attention_mask is None or state.plain_causal(attention_mask, s, past_len)
-    if causal and past_len == 0:
-        if cache is not None and keys.shape[2] == s and keys.is_contiguous() and keys.data_ptr() % 16 == 0 \
-                and values.is_contiguous() and values.data_ptr() % 16 == 0:
-            k_buf, v_buf = keys, values  # the kernel writes the same K/V into them again
-        else:
-            k_buf = torch.empty(b, nh, s, d, dtype=qkv.dtype, device=qkv.device)
-            v_buf = torch.empty_like(k_buf)
-        lens = torch.full((b,), s, dtype=torch.int32, device=qkv.device)
-        att = ops.prefill_attention(qkv, k_buf, v_buf, lens, scale, upcast)
-        state.counts["prefill"] += 1
-    elif causal and s <= _MAX_DECODE_TOKENS and keys.shape[2] >= total:
-        k_buf, v_buf = _kernel_ready(keys), _kernel_ready(values)
-        lens = torch.full((b,), past_len, dtype=torch.int32, device=qkv.device)
-        att = ops.decode_attention(qkv, k_buf, v_buf, lens, scale, upcast, total)
-        state.counts["decode"] += 1
-    else:
-        if attention_mask is None:  # causal over a past, more than the decode kernel's new tokens
-            attention_mask = _causal_visible(keys.shape[2], s, past_len, qkv.device)[None, None]
-        mask = attention_mask
-        if upcast and q.dtype != torch.float32:
-            q, keys, values = q.float(), keys.float(), values.float()
-            if mask.dtype != torch.bool:
-                mask = mask.float()
-        elif mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, H, S, D]
-        att = out.to(qkv.dtype).transpose(1, 2).reshape(b, s, e)
-        state.counts["sdpa"] += 1
-    out = ops.linear(att.reshape(b * s, e).contiguous(), module.c_proj.weight, module.c_proj.bias)
-    return out.view(b, s, e), None
-
-
-def _gpt2_model_forward(self, *args, **kwargs):
-    """The GPT2Model's forward: decides, for the whole call, what cannot be served."""
+def _conv1d_forward(self, x, *args, **kwargs):
+    """The attention's c_attn / c_proj: [.., K] @ weight [K, N] + bias."""
+    _refuse_extra("Conv1D.forward", args, kwargs)
     slot = _slot(self)
     state, original = slot.state, slot.original
     if _CALL_FALLBACK.get() is not None:
-        return original(*args, **kwargs)
-    why = None
-    if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
-        why = _OUTPUT_ATTENTIONS
-    elif kwargs.get("encoder_hidden_states") is not None or (len(args) > 6 and args[6] is not None):
-        why = _CROSS_ATTENTION
-    elif kwargs.get("head_mask") is not None:
-        why = ("head_mask", "a head mask is not served")
-    elif any(d.training and d.p > 0 for d in state.dropouts):
-        why = _TRAINING
-    elif _params_need_grad(state.model_params):
-        why = _AUTOGRAD
-    if why is None:
-        return original(*args, **kwargs)
-    state.fallback(*why)
-    token = _CALL_FALLBACK.set(why[0])
+        return original(x)
+    why = _module_reason(state, self, x)
+    if why is not None:
+        state.fallback(*why)
+        return original(x)
+    y = state.ops.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)  # [M, N]
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# -- attention through transformers' AttentionInterface ----------------------------------------------
+def _module_scale(module) -> float:
+    scale = module.scaling
+    if scale is None:
+        scale = GPT2Config.from_hf(module.config.to_dict()).attn_scale(module.layer_idx)
+    return float(scale)
+
+
+def _eager_mask(mask, query, key):
+    """The additive float mask eager attention takes, from the bool (SDPA) mask fastgpt2's mask
+    function builds; None (SDPA's is_causal) is made explicit: upper-left causal for S > 1."""
+    s, t = query.shape[2], key.shape[2]
+    if mask is None:
+        if s == 1:
+            return None
+        mask = _causal_visible(t, s, 0, query.device)[None, None]
+    if mask.dtype != torch.bool:
+        return mask.to(query.dtype)
+    blocked = torch.full(mask.shape, torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
+    return blocked.masked_fill(mask, 0.0)
+
+
+def _transformers_attention(state, module, query, key, value, attention_mask, dropout, scaling, reason, kwargs):
+    """transformers' own attention for this call: eager (the model's choice, or output_attentions,
+    which needs the weights), else the model's own implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = state.original_impl
+    if reason == _OUTPUT_ATTENTIONS[0] or impl == "eager" or impl not in ALL_ATTENTION_FUNCTIONS:
+        mask = _eager_mask(attention_mask, query, key)
+        if module.reorder_and_upcast_attn:
+            return module._upcast_and_reordered_attn(query, key, value, mask)
+        m = _gpt2_classes()
+        return m.eager_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """fastgpt2's attention for transformers' AttentionInterface. query [B, H, S, D]; key, value
+    [B, H, T, D] (transformers' cache, already updated; read only); attention_mask None or
+    [B, 1, S, T] from fastgpt2's mask function. Returns ([B, S, H, D], None)."""
+    slot = module.__dict__.get(_SLOT_ATTR)
+    if slot is None:
+        raise FastGPT2Error(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} is set on a model that fastgpt2.patch_hf did not patch "
+            f"(or a copy made without copy.deepcopy): call fastgpt2.patch_hf(model), or "
+            f"model.set_attn_implementation('sdpa')")
+    unknown = sorted(set(kwargs) - _ATTENTION_KWARGS_IGNORED)
+    if unknown:
+        _refuse_extra("the attention function", (), dict.fromkeys(unknown))
+    state = slot.state
+    state.attention_calls += 1
+    reason = _CALL_FALLBACK.get()
+    if reason is None:
+        why = None
+        if module.is_cross_attention:
+            why = _CROSS_ATTENTION
+        elif dropout > 0:
+            why = _TRAINING
+        else:
+            why = _module_reason(state, module, query)
+        if why is not None:
+            state.fallback(*why)
+            reason = why[0]
+    if reason is not None:
+        return _transformers_attention(state, module, query, key, value, attention_mask, dropout, scaling, reason,
+                                       kwargs)
+    ops = state.ops
+    b, h, s, d = query.shape
+    t = key.shape[2]
+    scale = float(scaling) if scaling is not None else _module_scale(module)
+    upcast = bool(module.reorder_and_upcast_attn)
+    if attention_mask is None:  # SDPA's convention: is_causal (upper-left) for S > 1, every key for S == 1
+        past = 0 if s > 1 else t - 1
+    else:
+        past = state.causal_past(attention_mask, s, t)
+    if past == 0 and s <= t:
+        out = ops.prefill_attention_separate(query, key, value, scale, upcast)  # [B, S, H*D]
+        state.counts["prefill"] += 1
+    elif past is not None and s <= _MAX_DECODE_TOKENS:
+        out = ops.decode_attention_separate(query, key, value, past, scale, upcast)  # [B, S, H*D]
+        state.counts["decode"] += 1
+    else:
+        mask = attention_mask
+        if mask is None:  # more than the decode kernel's new tokens over a past
+            mask = _causal_visible(t, s, past, query.device)[None, None]
+        q, k, v = query, key, value
+        if upcast and q.dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, S, D]
+        out = out.to(query.dtype).transpose(1, 2)  # [B, S, H, D]
+        state.counts["sdpa"] += 1
+    return out.reshape(b, s, h, d), None
+
+
+def _attention_mask(*args, **kwargs):
+    """fastgpt2's mask function for AttentionMaskInterface: transformers' own SDPA mask (bool
+    [B, 1, S, T], True = attend; None where SDPA's is_causal suffices)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _attention_mask)
+
+
+# -- model-level guards: hooks on the GPT2Model ------------------------------------------------------
+def _model_reason(gpt2, state, arguments) -> tuple[str, str] | None:
+    if arguments.get("output_attentions", getattr(gpt2.config, "output_attentions", False)):
+        return _OUTPUT_ATTENTIONS
+    if arguments.get("encoder_hidden_states") is not None:
+        return _CROSS_ATTENTION
+    if arguments.get("head_mask") is not None:
+        return _HEAD_MASK
+    if any(d.training and d.p > 0 for d in state.dropouts):
+        return _TRAINING
+    if _params_need_grad(state.model_params):
+        return _AUTOGRAD
+    return None
+
+
+def _pre_hook(gpt2, args, kwargs):
+    state = gpt2.__dict__[_STATE_ATTR]
     try:
-        return original(*args, **kwargs)
-    finally:
+        arguments = inspect.signature(type(gpt2).forward).bind(gpt2, *args, **kwargs).arguments
+    except TypeError:
+        arguments = dict(kwargs)  # transformers itself reports the bad call
+    arguments.update(arguments.pop("kwargs", {}))
+    token = None
+    if _CALL_FALLBACK.get() is None:
+        why = _model_reason(gpt2, state, arguments)
+        if why is not None:
+            state.fallback(*why)
+            token = _CALL_FALLBACK.set(why[0])
+    state.calls.append((state.attention_calls, token))
+    return None
+
+
+def _post_hook(gpt2, args, kwargs, output):
+    state = gpt2.__dict__[_STATE_ATTR]
+    if not state.calls:
+        return None
+    start, token = state.calls.pop()
+    if token is not None:
         _CALL_FALLBACK.reset(token)
+    ran = state.attention_calls - start
+    if output is not None and ran < state.n_layer:
+        import transformers
+
+        raise HFModelError(
+            f"transformers {transformers.__version__} ran this GPT2Model call without calling fastgpt2's attention "
+            f"({ran} of {state.n_layer} layers): the model is not running on fastgpt2. Tested range "
+            f"{_tested_range()}; fastgpt2.unpatch_hf(model) restores transformers' own code")
+    return None
+
+
+def _remove_hooks(gpt2) -> None:
+    for hook_id, fn in list(gpt2._forward_pre_hooks.items()):
+        if fn is _pre_hook:
+            del gpt2._forward_pre_hooks[hook_id]
+            gpt2._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    for hook_id, fn in list(gpt2._forward_hooks.items()):
+        if fn is _post_hook:
+            del gpt2._forward_hooks[hook_id]
+            gpt2._forward_hooks_with_kwargs.pop(hook_id, None)
+            gpt2._forward_hooks_always_called.pop(hook_id, None)
 
 
 # -- public ------------------------------------------------------------------------------------
@@ -426,7 +618,8 @@ def patch_hf(model, backend: str = "auto"):
     TRITON_INTERPRET=1). Patching an already patched model re-patches it with `backend`."""
     m = _gpt2_classes()
     gpt2 = _find_gpt2(model)
-    _check_transformers_version()
+    version = _check_transformers_version()
+    _check_api(m, gpt2, version)
     if getattr(gpt2, _STATE_ATTR, None) is not None:  # kept on the GPT2Model: patching a head model or its
         unpatch_hf(gpt2)                              # .transformer is the same patch
     first = next(gpt2.parameters())
@@ -442,6 +635,8 @@ def patch_hf(model, backend: str = "auto"):
     state = _PatchState(backend, device, dtype, cfg.num_attention_heads, f"{type(model).__name__} at {id(model):#x}")
     state.model_params = list(gpt2.parameters())
     state.dropouts = [d for d in gpt2.modules() if isinstance(d, torch.nn.Dropout)]
+    state.original_impl = cfg._attn_implementation
+    state.n_layer = len(gpt2.h)
     act_name = getattr(cfg, "activation_function", "gelu_new")
     try:
         from transformers.activations import ACT2FN
@@ -456,29 +651,51 @@ def patch_hf(model, backend: str = "auto"):
             activation = ACTIVATIONS.get(act_name) if type(module.act) is act_type else None
             _set_forward(state, module, _mlp_forward, (activation, act_name))
         elif isinstance(module, m.GPT2Attention):
-            _set_forward(state, module, _attention_forward, _attention_extra(module))
-    _set_forward(state, gpt2, _gpt2_model_forward)
+            object.__setattr__(module, _SLOT_ATTR, _Slot(state, None, None))  # read by _attention
+            if not module.is_cross_attention:
+                _set_forward(state, module.c_attn, _conv1d_forward)
+                _set_forward(state, module.c_proj, _conv1d_forward)
     object.__setattr__(gpt2, _STATE_ATTR, state)
+    gpt2.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    gpt2.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    _register()
+    try:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        selected = (model.config._attn_implementation, gpt2.config._attn_implementation)
+    except Exception as exc:
+        unpatch_hf(model)
+        raise HFModelError(f"transformers {version} refused attn_implementation={ATTN_IMPLEMENTATION!r}: {exc}") from exc
+    if selected != (ATTN_IMPLEMENTATION, ATTN_IMPLEMENTATION):
+        unpatch_hf(model)
+        raise HFModelError(
+            f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) did not take (config._attn_implementation is "
+            f"{selected[0]!r}) with transformers {version}; tested range {_tested_range()}")
     return model
 
 
 def unpatch_hf(model):
-    """Undo patch_hf: every module gets back the forward it had; returns the model. A model that is not
-    patched is returned unchanged."""
+    """Undo patch_hf: every module gets back the forward it had and the model its attention
+    implementation; returns the model. A model that is not patched is returned unchanged."""
     gpt2 = _find_gpt2(model)
-    if getattr(gpt2, _STATE_ATTR, None) is None:
+    state = getattr(gpt2, _STATE_ATTR, None)
+    if state is None:
         return model
     for module in gpt2.modules():
         slot = module.__dict__.get(_SLOT_ATTR)
         if slot is None:
             continue
-        had, previous = slot.previous
-        if had:
-            object.__setattr__(module, "forward", previous)
-        else:
-            object.__delattr__(module, "forward")
+        if slot.previous is not None:
+            had, previous = slot.previous
+            if had:
+                object.__setattr__(module, "forward", previous)
+            else:
+                object.__delattr__(module, "forward")
         object.__delattr__(module, _SLOT_ATTR)
+    _remove_hooks(gpt2)
     object.__delattr__(gpt2, _STATE_ATTR)
+    if gpt2.config._attn_implementation == ATTN_IMPLEMENTATION:
+        target = model if hasattr(model, "set_attn_implementation") else gpt2
+        target.set_attn_implementation(state.original_impl)
     return model
 
 
@@ -531,4 +748,5 @@ def model_from_hf(hf_model, backend: str = "auto"):
 
 
 __all__ = ["patch_hf", "unpatch_hf", "is_patched", "patch_stats", "model_from_hf", "HFModelError",
-           "FallbackWarning", "TESTED_TRANSFORMERS"]
+           "FallbackWarning", "UntestedTransformersWarning", "TESTED_TRANSFORMERS", "ATTN_IMPLEMENTATION",
+           "cache_argument"]

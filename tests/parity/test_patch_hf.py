@@ -1,7 +1,13 @@
 """fastgpt2.patch_hf: a live transformers GPT-2 running on fastgpt2's ops gives the same results as
-transformers (forward, pipeline sampling, left-padded greedy, beam search, past_key_values,
-hidden states), shares its weights, falls back visibly where it cannot serve, and unpatches exactly.
-Also model_from_hf (a fastgpt2 GPT2 on the same tensors) and the error for non-GPT-2 models."""
+transformers (forward, pipeline sampling, greedy plain and left-padded, DynamicCache and StaticCache,
+beam search, the cache argument, hidden states, scores), shares its weights, falls back visibly where
+it cannot serve, refuses what it does not know, and unpatches exactly. Also model_from_hf (a fastgpt2
+GPT2 on the same tensors) and the error for non-GPT-2 models.
+
+Run on both ends of the tested range (TESTED_TRANSFORMERS): .ci/run runs this directory with the
+newest and the oldest release. transformers' deprecation warnings are errors here: a test that
+passes an argument by a name the installed release deprecated fails."""
+import inspect
 import os
 import warnings
 
@@ -10,7 +16,22 @@ import torch
 from hf_reference import VOCAB, hf_greedy, hf_model
 
 import fastgpt2
-from fastgpt2.runtime.hf import FallbackWarning, HFModelError, is_patched, model_from_hf, patch_hf, patch_stats, unpatch_hf
+from fastgpt2.runtime import hf as hf_mod
+from fastgpt2.runtime.hf import (FallbackWarning, HFModelError, UntestedTransformersWarning, is_patched, model_from_hf,
+                                 patch_hf, patch_stats, unpatch_hf)
+
+pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"), pytest.mark.filterwarnings("error::DeprecationWarning")]
+
+
+def _cache_name():
+    """The cache argument and output field of this transformers release: "cache" from 5.24,
+    "past_key_values" before."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Model
+
+    return "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
+
+
+CACHE = _cache_name()
 
 SMALL = dict(n_layer=2, n_embd=64, n_head=4)
 CRFM = dict(n_layer=3, n_embd=64, n_head=4, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
@@ -62,7 +83,7 @@ def cached_logits(model, ids, steps):
         out = model(ids, use_cache=True)
         outs.append(out.logits)
         for step in steps:
-            out = model(step, past_key_values=out.past_key_values, use_cache=True)
+            out = model(step, use_cache=True, **{CACHE: out[CACHE]})
             outs.append(out.logits)
     return outs
 
@@ -74,12 +95,12 @@ def test_model_card_pipeline_sampling_gives_the_same_texts(tokenizer):
     model = lm_for(tokenizer, seed=11, **SMALL)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     set_seed(42)
-    expected = generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+    expected = generator("Hello, I'm a language model,", max_new_tokens=20, num_return_sequences=5)
 
     assert patch_hf(model) is model and is_patched(model)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     set_seed(42)
-    got = generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+    got = generator("Hello, I'm a language model,", max_new_tokens=20, num_return_sequences=5)
     texts = [r["generated_text"] for r in got]
     assert texts == [r["generated_text"] for r in expected]
     assert len(texts) == 5 and len(set(texts)) > 1  # really sampled, five different continuations
@@ -100,7 +121,15 @@ def test_greedy_left_padded_batch_of_three(tokenizer):
     assert torch.equal(got, expected)
     assert tokenizer.batch_decode(got) == tokenizer.batch_decode(expected)
     stats = served(model)
-    assert stats["sdpa"] > 0  # padding: torch SDPA with transformers' mask
+    # a padded batch: every step runs torch SDPA with transformers' mask (the decode kernel has no
+    # per-sequence key start); the unpadded row alone, generated with the same model, decodes on the kernel
+    assert stats["sdpa"] == 16 * SMALL["n_layer"] and "decode" not in stats
+    row = enc["attention_mask"].all(dim=1).nonzero()[0].item()
+    with torch.no_grad():
+        alone = model.generate(enc["input_ids"][row:row + 1], attention_mask=enc["attention_mask"][row:row + 1],
+                               max_new_tokens=16, do_sample=False)
+    assert torch.equal(alone, expected[row:row + 1])
+    assert served(model)["decode"] == 15 * SMALL["n_layer"]
 
 
 def test_beam_search_four_beams(tokenizer):
@@ -121,6 +150,49 @@ def test_beam_search_four_beams(tokenizer):
     assert stats["sdpa"] > 0 and stats["decode"] > 0  # padded batch, then the unpadded prompt on the kernels
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_greedy_on_transformers_caches(cache_implementation):
+    """DynamicCache (the default) and StaticCache (upper-left causal prefill over an empty buffer,
+    then decode steps with a materialised mask): transformers' cache, fastgpt2's kernels."""
+    model = hf_model(seed=23, **SMALL)
+    ids = rand_ids(15, (2, 9))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+              cache_implementation=cache_implementation)
+    with torch.no_grad():
+        expected = model.generate(ids, **kw)
+        patch_hf(model)
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, expected)
+    stats = served(model)
+    assert stats["prefill"] == SMALL["n_layer"] and stats["decode"] == 11 * SMALL["n_layer"] and "sdpa" not in stats
+
+
+def test_generate_without_cache_and_with_scores():
+    """use_cache=False: every step a full causal prefill; return_dict_in_generate with scores and
+    hidden states: the same scores (fp32 tolerance) and tokens."""
+    model = hf_model(seed=24, **SMALL)
+    ids = rand_ids(16, (1, 7))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    rich = dict(kw, return_dict_in_generate=True, output_scores=True, output_hidden_states=True)
+    with torch.no_grad():
+        expected_plain = model.generate(ids, use_cache=False, **kw)
+        expected = model.generate(ids, **rich)
+        patch_hf(model)
+        got_plain = model.generate(ids, use_cache=False, **kw)
+        assert torch.equal(got_plain, expected_plain)
+        assert served(model) == {"prefill": 6 * SMALL["n_layer"], "layer_norm": 6 * (2 * SMALL["n_layer"] + 1),
+                                 "mlp": 6 * SMALL["n_layer"]}
+        got = model.generate(ids, **rich)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.scores) == len(expected.scores) == 6
+    for g, e in zip(got.scores, expected.scores):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert len(got.hidden_states) == 6 and len(got.hidden_states[0]) == SMALL["n_layer"] + 1
+    for g, e in zip(got.hidden_states[-1], expected.hidden_states[-1]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert served(model)["decode"] == 5 * SMALL["n_layer"]
+
+
 # -- forward, cache, hidden states ----------------------------------------------------------------
 def test_forward_past_key_values_and_hidden_states():
     model = hf_model(seed=14, **SMALL)
@@ -133,10 +205,10 @@ def test_forward_past_key_values_and_hidden_states():
             out = model(ids, use_cache=True, output_hidden_states=True)
             outs.append(out.logits)
             hidden = out.hidden_states
-            past = out.past_key_values
+            past = out[CACHE]
             for step in more:
-                out = model(step, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(step, use_cache=True, **{CACHE: past})  # the release's own argument name
+                past = out[CACHE]
                 outs.append(out.logits)
         return outs, hidden, past.get_seq_length()
 
@@ -160,6 +232,7 @@ def test_no_parameter_is_copied_and_unpatch_restores_bit_for_bit():
         before = model(ids).logits
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
     patch_hf(model)
+    assert model.config._attn_implementation == hf_mod.ATTN_IMPLEMENTATION
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     with torch.no_grad():
         patched = model(ids).logits
@@ -176,6 +249,9 @@ def test_no_parameter_is_copied_and_unpatch_restores_bit_for_bit():
         after = model(ids).logits
     assert not is_patched(model) and patch_stats(model) == {}
     assert all("forward" not in mod.__dict__ for mod in model.modules())
+    assert all(not any(k.startswith("_fastgpt2") for k in mod.__dict__) for mod in model.modules())
+    assert not model.transformer._forward_pre_hooks and not model.transformer._forward_hooks
+    assert model.config._attn_implementation == "sdpa"  # the original implementation is back
     assert torch.equal(after, before)
 
 
@@ -346,3 +422,72 @@ def test_a_model_other_than_gpt2_is_a_clear_error(kind):
         assert isinstance(info.value, fastgpt2.FastGPT2Error)
     with pytest.raises(HFModelError, match=name):
         unpatch_hf(model)
+
+
+# -- nothing swallowed, the tested range ---------------------------------------------------------
+def test_an_argument_fastgpt2_does_not_know_is_an_error_not_dropped():
+    model = patch_hf(hf_model(seed=25, **SMALL))
+    ids = rand_ids(17, (1, 5))
+    with torch.no_grad(), pytest.raises(fastgpt2.FastGPT2Error, match=r"attention function got arguments it does not "
+                                                                     r"know \(softcap=\)"):
+        model(ids, softcap=30.0)  # transformers hands unknown kwargs down to the attention function
+    with pytest.raises(fastgpt2.FastGPT2Error, match=r"GPT2MLP.forward got arguments it does not know \(scale=\)"):
+        model.transformer.h[0].mlp(torch.randn(1, 2, 64), scale=2.0)
+
+
+@pytest.mark.parametrize("change", ["mlp", "conv1d", "model"])
+def test_a_release_that_renamed_an_argument_is_refused(monkeypatch, change):
+    """A fake release whose signatures differ from the tested ones: patch_hf refuses, naming the
+    release and the tested range, and leaves the model as it was."""
+    from transformers.models.gpt2 import modeling_gpt2 as m
+
+    if change == "mlp":
+        monkeypatch.setattr(m.GPT2MLP, "forward", lambda self, hidden: hidden)  # hidden_states -> hidden
+        what = r"GPT2MLP.forward\('self', 'hidden'\)"
+    elif change == "conv1d":
+        monkeypatch.setattr(m.Conv1D, "forward", lambda self, x, bias_scale=1.0: x)
+        what = r"Conv1D.forward"
+    else:
+        def forward(self, input_ids=None, cache=None, attn_mask=None, encoder_hidden_states=None, use_cache=None):
+            raise AssertionError("never called")
+
+        monkeypatch.setattr(m.GPT2Model, "forward", forward)  # attention_mask -> attn_mask
+        what = r"GPT2Model.forward\(attention_mask=...\)"
+    model = hf_model(seed=26, **SMALL)
+    with pytest.raises(HFModelError, match=rf"transformers .* changed what fastgpt2.patch_hf relies on: .*{what}.*"
+                                           rf"tested with transformers 5.17.0 to 5.24.0"):
+        patch_hf(model)
+    assert not is_patched(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_transformers_that_bypasses_the_attention_interface_is_an_error():
+    model = patch_hf(hf_model(seed=27, **SMALL))
+    model.config._attn_implementation = "sdpa"  # as a release that stopped dispatching through the interface
+    with torch.no_grad(), pytest.raises(HFModelError, match=r"without calling fastgpt2's attention \(0 of 2 layers\)"):
+        model(rand_ids(18, (1, 4)))
+
+
+def test_the_tested_range_is_enforced(monkeypatch):
+    assert hf_mod.TESTED_TRANSFORMERS == ("5.17.0", "5.24.0")
+    with pytest.raises(HFModelError, match=r"needs transformers >= 5.17.0; this is transformers 5.16.2"):
+        hf_mod._check_transformers_version("5.16.2")
+    with pytest.raises(HFModelError, match=r"this is transformers 4.57.1"):
+        hf_mod._check_transformers_version("4.57.1")
+    for v in ("5.17.0", "5.20.1", "5.24.0"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert hf_mod._check_transformers_version(v) == v
+    monkeypatch.setattr(hf_mod, "_warned_untested", set())
+    with pytest.warns(UntestedTransformersWarning, match=r"tested with transformers 5.17.0 to 5.24.0; this is 5.31.0"):
+        hf_mod._check_transformers_version("5.31.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_mod._check_transformers_version("5.31.0")  # once per process
+
+
+def test_a_model_selecting_fastgpt2_without_the_patch_is_a_clear_error():
+    model = patch_hf(hf_model(seed=28, **SMALL))
+    unpatch_hf(model)
+    model.config._attn_implementation = hf_mod.ATTN_IMPLEMENTATION  # e.g. a config saved from a patched model
+    with torch.no_grad(), pytest.raises(fastgpt2.FastGPT2Error, match=r"did not patch"):
+        model(rand_ids(19, (1, 4)))
