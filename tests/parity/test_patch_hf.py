@@ -491,3 +491,29 @@ def test_a_model_selecting_fastgpt2_without_the_patch_is_a_clear_error():
     model.config._attn_implementation = hf_mod.ATTN_IMPLEMENTATION  # e.g. a config saved from a patched model
     with torch.no_grad(), pytest.raises(fastgpt2.FastGPT2Error, match=r"did not patch"):
         model(rand_ids(19, (1, 4)))
+
+
+def test_the_cache_argument_under_both_names_the_release_accepts():
+    """transformers 5.24 renamed GPT-2's past_key_values to cache (the old name deprecated until 5.40).
+    The old patch replaced forwards that named past_key_values, so cache= vanished into **kwargs and
+    every decode step ran without its past. Both names must give transformers' logits, on the decode
+    kernel; on 5.17 the only name is past_key_values."""
+    from transformers import __version__
+
+    assert CACHE == ("cache" if hf_mod._release(__version__) >= (5, 24, 0) else "past_key_values")
+    model = hf_model(seed=29, **SMALL)
+    ids, step = rand_ids(20, (2, 7)), rand_ids(21, (2, 1))
+    with torch.no_grad():
+        first = model(ids, use_cache=True)
+        expected = model(step, use_cache=True, **{CACHE: first[CACHE]}).logits
+        patch_hf(model)
+        names = ["past_key_values"] + (["cache"] if CACHE == "cache" else [])
+        for name in names:
+            past = model(ids, use_cache=True)[CACHE]
+            if name != CACHE:  # the deprecated spelling: transformers warns and maps it
+                with pytest.warns(FutureWarning, match="past_key_values"):
+                    got = model(step, use_cache=True, past_key_values=past).logits
+            else:
+                got = model(step, use_cache=True, **{name: past}).logits
+            assert (got - expected).abs().max().item() <= 1e-5, name
+    assert served(model)["decode"] == len(names) * SMALL["n_layer"]
