@@ -8,7 +8,8 @@ and times `new_tokens` greedy decode steps:
 - transformers: the model's own forward over its DynamicCache, one token per sequence per step,
   plus argmax (no generate() bookkeeping: the reference's cheapest decode loop).
 extra_info: decode tok/s, ms per step, weight GB/s and % of the memory bandwidth measured in the
-same session (fastgpt2.benchmark), and the speedup over transformers at the same batch.
+same session (fastgpt2.benchmark), the speedup over transformers at the same batch, torch's CPU
+capability and (fastgpt2[torch] on the CPU) the GEMM path chosen for it.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import pytest
 import torch
 from benchlib import DECODE_RESULTS, DEVICE, SMALL, median_seconds
 
-from fastgpt2.benchmark import (decode_weight_bytes, hf_prefill_kwargs, kv_read_bytes, measure_bandwidth,
-                                reference_model, sync)
+from fastgpt2.benchmark import (cpu_capability, decode_weight_bytes, hf_prefill_kwargs, kv_read_bytes,
+                                measure_bandwidth, reference_model, sync)
 from fastgpt2.runtime.config import GPT2Config
+from fastgpt2.runtime.hf import cache_argument
 from fastgpt2.runtime.model import GPT2, resolve_dtype
 
 if SMALL:
@@ -71,19 +73,20 @@ def _fastgpt2_round(model, ids):
 
 def _hf_round(hf, ids):
     prefill_kwargs = hf_prefill_kwargs(hf)
+    name = cache_argument()  # "cache" from transformers 5.24, "past_key_values" before
 
     def setup():
         with torch.inference_mode():
             out = hf(ids, use_cache=True, **prefill_kwargs)
             tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(DEVICE)
-        return (tokens, out.past_key_values), {}
+        return (tokens, out[name]), {}
 
     def decode(tokens, past):
         with torch.inference_mode():
             for _ in range(NEW_TOKENS):
-                out = hf(tokens, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = hf(tokens, use_cache=True, **{name: past})
+                past = out[name]
                 tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         sync(DEVICE)
 
@@ -109,7 +112,11 @@ def test_decode_tokens_per_second(benchmark, engines, bandwidth, engine, batch):
                 dtype=str(DTYPE).removeprefix("torch."), decode_tok_s=round(batch / step_s, 2),
                 ms_per_step=round(1e3 * step_s, 3), weight_GB_per_s=round(weight_gbps, 2),
                 roofline_pct=round(100 * weight_gbps / bandwidth, 1),
-                kv_read_bytes_last_step=kv_read_bytes(CONFIG, batch, PROMPT_LEN + NEW_TOKENS, DTYPE))
+                kv_read_bytes_last_step=kv_read_bytes(CONFIG, batch, PROMPT_LEN + NEW_TOKENS, DTYPE),
+                cpu_capability=cpu_capability())
+    cpu_path = getattr(getattr(model, "ops", None), "cpu_path", None)  # fastgpt2[torch] on the CPU
+    if cpu_path is not None:
+        info["cpu_path"] = cpu_path.name
     DECODE_RESULTS.setdefault(engine, {})[batch] = batch / step_s
     ref = DECODE_RESULTS.get("transformers", {}).get(batch)
     if engine != "transformers" and ref:

@@ -69,13 +69,9 @@ def kv_read_bytes(cfg: GPT2Config, batch: int, kv_len: int, dtype: torch.dtype) 
 # --------------------------------------------------------------------------------------------
 # Timing and the machine
 # --------------------------------------------------------------------------------------------
-def machine_description(device: torch.device) -> str:
-    """The GPU's name (compute capability, memory) or the CPU's model name (vector ISA, threads)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
-    cpu, info = platform.processor() or platform.machine(), {}
+def _cpuinfo() -> dict:
+    """The first "model name" and "flags" lines of /proc/cpuinfo ({} where there is none)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -86,7 +82,27 @@ def machine_description(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's "model name", else platform.processor() (else the machine)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_capability() -> str:
+    """torch's CPU vector capability ("AVX512", "AVX2", "DEFAULT", ...): the kernels ATen dispatches to."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def machine_description(device: torch.device) -> str:
+    """The GPU's name (compute capability, memory) or the CPU's model name (vector ISA, threads)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
+    info = _cpuinfo()
+    cpu, flags = cpu_model(), set(info.get("flags", "").split())
     isa = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags]
     if not isa and "avx2" in flags:
         isa = ["AVX2"]
@@ -390,8 +406,13 @@ def run(args) -> dict:
         budgets = launch_budgets(budget_backends, progress) if budget_backends else {}
     finally:
         progress.close()
+    torch_model = models.get("torch")
+    cpu_path = torch_model.ops.cpu_path if torch_model is not None else None  # None off the CPU
     return {
         "machine": machine_description(device),
+        "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "cpu_path": cpu_path.name if cpu_path is not None else None,  # the torch backend's GEMM path on the CPU
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "model": args.model if not args.config else f"config {args.config}",
@@ -435,6 +456,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"fastgpt2 bench: {result['model']} ({result['weights']} weights{shape})",
         f"machine: {result['machine']} | device {result['device']} | dtype {result['dtype']} | torch {result['torch']}",
+        f"CPU: {result.get('cpu_model', '?')} | capability {result.get('cpu_capability', '?')} | "
+        f"CPU path: {result.get('cpu_path') or 'none (no torch backend on the CPU)'}",
         f"batch {','.join(map(str, result['batches']))} | prompt {result['prompt_len']} | new tokens "
         f"{result['new_tokens']} | median of {result['runs']} runs after {result['warmup']} warm-up",
         f"memory bandwidth: {bw['GBps']:.1f} GB/s measured ({bw['method']}, {bw['bytes'] / 2**30:.2f} GiB, "

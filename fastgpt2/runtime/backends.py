@@ -28,7 +28,9 @@ from __future__ import annotations
 
 from ..errors import FastGPT2Error
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,17 +59,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True):
+def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True,
+             _cpu_path: str | None = None):
     """The ops of `backend` for a model of `n_head` heads. pack_weights=False: linear() takes the
     plain [K, N] weights and the lm_head keeps its layout (for callers that hand over other modules'
-    live weights each call, as patch_hf does)."""
-    ops = TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights)
+    live weights each call, as patch_hf does). _cpu_path: private, for tests (see ``TorchOps``)."""
+    ops = TritonOps() if backend == "triton" else TorchOps(device, dtype, pack_weights, _cpu_path=_cpu_path)
     ops.n_head = n_head
     return ops
 
 
 def _onednn_packing_available() -> bool:
-    """oneDNN's prepacked linear (the ops torch's inductor uses on CPU) is in this torch build."""
+    """oneDNN's prepacked linear (the ops torch's inductor uses on CPU) is in this torch build.
+    Whether this CPU can run it for a dtype is ``_onednn_probe``'s answer."""
     ops = torch.ops.mkldnn
     return torch.backends.mkldnn.is_available() and all(
         hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
@@ -76,6 +80,128 @@ def _onednn_packing_available() -> bool:
 def _onednn_pack(w_nk: torch.Tensor) -> torch.Tensor:
     """oneDNN's prepacked form of a [N, K] weight for _linear_pointwise, tuned for small M (8 rows)."""
     return torch.ops.mkldnn._reorder_linear_weight(w_nk, 8)
+
+
+@functools.cache
+def _onednn_probe(dtype: torch.dtype) -> str | None:
+    """Whether this CPU runs oneDNN's packed linear in `dtype`: None when it does, else why not.
+    Packs a tiny weight and multiplies by it once per process and dtype (cached; tests clear it):
+    on an AVX2-only CPU bf16 packing raises "bf16 path needs the cpu support avx_ne_convert or
+    avx512bw, avx512vl and avx512dq", which the op's presence in the build does not tell."""
+    if not _onednn_packing_available():
+        return "oneDNN's packed linear is not in this torch build"
+    try:
+        w = torch.arange(96, dtype=torch.float32).remainder_(7).sub_(3).view(8, 12)  # [N, K], exact in bf16/fp16
+        x = torch.ones(2, 12)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), _onednn_pack(w.to(dtype)), None, "none", [], "")
+    except RuntimeError as exc:  # oneDNN / the op's own CPU check, e.g. the AVX2 bf16 message above
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not torch.equal(y.float(), (x @ w.t())):
+        return "oneDNN's packed linear gave a wrong product"
+    return None
+
+
+def _cpu_capability() -> str:
+    """torch's CPU vector capability: "AVX512", "AVX2", "DEFAULT", ... (ATen's kernel dispatch)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _amx() -> bool:
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx())
+
+
+# Private, for tests and measurements: force one CPU GEMM path (a CpuPath.gemm name: "onednn_packed",
+# "onednn_from_2", "addmm_nk" or "addmm") for every TorchOps on the CPU that packs its weights; the
+# environment variable _FASTGPT2_CPU_PATH sets it at import (e.g. for `fastgpt2 bench`). Not an API.
+_FORCE_CPU_PATH: str | None = os.environ.get("_FASTGPT2_CPU_PATH") or None
+
+_DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_GEMM_NAMES = {"onednn_packed": "oneDNN packed", "onednn_from_2": "MKL addmm, oneDNN packed from 2 rows",
+               "addmm_nk": "addmm on [N, K] weights", "addmm": "addmm"}
+
+
+@dataclass(frozen=True)
+class CpuPath:
+    """Which GEMM and lm_head path the torch backend runs on this CPU for one dtype, chosen once, at
+    construction (``TorchOps``), from the CPU's capability and ``_onednn_probe``. GEMMs (``gemm``):
+
+    - "onednn_packed": every GEMM weight prepacked for oneDNN at construction (bf16 on AVX-512)
+    - "onednn_from_2": MKL's addmm for one row, oneDNN's packed GEMM (a copy made lazily) from 2 rows (fp32)
+    - "addmm_nk": addmm on weights stored [N, K] (a column-major [K, N] view), made once at construction:
+      torch's own reduced-precision GEMV/GEMM kernels (bf16/fp16 where oneDNN is not used)
+    - "addmm": plain addmm on the [K, N] (Conv1D) weights (fp32 where oneDNN cannot run; any dtype, forced)
+
+    lm_head (``head``): "w @ y^T" (a GEMV for one row over the [V, E] table; fp32, bf16 with AMX) or
+    "y @ w^T" (bf16 without AMX, fp16).
+    """
+
+    dtype: torch.dtype
+    gemm: str  # "onednn_packed" | "onednn_from_2" | "addmm_nk" | "addmm"
+    capability: str  # torch.backends.cpu.get_cpu_capability()
+    amx: bool = False
+    forced: bool = False  # set through the private switch, not chosen
+    head: str = "w @ y^T"  # the lm_head's product: "w @ y^T" | "y @ w^T"
+
+    @property
+    def name(self) -> str:
+        """e.g. "bf16: oneDNN packed (AVX512)", "bf16: addmm on [N, K] weights (AVX2)",
+        "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)", "fp32: MKL addmm (DEFAULT)"."""
+        dtype = _DTYPE_SHORT.get(self.dtype, str(self.dtype).removeprefix("torch."))
+        what = "MKL addmm" if self.gemm == "addmm" and self.dtype == torch.float32 else _GEMM_NAMES[self.gemm]
+        isa = self.capability + ("+AMX" if self.amx and self.capability == "AVX512" else "")
+        return f"{dtype}: {what} ({isa}{', forced' if self.forced else ''})"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# the GEMM paths each dtype can take; the first is the one chosen where the CPU runs it (see choose_cpu_path)
+_CPU_GEMMS = {torch.bfloat16: ("onednn_packed", "addmm_nk", "addmm"), torch.float32: ("onednn_from_2", "addmm"),
+              torch.float16: ("addmm_nk", "addmm")}
+
+
+def _cpu_head(dtype: torch.dtype, amx: bool) -> str:
+    """The lm_head's product: w @ y^T for fp32 (the column-major table's GEMV, see TorchOps) and bf16
+    on AMX (the Xeon's measurement); y @ w^T elsewhere (AMD EPYC AVX-512 bf16, GPT-2 small's head:
+    4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2 kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""
+    return "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
+
+
+def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
+    """The CPU path for `dtype` (see TorchOps for the measurements behind it):
+
+    | dtype | capability      | oneDNN probe | GEMM path     |
+    |-------|-----------------|--------------|---------------|
+    | bf16  | AVX512          | runs         | onednn_packed |
+    | bf16  | AVX512          | fails        | addmm_nk      |
+    | bf16  | AVX2, any other | (not asked)  | addmm_nk      |
+    | fp32  | AVX512 or AVX2  | runs         | onednn_from_2 |
+    | fp32  | AVX512 or AVX2  | fails        | addmm         |
+    | fp32  | any other       | (not asked)  | addmm         |
+    | fp16  | any             | (not asked)  | addmm_nk      |
+
+    `forced` (the private switch) takes a GEMM path by name; one this dtype has no such path for, or
+    one this CPU cannot run (the probe fails), is a BackendError naming the capability."""
+    cap, amx = _cpu_capability(), _amx()
+    head = _cpu_head(dtype, amx)
+    choices = _CPU_GEMMS.get(dtype, ("addmm",))
+    if forced is not None:
+        if forced not in choices:
+            raise BackendError(f"CPU path {forced!r} does not exist for {dtype} (choose one of {choices})")
+        why = _onednn_probe(dtype) if forced.startswith("onednn") else None
+        if why is not None:
+            raise BackendError(f"CPU path {forced!r} for {dtype} cannot run on this CPU (torch's CPU capability "
+                               f"is {cap}): {why}")
+        return CpuPath(dtype, forced, cap, amx, forced=True, head=head)
+    fast, fallback = choices[0], choices[1] if len(choices) > 1 else choices[0]
+    if fast == "onednn_packed":
+        ok = cap == "AVX512" and _onednn_probe(dtype) is None
+    elif fast == "onednn_from_2":
+        ok = cap in ("AVX512", "AVX2") and _onednn_probe(dtype) is None
+    else:
+        ok = True
+    return CpuPath(dtype, fast if ok else fallback, cap, amx, head=head)
 
 
 _TORCH_ACTIVATIONS = {
@@ -95,40 +221,67 @@ def _split_heads(qkv: torch.Tensor, n_head: int):
 
 
 class TorchOps:
-    """Plain PyTorch, with the CPU's GEMMs chosen by measurement (GPT-2 small, 2-core AVX-512/AMX
-    Xeon, weights streamed from memory):
+    """Plain PyTorch, with the CPU's GEMMs chosen at construction by what this CPU runs
+    (``choose_cpu_path``: torch's CPU capability and a one-time probe of oneDNN's packed op; the
+    choice is ``cpu_path``) and by measurement (GPT-2 small, 2-core AVX-512/AMX Xeon, weights
+    streamed from memory):
 
-    - bfloat16: the GEMM weights are prepacked once for oneDNN (AMX), which reads them 1.6-1.8x
-      faster than addmm at batch 1 and 8; the packed form replaces the plain one.
+    - bfloat16 on AVX-512 where oneDNN runs bf16: the GEMM weights are prepacked once for oneDNN
+      (AMX), which reads them 1.6-1.8x faster than addmm at batch 1 and 8; the packed form replaces
+      the plain one. Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ,
+      and torch's addmm then runs its own kernels), and for float16: addmm on weights stored [N, K]
+      once at construction. Measured with ATen's AVX2 kernels and oneDNN limited to AVX2
+      (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a 2-core AMD EPYC, which reproduces the
+      AVX2 refusal), GPT-2 small's 48 layer GEMMs: 7.6 ms at 1 row and 51 ms at 8 on [N, K], 140 and
+      965 ms on the [K, N] Conv1D layout (a scalar loop; fp32 on MKL: 24 and 59 ms, oneDNN packed from
+      2 rows 28 ms at 8); bf16 storage with fp32 compute (w.float() per call) 27 and 56 ms.
     - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is ~30%
       slower there); from 2 rows oneDNN's packed GEMM is faster (the 48 layer GEMMs: 17.3 vs 22.8 ms
       at 2 rows, 20.3 vs 24.4 ms at 8), so a packed copy of each weight, the lm_head's included, is
       made on the first such call: the extra memory (one more copy of the weights) is paid only by
-      batched or prefill use.
+      batched or prefill use. That needs an AVX-512 or AVX2 CPU where oneDNN runs fp32; elsewhere
+      MKL's addmm for every row count.
     - the lm_head: a GEMV for one row. In float32 its weight is stored column-major (a [V, E] view of
       [E, V] storage, no second copy): MKL's GEMV streams that layout at ~31 GB/s against ~27 GB/s
       for row-major [V, E] (GPT-2 small's 154 MB head: 4.9 vs 5.8 ms alone, and 19.0 vs 20.5 ms for
       the whole batch-1 decode step). The tied embedding then gathers strided rows: +0.05 ms for one
       token, +0.2 ms for 8, +5 ms for 1024 (prefill). float32 from 2 rows: the packed copy above
-      (8 rows: 7.9 vs 12.9 ms for wte @ y^T); bfloat16: wte @ y^T up to 64 rows (the large matrix on
-      the left, 1.2-1.8x faster than y @ wte^T at batch 1 and 8, as fast as a packed copy, no copy of
-      wte)."""
+      (8 rows: 7.9 vs 12.9 ms for wte @ y^T); bfloat16 with AMX: wte @ y^T up to 64 rows (the large
+      matrix on the left, 1.2-1.8x faster than y @ wte^T at batch 1 and 8 on the Xeon, as fast as a
+      packed copy, no copy of wte); bfloat16 without AMX and float16: y @ wte^T (``CpuPath.head``;
+      1.3-1.5x faster on an AVX-512 EPYC, as fast or faster under AVX2 kernels)."""
 
     PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
     name = "torch"
 
-    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None, pack_weights: bool = True):
+    def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None, pack_weights: bool = True,
+                 *, _cpu_path: str | None = None):
+        """_cpu_path (private, for tests; default: the module's _FORCE_CPU_PATH): force a CPU path by
+        its ``CpuPath.gemm`` name; one this CPU cannot run is a BackendError. pack_weights=False
+        always runs addmm (the caller's live weights are never packed)."""
         self.n_head = None  # set by make_ops
         cpu = device is not None and device.type == "cpu"
         self.cpu = cpu
-        onednn = pack_weights and cpu and _onednn_packing_available()
-        self.packed = onednn and dtype == torch.bfloat16
-        self.lazy_packed = {} if onednn and dtype == torch.float32 else None  # weight data_ptr -> packed
+        # CpuPath on the CPU (None elsewhere); pack_weights=False: plain addmm, nothing probed
+        if not cpu:
+            self.cpu_path = None
+        elif not pack_weights:
+            self.cpu_path = CpuPath(dtype, "addmm", _cpu_capability(), _amx(), head=_cpu_head(dtype, _amx()))
+        else:
+            self.cpu_path = choose_cpu_path(dtype, _cpu_path if _cpu_path is not None else _FORCE_CPU_PATH)
+        gemm = self.cpu_path.gemm if cpu else "addmm"
+        self.packed = gemm == "onednn_packed"
+        self.store_nk = gemm == "addmm_nk"
+        self.lazy_packed = {} if gemm == "onednn_from_2" else None  # weight data_ptr -> packed
+        self.head_y_wt = cpu and self.cpu_path.head == "y @ w^T"
         self.head_column_major = pack_weights and cpu and dtype == torch.float32
 
     def prepare_linear(self, w: torch.Tensor):
-        """The form linear() takes w [K, N] in: w itself, or its oneDNN prepacked [N, K] form."""
+        """The form linear() takes w [K, N] in: w itself, its values stored [N, K] (a column-major
+        [K, N] view, for addmm_nk), or its oneDNN prepacked [N, K] form."""
+        if self.store_nk:
+            return w.t().contiguous().t()
         if not self.packed:
             return w
         return _onednn_pack(w.t().contiguous())
@@ -170,10 +323,11 @@ class TorchOps:
         return packed
 
     def lm_head(self, y, w):
-        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU: a GEMV for one row; from
-        PACK_FROM_ROWS rows the float32 packed copy of w, else w @ y^T up to 64 rows (see the class)."""
+        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class): y @ w^T
+        where the path's head says so, else a GEMV for one row; from PACK_FROM_ROWS rows the float32
+        packed copy of w, else w @ y^T up to 64 rows."""
         n = y.shape[0]
-        if not self.cpu:
+        if not self.cpu or self.head_y_wt:
             return y @ w.t()
         if n == 1:
             return torch.mv(w, y[0])[None]

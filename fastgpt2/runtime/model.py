@@ -272,9 +272,11 @@ class GPT2:
 
     def __repr__(self) -> str:
         c = self.config
+        cpu_path = getattr(self.ops, "cpu_path", None)  # the torch backend's CPU GEMM path, e.g. "bf16: addmm (AVX2)"
         return (
             f"GPT2(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab={c.vocab_size}, "
-            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r})"
+            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r}"
+            + (f", cpu_path={cpu_path.name!r})" if cpu_path is not None else ")")
         )
 
 

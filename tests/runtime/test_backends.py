@@ -40,22 +40,29 @@ def test_importing_fastgpt2_imports_no_triton():
 
 
 def test_cpu_bfloat16_prepacks_gemm_weights_and_matches_plain_addmm(monkeypatch):
-    """The torch backend's CPU bf16 path (oneDNN prepacked GEMMs) computes the same model as the
-    plain addmm path, within bf16 rounding."""
+    """The torch backend's CPU bf16 path this CPU runs (oneDNN prepacked GEMMs on AVX-512 where
+    oneDNN runs bf16, else addmm on [N, K]-stored weights) computes the same model as the plain addmm path, within bf16
+    rounding; the GEMM weights are prepacked exactly when the chosen path says so."""
     from fastgpt2.runtime import backends
 
     cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
-    packed = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
-    assert packed.ops.packed == backends._onednn_packing_available()
-    monkeypatch.setattr(backends, "_onednn_packing_available", lambda: False)
+    chosen = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
+    path = chosen.ops.cpu_path
+    assert path == backends.choose_cpu_path(torch.bfloat16) and path.gemm in ("onednn_packed", "addmm_nk")
+    assert path.name.startswith("bf16: ") and path.capability in path.name
+    packed = path.gemm == "onednn_packed"
+    assert chosen.ops.packed == packed and all(layer.qkv_w.is_mkldnn == packed for layer in chosen.layers)
+    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "addmm")
     plain = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
-    assert not plain.ops.packed
+    assert not plain.ops.packed and plain.ops.cpu_path.gemm == "addmm"
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
-    a, b = packed(ids).float(), plain(ids).float()
+    a, b = chosen(ids).float(), plain(ids).float()
     assert (a - b).abs().max() <= 0.02 * b.abs().max()
-    assert torch.equal(packed.generate(ids, 8), plain.generate(ids, 8))
+    assert torch.equal(chosen.generate(ids, 8), plain.generate(ids, 8))
+    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", None)
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=5)
-    assert not fp32.ops.packed  # fp32 stays on MKL's addmm
+    assert not fp32.ops.packed  # fp32: MKL's addmm for one row, packed lazily (or never) from 2
+    assert fp32.ops.cpu_path.gemm in ("onednn_from_2", "addmm")
 
 
 def test_cpu_lm_head_equals_the_plain_product():
@@ -80,7 +87,9 @@ def test_cpu_float32_model_keeps_one_column_major_table_for_embedding_and_head()
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=6)
     assert fp32.wte is fp32.lm_head is fp32.weights["wte.weight"]  # no second copy of the table
     assert fp32.wte.stride() == (1, 97)
-    bf16 = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=6)
+    assert fp32.ops.cpu_path.dtype == torch.float32  # the head's layout holds on every fp32 path
+    bf16 = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=6)  # any bf16 path: a row-major table
+    assert bf16.ops.cpu_path.gemm in ("onednn_packed", "addmm_nk") and bf16.wte is bf16.lm_head
     assert bf16.wte.is_contiguous() and torch.equal(bf16.wte, fp32.wte.to(torch.bfloat16))
     ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(7))
     h = fp32.wte[ids]  # the gather from the column-major table is the plain one
@@ -102,16 +111,16 @@ def test_triton_model_built_on_a_cpu_float32_models_weights_gets_a_row_major_tab
 
 
 def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
-    from fastgpt2.runtime.backends import TorchOps, _onednn_packing_available
+    from fastgpt2.runtime.backends import TorchOps
 
     ops = TorchOps(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(100, 300, generator=g), torch.randn(300, generator=g)
-    packs = 1 if _onednn_packing_available() else 0
+    packs = 1 if ops.cpu_path.gemm == "onednn_from_2" else 0  # the path this CPU runs
     for m in (1, 2, 7, 33):
         x = torch.randn(m, 100, generator=g)
         ref = torch.addmm(b.double(), x.double(), w.double())
         assert (ops.linear(x, w, b).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-        # a packed copy exists only once a call had >= 2 rows, and only where oneDNN is available
+        # a packed copy exists only once a call had >= 2 rows, and only where this CPU runs oneDNN fp32
         assert len(ops.lazy_packed or {}) == (0 if m == 1 else packs), m
     assert TorchOps.PACK_FROM_ROWS == 2

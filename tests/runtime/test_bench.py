@@ -107,6 +107,36 @@ def test_no_launch_budget_skips_it(monkeypatch, capsys):
     assert "launch budget" not in printed and "| fastgpt2[torch] | 1 |" in printed and "| transformers |" not in printed
 
 
+def test_json_names_the_cpu_its_capability_and_the_forced_path_with_a_roofline_per_row(monkeypatch, capsys,
+                                                                                        tmp_path):
+    from fastgpt2.runtime import backends
+
+    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "addmm")  # the private switch, as a measurement uses it
+    out = tmp_path / "b.json"
+    assert main([*FAST, "--batch", "1,2", "--dtype", "bfloat16", "--no-launch-budget", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert result["cpu_model"] and result["cpu_capability"] == cap
+    assert result["cpu_path"] == f"bf16: addmm ({cap}{'+AMX' if backends._amx() and cap == 'AVX512' else ''}, forced)"
+    assert f"| CPU path: {result['cpu_path']}" in printed
+    assert {(r["engine"], r["batch"]) for r in result["rows"]} == {
+        (e, b) for e in ("fastgpt2[torch]", "transformers") for b in (1, 2)}
+    for r in result["rows"]:  # % of this machine's roofline on every row, every engine
+        assert r["roofline_pct"] > 0 and r["weight_GBps"] > 0
+        assert f"{r['roofline_pct']:.1f}%" in printed
+
+
+def test_cpu_model_falls_back_to_the_platform(monkeypatch):
+    from fastgpt2 import benchmark
+
+    monkeypatch.setattr(benchmark, "_cpuinfo", lambda: {})
+    monkeypatch.setattr(benchmark.platform, "processor", lambda: "Some CPU")
+    assert benchmark.cpu_model() == "Some CPU"
+    monkeypatch.setattr(benchmark.platform, "processor", lambda: "")
+    assert benchmark.cpu_model() == benchmark.platform.machine() or benchmark.cpu_model() == "unknown CPU"
+
+
 def test_plot_writes_a_png(monkeypatch, capsys, tmp_path):
     pytest.importorskip("matplotlib")
     _fake_launches(monkeypatch, lambda backend: {"backend": backend, "per_layer": 1, "per_step": 1, "total": 3,

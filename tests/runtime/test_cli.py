@@ -89,6 +89,11 @@ def test_bench_smoke_run_prints_a_table_and_valid_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["torch"] == torch.__version__
     assert result["machine"] and result["batches"] == [1, 2] and result["launch_budget"] == {}
+    # the CPU the figures belong to, and the GEMM path the torch backend chose on it
+    assert result["cpu_model"].strip() and result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert result["cpu_path"].startswith("fp32: ") and f"({result['cpu_capability']}" in result["cpu_path"]
+    assert (f"CPU: {result['cpu_model']} | capability {result['cpu_capability']} | CPU path: {result['cpu_path']}"
+            in table)
     assert result["bandwidth"]["GBps"] > 0 and result["bandwidth"]["bytes"] == int(0.01 * 2**30) // (4 * 4096) * 4 * 4096  # whole [rows, 4096] fp32
     engines = [(r["engine"], r["batch"]) for r in result["rows"]]
     assert engines == [("fastgpt2[torch]", 1), ("transformers", 1), ("fastgpt2[torch]", 2), ("transformers", 2)]

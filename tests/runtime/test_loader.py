@@ -77,6 +77,8 @@ def test_weights_are_cast_once_at_load(reference):
     base, ids, logits, _ = reference
     model = fastgpt2.GPT2.from_pretrained(base, dtype="bfloat16")
     assert {w.dtype for w in model.weights.values()} == {torch.bfloat16}
+    packed = model.ops.cpu_path.gemm == "onednn_packed"  # the bf16 path this CPU runs (else plain addmm)
+    assert all(layer.fc_w.is_mkldnn == packed and layer.fc_w.dtype == torch.bfloat16 for layer in model.layers)
     out = model(ids)
     assert out.dtype == torch.bfloat16
     assert (out.float() - logits).abs().max() <= 0.1 * logits.abs().max()
