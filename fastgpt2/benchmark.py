@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .runtime.backends import cpu_capability
 from .runtime.config import PRESETS, GPT2Config
 from .runtime.model import GPT2, resolve_device, resolve_dtype
 
@@ -88,11 +89,6 @@ def _cpuinfo() -> dict:
 def cpu_model() -> str:
     """The CPU's model name: /proc/cpuinfo's "model name", else platform.processor() (else the machine)."""
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_capability() -> str:
-    """torch's CPU vector capability ("AVX512", "AVX2", "DEFAULT", ...): the kernels ATen dispatches to."""
-    return torch.backends.cpu.get_cpu_capability()
 
 
 def machine_description(device: torch.device) -> str:

@@ -101,7 +101,7 @@ def _onednn_probe(dtype: torch.dtype) -> str | None:
     return None
 
 
-def _cpu_capability() -> str:
+def cpu_capability() -> str:
     """torch's CPU vector capability: "AVX512", "AVX2", "DEFAULT", ... (ATen's kernel dispatch)."""
     return torch.backends.cpu.get_cpu_capability()
 
@@ -183,7 +183,7 @@ def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
 
     `forced` (the private switch) takes a GEMM path by name; one this dtype has no such path for, or
     one this CPU cannot run (the probe fails), is a BackendError naming the capability."""
-    cap, amx = _cpu_capability(), _amx()
+    cap, amx = cpu_capability(), _amx()
     head = _cpu_head(dtype, amx)
     choices = _CPU_GEMMS.get(dtype, ("addmm",))
     if forced is not None:
@@ -267,7 +267,8 @@ class TorchOps:
         if not cpu:
             self.cpu_path = None
         elif not pack_weights:
-            self.cpu_path = CpuPath(dtype, "addmm", _cpu_capability(), _amx(), head=_cpu_head(dtype, _amx()))
+            amx = _amx()
+            self.cpu_path = CpuPath(dtype, "addmm", cpu_capability(), amx, head=_cpu_head(dtype, amx))
         else:
             self.cpu_path = choose_cpu_path(dtype, _cpu_path if _cpu_path is not None else _FORCE_CPU_PATH)
         gemm = self.cpu_path.gemm if cpu else "addmm"
@@ -338,15 +339,12 @@ class TorchOps:
         return torch.mm(w, y.t()).t().contiguous()
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
-        b, t, three_e = qkv.shape
+        b, t, _ = qkv.shape
         q, k, v = _split_heads(qkv, self.n_head)  # [B, H, T, D]
         k_cache[:b, :, :t].copy_(k)  # positions >= seq_lens[b] hold padding; decode overwrites them before reading
         v_cache[:b, :, :t].copy_(v)
-        if upcast and q.dtype != torch.float32:
-            q, k, v = q.float(), k.float(), v.float()
         # right padding + causal: a real query t < len only ever sees keys <= t, all real
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # [B, H, T, D]
-        out = out.to(qkv.dtype).transpose(1, 2).reshape(b, t, three_e // 3)
+        out = self.prefill_attention_separate(q, k, v, scale, upcast)  # [B, T, E]
         pad = torch.arange(t, device=qkv.device)[None, :] >= seq_lens[:, None]  # [B, T]
         return out.masked_fill_(pad[:, :, None], 0)
 
@@ -367,19 +365,15 @@ class TorchOps:
         q, k, v = _split_heads(qkv, self.n_head)  # [B, H, S, D]
         if ctx is None:
             ctx = self.decode_context(cache_lens, s, kv_len)
-        if ctx[0] == "uniform":  # every sequence at the same length: slices, and a mask only for S > 1
+        if ctx[0] == "uniform":  # every sequence at the same length: slices (decode_attention_separate)
             length = ctx[1]
             k_cache[:b, :, length : length + s].copy_(k)  # in place at the sequences' length
             v_cache[:b, :, length : length + s].copy_(v)
-            keys, values = k_cache[:b, :, : length + s], v_cache[:b, :, : length + s]  # [B, H, L+S, D]
-            mask = None
-            if s > 1:  # new token j sees the cache and new tokens <= j
-                mask = torch.ones(s, length + s, dtype=torch.bool, device=qkv.device).tril(diagonal=length)
-        else:
-            _, pos, rows, mask, kv_len = ctx
-            k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
-            v_cache[rows, :, pos] = v.transpose(1, 2)
-            keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
+            return self.decode_attention_separate(q, k_cache[:b], v_cache[:b], length, scale, upcast)
+        _, pos, rows, mask, kv_len = ctx
+        k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
+        v_cache[rows, :, pos] = v.transpose(1, 2)
+        keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
