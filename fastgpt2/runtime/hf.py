@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import inspect
 import re
 import types
@@ -187,12 +188,11 @@ def _check_api(m, gpt2, version: str) -> None:
             problems.append(f"{name}{tuple(_params(fn))} (expected {tuple(params)})")
     model_params = _params(m.GPT2Model.forward)
     problems += [f"GPT2Model.forward({p}=...)" for p in _GPT2_MODEL_PARAMS if p not in model_params]
-    for block in gpt2.h:
-        attn = block.attn
-        problems += [f"GPT2Attention.{a}" for a in _GPT2_ATTENTION_ATTRS if not hasattr(attn, a)]
-        problems += [f"Conv1D.{a}" for a in ("weight", "bias", "nf") if not hasattr(attn.c_attn, a)]
+    if len(gpt2.h):  # every block is built alike: the first one stands for all
+        block = gpt2.h[0]
+        problems += [f"GPT2Attention.{a}" for a in _GPT2_ATTENTION_ATTRS if not hasattr(block.attn, a)]
+        problems += [f"Conv1D.{a}" for a in ("weight", "bias", "nf") if not hasattr(block.attn.c_attn, a)]
         problems += [f"GPT2MLP.{a}" for a in ("c_fc", "c_proj", "act", "dropout") if not hasattr(block.mlp, a)]
-        break
     if problems:
         raise HFModelError(
             f"transformers {version} changed what fastgpt2.patch_hf relies on: {', '.join(sorted(set(problems)))}. "
@@ -523,20 +523,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return out.reshape(b, s, h, d), None
 
 
-def _attention_mask(*args, **kwargs):
-    """fastgpt2's mask function for AttentionMaskInterface: transformers' own SDPA mask (bool
-    [B, 1, S, T], True = attend; None where SDPA's is_causal suffices)."""
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, **kwargs)
-
-
 def _register() -> None:
+    """fastgpt2's attention and, as its mask function, transformers' own SDPA mask (bool [B, 1, S, T],
+    True = attend; None where SDPA's is_causal suffices)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _attention_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
 # -- model-level guards: hooks on the GPT2Model ------------------------------------------------------
@@ -554,10 +548,16 @@ def _model_reason(gpt2, state, arguments) -> tuple[str, str] | None:
     return None
 
 
+@functools.cache
+def _signature(fn) -> inspect.Signature:
+    """fn's signature, read once per function (the pre-hook runs on every forward)."""
+    return inspect.signature(fn)
+
+
 def _pre_hook(gpt2, args, kwargs):
     state = gpt2.__dict__[_STATE_ATTR]
     try:
-        arguments = inspect.signature(type(gpt2).forward).bind(gpt2, *args, **kwargs).arguments
+        arguments = _signature(type(gpt2).forward).bind(gpt2, *args, **kwargs).arguments
     except TypeError:
         arguments = dict(kwargs)  # transformers itself reports the bad call
     arguments.update(arguments.pop("kwargs", {}))
