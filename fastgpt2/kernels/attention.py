@@ -225,6 +225,7 @@ def _decode_attn_kernel(
     k_cache_ptr,  # [Bmax, H, Tmax, D]
     v_cache_ptr,  # [Bmax, H, Tmax, D]
     cache_lens_ptr,  # [B] int32: tokens in the cache before this step
+    kv_start_ptr,  # [B] int32: first cached key each sequence sees (read when HAS_KV_START)
     out_ptr,  # [B, S, H*D]              (written when WRITE_OUT)
     part_m_ptr,  # [B*H, num_splits, S]     fp32 running max, log2 units (when not WRITE_OUT)
     part_l_ptr,  # [B*H, num_splits, S]     fp32 running sum
@@ -256,9 +257,11 @@ def _decode_attn_kernel(
     BLOCK_N: tl.constexpr,
     WRITE_OUT: tl.constexpr,
     WRITE_KV: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
     FP32_IEEE: tl.constexpr,
 ):
-    # grid: (B*H, num_splits). Split `split` covers one chunk of the cached keys [0, L); the last
+    # grid: (B*H, num_splits). Split `split` covers one chunk of the cached keys [K0, L) (K0 = 0, or
+    # kv_start[b] when HAS_KV_START: a left-padded sequence's padding is never read); the last
     # split also covers the S new keys, read from k_new/v_new, and (WRITE_KV) is the only program
     # writing them to the cache (at L .. L+S-1, which no program of this launch reads from the cache).
     pid_bh = tl.program_id(0)
@@ -280,9 +283,13 @@ def _decode_attn_kernel(
     l_i = tl.zeros([BLOCK_S], dtype=tl.float32)  # [BS]
     acc = tl.zeros([BLOCK_S, HEAD_DIM], dtype=tl.float32)  # [BS, D]
 
+    if HAS_KV_START:
+        k0 = tl.minimum(tl.maximum(tl.load(kv_start_ptr + b), 0), L)  # scalar int32, clamped to [0, L]
+    else:
+        k0 = 0
     # this split's chunk of cached keys, a multiple of BLOCK_N (empty for trailing splits of short caches)
-    chunk = tl.cdiv(tl.cdiv(L, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    chunk = tl.cdiv(tl.cdiv(L - k0, num_splits), BLOCK_N) * BLOCK_N
+    start = k0 + split * chunk
     end = tl.minimum(start + chunk, L)
     for n0 in range(start, end, BLOCK_N):
         offs_kn = n0 + offs_n  # [BN]
@@ -536,8 +543,9 @@ def _check_decode_s(S: int) -> None:
         raise ValueError(f"decode takes S new tokens per sequence with 1 <= S <= {MAX_DECODE_TOKENS}, got S={S}")
 
 
-def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool) -> None:
-    # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens [B] int32
+def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool,
+                   kv_start=None) -> None:
+    # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens, kv_start [B] int32
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     B, H, S, D = q.shape
@@ -553,13 +561,14 @@ def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, nu
         part_l = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=q.device)
         part_acc = torch.empty((B * H, num_splits, S, D), dtype=torch.float32, device=q.device)
     _decode_attn_kernel[(B * H, num_splits)](
-        q, k_new, v_new, k_cache, v_cache, cache_lens, out, part_m, part_l, part_acc,
+        q, k_new, v_new, k_cache, v_cache, cache_lens, cache_lens if kv_start is None else kv_start, out,
+        part_m, part_l, part_acc,
         float(scale), S, H, Tmax, num_splits,
         *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_S=_DECODE_BLOCK_S, BLOCK_N=block_n, WRITE_OUT=write_out, WRITE_KV=write_kv,
-        FP32_IEEE=q.dtype == torch.float32,
+        HAS_KV_START=kv_start is not None, FP32_IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not write_out:
@@ -591,25 +600,31 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     return out
 
 
-def decode_attention_separate(q, k, v, past_len: int, scale, *, out=None, num_splits=None) -> torch.Tensor:
+def decode_attention_separate(q, k, v, past_len: int, scale, *, kv_start=None, out=None,
+                              num_splits=None) -> torch.Tensor:
     """Attention of S (1..8) new tokens over K/V the caller already holds, new ones included
     (transformers' cache after its update), writing nothing but out.
 
     q [B, H, S, D]; k, v [B, H, T, D] with the past at positions [0, past_len) and the S new
     tokens at [past_len, past_len + S) of every sequence (T >= past_len + S; later positions are
-    not read). Query s sees keys 0 .. past_len + s. Returns out [B, S, H*D].
+    not read). Query s sees keys 0 .. past_len + s; with kv_start [B] int32 (on the device,
+    0 <= kv_start[b] <= past_len: a left-padded batch), keys kv_start[b] .. past_len + s, and the
+    padding before kv_start[b] is not read. Returns out [B, S, H*D].
     """
     B, H, S, T, D = _check_separate(q, k, v)
     _check_decode_s(S)
     if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or past_len + S > T:
         raise ValueError(f"past_len must be an int with 0 <= past_len and past_len + S <= T "
                          f"(S={S}, T={T}), got {past_len!r}")
+    if kv_start is not None:
+        _check_lens(kv_start, "kv_start", B, q.device)
     out = _check_out(out, q, "q", (B, S, H * D))
     if num_splits is None:
         num_splits = default_num_splits(B, H, past_len + S)
     lens = torch.full((B,), past_len, dtype=torch.int32, device=q.device)
     new = slice(past_len, past_len + S)
-    _launch_decode(q, k[:, :, new], v[:, :, new], k, v, lens, out, scale, num_splits, write_kv=False)
+    _launch_decode(q, k[:, :, new], v[:, :, new], k, v, lens, out, scale, num_splits, write_kv=False,
+                   kv_start=kv_start)
     return out
 
 
@@ -654,12 +669,15 @@ def decode_attention_ref(qkv, k_cache, v_cache, cache_lens, scale) -> torch.Tens
     return out
 
 
-def separate_attention_ref(q, k, v, past_len: int, scale) -> torch.Tensor:
+def separate_attention_ref(q, k, v, past_len: int, scale, kv_start=None) -> torch.Tensor:
     """q [B, H, S, D] at positions past_len .. past_len+S-1 over k, v [B, H, T, D] (keys beyond
-    past_len + S ignored) -> [B, S, H*D]: the *_separate launchers' result. Plain torch in q's dtype."""
+    past_len + S ignored, and keys before kv_start[b] when given) -> [B, S, H*D]: the *_separate
+    launchers' result. Plain torch in q's dtype."""
     B, H, S, D = q.shape
     n = past_len + S
-    out = torch.stack([_causal_softmax_av(q[b], k[b, :, :n], v[b, :, :n], scale, past_len) for b in range(B)])
+    starts = [0] * B if kv_start is None else kv_start.tolist()
+    out = torch.stack([_causal_softmax_av(q[b], k[b, :, k0:n], v[b, :, k0:n], scale, past_len - k0)
+                       for b, k0 in enumerate(starts)])
     return out.transpose(1, 2).reshape(B, S, H * D)  # [B, H, S, D] -> [B, S, H*D]
 
 
@@ -697,23 +715,27 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
         bn, w, st = _DECODE_CONFIGS[(kind, D)]
         sig = {
             "q_ptr": p, "k_new_ptr": p, "v_new_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p,
-            "cache_lens_ptr": "*i32", "out_ptr": p,
+            "cache_lens_ptr": "*i32", "kv_start_ptr": "*i32", "out_ptr": p,
             "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
             "scale": "fp32", "S": "i32", "H": "i32", "Tmax": "i32", "num_splits": "i32",
             **{f"stride_{x}_{d}": i64 for x in ("q", "kn", "vn") for d in ("b", "h", "s")},
             **{f"stride_{x}_{d}": i64 for x in ("kc", "vc") for d in ("b", "h", "t")},
             "stride_o_b": i64, "stride_o_s": i64,
             "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr", "BLOCK_N": "constexpr",
-            "WRITE_OUT": "constexpr", "WRITE_KV": "constexpr", "FP32_IEEE": "constexpr",
+            "WRITE_OUT": "constexpr", "WRITE_KV": "constexpr", "HAS_KV_START": "constexpr",
+            "FP32_IEEE": "constexpr",
         }
-        for write_kv in (True, False):  # decode_attention / decode_attention_separate
+        # decode_attention (writes the cache), decode_attention_separate without and with kv_start
+        for write_kv, has_start in ((True, False), (False, False), (False, True)):
             for write_out in (True, False):
+                variant = "" if write_kv else ",separate,kv_start" if has_start else ",separate"
                 specs.append(CompileSpec(
                     name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}"
-                         f"{'' if write_kv else ',separate'}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
+                         f"{variant}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
                     fn=_decode_attn_kernel, signature=sig,
                     constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
-                                "WRITE_OUT": write_out, "WRITE_KV": write_kv, "FP32_IEEE": ieee},
+                                "WRITE_OUT": write_out, "WRITE_KV": write_kv, "HAS_KV_START": has_start,
+                                "FP32_IEEE": ieee},
                     num_warps=w, num_stages=st, uses_dot=not ieee))
 
         w, st = _REDUCE_CONFIGS[D]

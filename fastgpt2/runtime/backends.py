@@ -21,8 +21,9 @@
   kv_len, uniform_len)``, built once per step and shared by every layer (None: built per call).
 - ``prefill_attention_separate(q [B,H,S,D], k, v [B,H,T,D], scale, upcast) -> [B,S,E]``: causal over
   the first S keys (T >= S); k/v are a caller's cache (transformers'), read and never written
-- ``decode_attention_separate(q [B,H,S,D], k, v [B,H,T,D], past_len, scale, upcast) -> [B,S,E]``:
-  the S (<= 8) new tokens sit at past_len .. past_len+S-1 of k/v; query s sees keys 0..past_len+s
+- ``decode_attention_separate(q [B,H,S,D], k, v [B,H,T,D], past_len, scale, upcast, kv_start=None)
+  -> [B,S,E]``: the S (<= 8) new tokens sit at past_len .. past_len+S-1 of k/v; query s sees keys
+  0..past_len+s, or kv_start[b]..past_len+s with kv_start [B] int32 (left padding, <= past_len)
 """
 from __future__ import annotations
 
@@ -387,12 +388,15 @@ class TorchOps:
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale)  # [B, H, S, D]
         return out.to(k.dtype).transpose(1, 2).reshape(b, s, h * d)
 
-    def decode_attention_separate(self, q, k, v, past_len, scale, upcast):
+    def decode_attention_separate(self, q, k, v, past_len, scale, upcast, kv_start=None):
         b, h, s, d = q.shape
         keys, values = k[:, :, : past_len + s], v[:, :, : past_len + s]  # [B, H, past+S, D]
         mask = None
         if s > 1:  # new token j sees the past and new tokens <= j
             mask = torch.ones(s, past_len + s, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
+        if kv_start is not None:  # and none of the left padding before kv_start[b]
+            real = torch.arange(past_len + s, device=q.device)[None, :] >= kv_start[:, None]  # [B, past+S]
+            mask = real[:, None, None, :] if mask is None else mask & real[:, None, None, :]  # [B, 1, S, past+S]
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # [B, H, S, D]
@@ -444,5 +448,5 @@ class TritonOps:
     def prefill_attention_separate(self, q, k, v, scale, upcast):
         return self._attention.prefill_attention_separate(q, k, v, scale)
 
-    def decode_attention_separate(self, q, k, v, past_len, scale, upcast):
-        return self._attention.decode_attention_separate(q, k, v, past_len, scale)
+    def decode_attention_separate(self, q, k, v, past_len, scale, upcast, kv_start=None):
+        return self._attention.decode_attention_separate(q, k, v, past_len, scale, kv_start=kv_start)

@@ -30,11 +30,12 @@ renamed ``past_key_values`` to ``cache``) stay transformers' business:
                  (mask None with S > 1, as SDPA's is_causal; or a mask equal to that: StaticCache's
                  upper-left prefill, eager-style float masks).
   ``"decode"``   ops.decode_attention_separate (the kernel): S <= 8 new tokens over the cache behind
-                 them, no padding (mask None with S == 1, or a mask equal to causal at that offset,
-                 StaticCache's included). The cache is read, never written a second time.
-  ``"sdpa"``     torch's scaled_dot_product_attention with transformers' mask: padded batches (left
-                 padding, beam search over padded prompts), other masks, more than 8 new tokens over a
-                 past. Same math, not a fallback.
+                 them (mask None with S == 1, or a mask equal to causal at that offset, StaticCache's
+                 included), left-padded batches too (greedy, sampling, beam search over padded
+                 prompts: the mask's per-sequence first key is the kernel's kv_start, the padding is
+                 not read). The cache is read, never written a second time.
+  ``"sdpa"``     torch's scaled_dot_product_attention with transformers' mask: the prefill of a padded
+                 batch, other masks, more than 8 new tokens over a past. Same math, not a fallback.
 
   The softmax scale is the ``scaling`` transformers passes (the module's own rule when it passes
   none); ``module.reorder_and_upcast_attn`` is read here (transformers honours it only in "eager").
@@ -274,7 +275,7 @@ class _PatchState:
                 f"(warned once per model and reason)", FallbackWarning, stacklevel=_caller_level(),
             )
 
-    def causal_past(self, mask: torch.Tensor, s: int, t: int) -> int | None:
+    def causal_past(self, mask: torch.Tensor, s: int, t: int) -> tuple[int, torch.Tensor | None] | None:
         memo = self._mask_memo
         if memo is not None and memo[0] is mask and memo[1:4] == (mask._version, s, t):
             return memo[4]
@@ -308,19 +309,28 @@ def _visible(mask: torch.Tensor) -> torch.Tensor | None:
     return visible if bool((visible | blocked).all()) else None
 
 
-def _causal_past(mask: torch.Tensor, s: int, t: int) -> int | None:
-    """The past length p when `mask` [B, 1, S, T] is exactly causal at offset p for every sequence
-    (query j sees keys 0 .. p + j, no padding, nothing else), else None."""
+def _causal_past(mask: torch.Tensor, s: int, t: int) -> tuple[int, torch.Tensor | None] | None:
+    """(p, kv_start) when `mask` [B, 1, S, T] is causal at offset p for every sequence, after a run of
+    left padding: query j of sequence b sees exactly keys kv_start[b] .. p + j, with
+    0 <= kv_start[b] <= p (kv_start None when no sequence is padded); else None."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != s or mask.shape[3] != t:
         return None
     visible = _visible(mask)
     if visible is None:
         return None
-    seen = visible[:, 0, -1].sum(-1)  # [B] keys the last query sees: p + S when causal
-    past = int(seen[0]) - s
-    if past < 0:
+    last = visible[:, 0, -1]  # [B, T] what the last query sees: kv_start[b] .. p + S - 1
+    if not bool(last.any(-1).all()):
         return None
-    return past if bool((visible[:, 0] == _causal_visible(t, s, past, mask.device)).all()) else None
+    keys = torch.arange(t, device=mask.device)
+    first = torch.where(last, keys, t).amin(-1)  # [B] kv_start
+    end = torch.where(last, keys, -1).amax(-1)  # [B] p + S - 1
+    past = int(end[0]) - (s - 1)
+    if past < 0 or bool((end != end[0]).any()) or int(first.max()) > past:
+        return None
+    expected = _causal_visible(t, s, past, mask.device)[None] & (keys[None, None, :] >= first[:, None, None])
+    if not bool((visible[:, 0] == expected).all()):
+        return None
+    return past, (first.to(torch.int32) if bool(first.any()) else None)
 
 
 def _causal_visible(k: int, s: int, past_len: int, device) -> torch.Tensor:
@@ -498,15 +508,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     t = key.shape[2]
     scale = float(scaling) if scaling is not None else _module_scale(module)
     upcast = bool(module.reorder_and_upcast_attn)
+    kv_start = None  # [B] int32: where each sequence's keys begin after left padding (None: at 0)
     if attention_mask is None:  # SDPA's convention: is_causal (upper-left) for S > 1, every key for S == 1
         past = 0 if s > 1 else t - 1
     else:
-        past = state.causal_past(attention_mask, s, t)
-    if past == 0 and s <= t:
+        causal = state.causal_past(attention_mask, s, t)
+        past, kv_start = (None, None) if causal is None else causal
+    if past == 0 and s <= t:  # (kv_start <= past: no padding)
         out = ops.prefill_attention_separate(query, key, value, scale, upcast)  # [B, S, H*D]
         state.counts["prefill"] += 1
     elif past is not None and s <= _MAX_DECODE_TOKENS:
-        out = ops.decode_attention_separate(query, key, value, past, scale, upcast)  # [B, S, H*D]
+        out = ops.decode_attention_separate(query, key, value, past, scale, upcast, kv_start)  # [B, S, H*D]
         state.counts["decode"] += 1
     else:
         mask = attention_mask

@@ -271,9 +271,10 @@ def _separate_inputs(B, H, S, T, D, dtype, seed, strided):
             _randn((B, H, T, D), dtype, seed + 2))
 
 
-def _separate_refs(q, k, v, past, scale):
-    ref64 = A.separate_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), past, scale)
-    return ref64, A.separate_attention_ref(q.cpu(), k.cpu(), v.cpu(), past, scale)
+def _separate_refs(q, k, v, past, scale, kv_start=None):
+    starts = None if kv_start is None else kv_start.cpu()
+    ref64 = A.separate_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), past, scale, starts)
+    return ref64, A.separate_attention_ref(q.cpu(), k.cpu(), v.cpu(), past, scale, starts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -308,6 +309,32 @@ def test_decode_separate(dtype, past, S, splits, strided):
     assert torch.equal(k.nan_to_num(), k0.nan_to_num()) and torch.equal(v.nan_to_num(), v0.nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("past, S, splits, starts", [
+    (7, 1, 1, [0, 3, 7]),  # one row without padding, one with all of its past padded
+    (130, 1, 3, [1, 33, 129]),  # starts inside, at and off BLOCK_N edges; a split left empty
+    (300, 3, 2, [255, 0, 17]),  # S > 1 new tokens; a ragged last split
+])
+def test_decode_separate_left_padded(dtype, past, S, splits, starts):
+    """kv_start: a left-padded batch (transformers' cache, padding first). Padding keys hold NaN: a
+    kernel that reads one gives NaN; keys past + S .. T-1 too."""
+    B, H, D = len(starts), 2, 64
+    T = past + S + 4
+    q, k, v = _separate_inputs(B, H, S, T, D, dtype, 70 + past, strided=True)
+    kv_start = _lens(starts)
+    for b, k0 in enumerate(starts):
+        k[b, :, :k0] = NAN
+        v[b, :, :k0] = NAN
+    k[:, :, past + S:] = NAN
+    v[:, :, past + S:] = NAN
+    out = torch.full((B, S, H * D), NAN, dtype=dtype, device=DEVICE)
+    assert A.decode_attention_separate(q, k, v, past, 0.2, kv_start=kv_start, out=out, num_splits=splits) is out
+    _check_close(out, *_separate_refs(q, k.nan_to_num(), v.nan_to_num(), past, 0.2, kv_start))
+    if starts[1] > 0:  # the padding really changes the result: without kv_start the NaN keys are read
+        plain = A.decode_attention_separate(q, k.nan_to_num(), v.nan_to_num(), past, 0.2, num_splits=splits)
+        assert not torch.allclose(plain[1].float(), out[1].float(), atol=1e-2)
+
+
 def test_separate_matches_packed():
     """The same numbers through the packed (cache-writing) and separate launchers agree bit for bit."""
     B, H, D, n = 2, 2, 64, 21
@@ -338,6 +365,10 @@ def test_separate_errors():
         A.decode_attention_separate(q, k.half(), k.half(), 2, 1.0)
     with pytest.raises(ValueError, match=r"q must be 4-d"):
         A.decode_attention_separate(q[0], k, k, 2, 1.0)
+    with pytest.raises(ValueError, match=r"kv_start dtype torch.int64 is not supported, expected torch.int32"):
+        A.decode_attention_separate(q, k, k, 2, 1.0, kv_start=torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match=r"kv_start must have shape \[B\] = \[2\], got \(3,\)"):
+        A.decode_attention_separate(q, k, k, 2, 1.0, kv_start=_lens([0, 0, 0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,9 +435,9 @@ def test_default_num_splits_is_static():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_compile_specs_cover_every_config(dtype):
     specs = A.compile_specs(dtype)
-    # per head_dim: prefill, decode (direct + split), reduce
-    # per head_dim: prefill (cache-writing + separate), decode (direct/split x cache-writing/separate), reduce
-    assert len(specs) == 3 * 7
+    # per head_dim: prefill (cache-writing + separate), decode (direct/split x cache-writing/separate/
+    # separate with kv_start), reduce
+    assert len(specs) == 3 * 9
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         params = list(s.fn.arg_names)
@@ -419,6 +450,8 @@ def test_compile_specs_cover_every_config(dtype):
         assert s.uses_dot == ("reduce" not in s.name)
         if "WRITE_KV" in s.constexprs:
             assert s.constexprs["WRITE_KV"] == ("separate" not in s.name), s.name
+        if "HAS_KV_START" in s.constexprs:
+            assert s.constexprs["HAS_KV_START"] == ("kv_start" in s.name), s.name
     for D in (32, 64, 128):
         bm, bn, w, st = A._PREFILL_CONFIGS[("half", D)]
         assert any(s.constexprs.get("HEAD_DIM") == D and s.constexprs.get("BLOCK_M") == bm

@@ -121,15 +121,10 @@ def test_greedy_left_padded_batch_of_three(tokenizer):
     assert torch.equal(got, expected)
     assert tokenizer.batch_decode(got) == tokenizer.batch_decode(expected)
     stats = served(model)
-    # a padded batch: every step runs torch SDPA with transformers' mask (the decode kernel has no
-    # per-sequence key start); the unpadded row alone, generated with the same model, decodes on the kernel
-    assert stats["sdpa"] == 16 * SMALL["n_layer"] and "decode" not in stats
-    row = enc["attention_mask"].all(dim=1).nonzero()[0].item()
-    with torch.no_grad():
-        alone = model.generate(enc["input_ids"][row:row + 1], attention_mask=enc["attention_mask"][row:row + 1],
-                               max_new_tokens=16, do_sample=False)
-    assert torch.equal(alone, expected[row:row + 1])
-    assert served(model)["decode"] == 15 * SMALL["n_layer"]
+    # the padded prompt runs torch SDPA with transformers' mask; every decode step runs the kernel, the
+    # mask's per-row first key as its kv_start (the padding is not read)
+    assert stats["sdpa"] == SMALL["n_layer"] and stats["decode"] == 15 * SMALL["n_layer"]
+    assert "prefill" not in stats and not any(key.startswith("fallback") for key in stats)
 
 
 def test_beam_search_four_beams(tokenizer):
@@ -147,7 +142,9 @@ def test_beam_search_four_beams(tokenizer):
     assert got.shape == expected.shape == (4, enc["input_ids"].shape[1] + 12)
     assert torch.equal(got, expected) and torch.equal(got_single, expected_single)
     stats = served(model)
-    assert stats["sdpa"] > 0 and stats["decode"] > 0  # padded batch, then the unpadded prompt on the kernels
+    # the padded prompt on SDPA, its 11 beam steps on the decode kernel (kv_start), then the unpadded prompt
+    assert stats["sdpa"] == SMALL["n_layer"] and stats["prefill"] == SMALL["n_layer"]
+    assert stats["decode"] == 2 * 11 * SMALL["n_layer"]
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
@@ -368,6 +365,29 @@ def test_triton_backend_under_the_interpreter():
     assert stats["prefill"] == 2 and stats["decode"] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
+def test_triton_backend_left_padded_greedy_decodes_on_the_kernel():
+    """A left-padded batch (rows padded by 0, 3 and 6) on the Triton kernels: the decode kernel takes
+    each row's first real key from transformers' mask (kv_start) and gives transformers' tokens."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_model(seed=26, n_layer=2, n_embd=64, n_head=2, vocab_size=128,
+                     bos_token_id=127, eos_token_id=127).to(device)  # head_dim 32
+    model.generation_config.pad_token_id = 127
+    ids = rand_ids(27, (3, 9), high=127).to(device)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 3, 6)):
+        ids[row, :pad], mask[row, :pad] = 127, 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(ids, **kw)
+        patch_hf(model, backend="triton")
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, expected)
+    stats = served(model)
+    assert stats["sdpa"] == 2 and stats["decode"] == 4 * 2 and "prefill" not in stats
+
+
 def test_triton_backend_needs_a_kernel_head_dim():
     model = hf_model(seed=20, n_layer=1, n_embd=32, n_head=4)  # head_dim 8
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
@@ -517,3 +537,29 @@ def test_the_cache_argument_under_both_names_the_release_accepts():
                 got = model(step, use_cache=True, **{name: past}).logits
             assert (got - expected).abs().max().item() <= 1e-5, name
     assert served(model)["decode"] == len(names) * SMALL["n_layer"]
+
+
+def test_mask_recognition_left_padding_only():
+    """_causal_past takes a mask to the decode kernel only when it is causal after a run of left
+    padding (kv_start <= past); a hole in the middle, a padded new token or an additive bias go to SDPA."""
+    s, t, past = 2, 9, 7
+
+    def mask(starts):
+        m = hf_mod._causal_visible(t, s, past, "cpu")[None].repeat(len(starts), 1, 1)  # [B, S, T]
+        for b, k0 in enumerate(starts):
+            m[b, :, :k0] = False
+        return m[:, None]  # [B, 1, S, T]
+
+    got_past, starts = hf_mod._causal_past(mask([0, 3, 7]), s, t)
+    assert got_past == past and starts.dtype == torch.int32 and starts.tolist() == [0, 3, 7]
+    assert hf_mod._causal_past(mask([0, 0]), s, t) == (past, None)
+    float_mask = torch.zeros(2, 1, s, t).masked_fill(~mask([2, 0]), torch.finfo(torch.float32).min)
+    assert hf_mod._causal_past(float_mask, s, t)[1].tolist() == [2, 0]
+    assert hf_mod._causal_past(mask([8, 0]), s, t) is None  # the first new token would be padding
+    hole = mask([0, 2])
+    hole[1, :, :, 4] = False  # padding in the middle of a sequence
+    assert hf_mod._causal_past(hole, s, t) is None
+    assert hf_mod._causal_past(float_mask - 0.5, s, t) is None  # a bias, not a mask
+    ragged = mask([0, 0])
+    ragged[1, :, :, past + 1] = False  # rows ending at different positions
+    assert hf_mod._causal_past(ragged, s, t) is None

@@ -124,3 +124,25 @@ def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
         # a packed copy exists only once a call had >= 2 rows, and only where this CPU runs oneDNN fp32
         assert len(ops.lazy_packed or {}) == (0 if m == 1 else packs), m
     assert TorchOps.PACK_FROM_ROWS == 2
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_torch_decode_separate_left_padded_matches_the_kernels_reference(S):
+    """TorchOps' kv_start (the drop-in's left-padded decode): keys before kv_start[b] are not seen;
+    the padding holds huge values, which would dominate the softmax if they were."""
+    from fastgpt2.kernels.attention import separate_attention_ref
+    from fastgpt2.runtime.backends import TorchOps
+
+    g = torch.Generator().manual_seed(41)
+    B, H, D, past = 3, 2, 32, 11
+    q = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, past + S + 2, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, past + S + 2, D, generator=g, dtype=torch.float64)
+    starts = torch.tensor([0, 5, 11], dtype=torch.int32)
+    for b, k0 in enumerate(starts.tolist()):
+        k[b, :, :k0], v[b, :, :k0] = 1e4, 1e4
+    ops = TorchOps(torch.device("cpu"), torch.float64)
+    got = ops.decode_attention_separate(q, k, v, past, 0.3, False, starts)  # [B, S, H*D]
+    torch.testing.assert_close(got, separate_attention_ref(q, k, v, past, 0.3, starts), rtol=1e-12, atol=1e-12)
+    plain = ops.decode_attention_separate(q, k, v, past, 0.3, False)
+    assert torch.equal(plain[0], got[0]) and not torch.allclose(plain[1:], got[1:])
