@@ -19,7 +19,7 @@ from benchlib import DECODE_RESULTS, DEVICE, SMALL, median_seconds
 
 from fastgpt2.benchmark import (decode_weight_bytes, hf_prefill_kwargs, kv_read_bytes,
                                 measure_bandwidth, reference_model, sync)
-from fastgpt2.runtime.backends import cpu_capability
+from fastgpt2.runtime.cpu_paths import cpu_capability
 from fastgpt2.runtime.config import GPT2Config
 from fastgpt2.runtime.hf import cache_argument
 from fastgpt2.runtime.model import GPT2, resolve_dtype

@@ -19,7 +19,7 @@ import pytest
 import torch
 from benchlib import NO_CUDA, OP_RESULTS, median_seconds, rotation
 
-from fastgpt2.runtime.backends import TorchOps
+from fastgpt2.runtime.ops import TorchOps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 
@@ -78,7 +78,7 @@ def test_add_layer_norm(benchmark, impl, m, n):
 @pytest.mark.parametrize("m,e", [(1, 768), (8, 768), (32, 768), (2048, 768), (1, 1600), (32, 1600), (2048, 1600)])
 def test_linear_epilogue(benchmark, impl, epilogue, m, e):
     """gelu: c_fc, y = gelu_tanh(x [M, E] @ w [E, 4E] + b); residual: mlp.c_proj, y = x [M, 4E] @ w [4E, E] + b + r."""
-    from fastgpt2.kernels.mlp import linear
+    from fastgpt2.kernels.linear import linear
 
     k, n = (e, 4 * e) if epilogue == "gelu" else (4 * e, e)
     extra = {"activation": "gelu_tanh"} if epilogue == "gelu" else {}

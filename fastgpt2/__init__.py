@@ -6,8 +6,7 @@
 
 Importing fastgpt2 touches no GPU and compiles nothing.
 """
-from .errors import FastGPT2Error
-from .runtime.backends import BackendError
+from .errors import BackendError, FastGPT2Error
 from .runtime.config import ConfigError, GPT2Config
 from .runtime.kv_cache import CacheError, KVCache
 from .runtime.loader import CheckpointError

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .runtime.backends import cpu_capability
+from .runtime.cpu_paths import cpu_capability
 from .runtime.config import PRESETS, GPT2Config
 from .runtime.model import GPT2, resolve_device, resolve_dtype
 

@@ -2,7 +2,7 @@
 
     python tools/compile_report.py [--json FILE] [--jobs 2] [--align both|aligned|generic] [--fresh-cache]
 
-For each kernel module present among ``fastgpt2.kernels.{layernorm, mlp, attention}`` (a module
+For each kernel module present among ``fastgpt2.kernels.{layernorm, linear, attention}`` (a module
 that exists but fails to import, or lacks ``compile_specs``, is a failure, never skipped), every
 ``CompileSpec`` from ``compile_specs(dtype)`` is compiled for cc 80 and 90 and dtype fp16 and bf16,
 in two specializations of the arguments, as Triton's launcher would produce them (once, shown as
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODULES = ("layernorm", "mlp", "attention")
+MODULES = ("layernorm", "linear", "attention")
 CCS = (80, 90)
 DTYPES = ("fp16", "bf16")
 ALIGNS = ("16B", "none")
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: 2 at most)")
     parser.add_argument("--align", choices=("both", "aligned", "generic"), default="both",
                         help="argument specializations to compile: 16B-aligned, unaligned, or both (default)")
-    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated kernel modules: short names under fastgpt2.kernels, or dotted module names (default: layernorm,mlp,attention)")
+    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated kernel modules: short names under fastgpt2.kernels, or dotted module names (default: layernorm,linear,attention)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default: fp16,bf16)")
     parser.add_argument("--fresh-cache", action="store_true", help="compile into an empty private TRITON_CACHE_DIR")
     args = parser.parse_args(argv)

@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import DTYPES, interpreted
-from .spec import CompileSpec, check_spec_dtype
+from .contract import DTYPES, HEAD_DIMS, CompileSpec, check_spec_dtype
+from .launch_checks import interpreted
 
-_HEAD_DIMS = (32, 64, 128)
 MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
 
@@ -406,8 +405,8 @@ def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, la
 
 
 def _check_head_dim(D: int) -> None:
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported, expected one of {_HEAD_DIMS}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported, expected one of {HEAD_DIMS}")
 
 
 def _check_cache(qkv, k_cache, v_cache):
@@ -694,7 +693,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     p = "*" + dtype
     i64 = "i64"
     specs = []
-    for D in _HEAD_DIMS:
+    for D in HEAD_DIMS:
         bm, bn, w, st = _PREFILL_CONFIGS[(kind, D)]
         sig = {
             "q_ptr": p, "k_ptr": p, "v_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "seq_lens_ptr": "*i32",

@@ -4,9 +4,6 @@ from __future__ import annotations
 import torch
 import triton
 
-# the I/O dtypes every kernel takes, with their Triton names
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 
 def interpreted(kernel) -> bool:
     """Whether `kernel` runs in Triton's interpreter: under TRITON_INTERPRET=1, triton.jit returns an

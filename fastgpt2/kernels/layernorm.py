@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch_checks import DTYPES, check_device
-from .spec import CompileSpec, check_spec_dtype
+from .contract import DTYPES, CompileSpec, check_spec_dtype
+from .launch_checks import check_device
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
 # every config it can produce (compile_specs enumerates it). N <= 2048 covers GPT-2 (max 1600); a

@@ -11,7 +11,7 @@ from typing import Any
 
 # activation_function values that transformers' GPT-2 accepts and fastgpt2 serves, mapped to the
 # kernel's activation name. gelu_new, gelu_pytorch_tanh and gelu_fast are the same tanh formula.
-ACTIVATIONS = {
+HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
@@ -54,10 +54,10 @@ class GPT2Config:
             )
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
             raise ConfigError(f"n_inner must be a positive integer or None (= 4 * n_embd), got {self.n_inner!r}")
-        if self.activation_function not in ACTIVATIONS:
+        if self.activation_function not in HF_ACTIVATIONS:
             raise ConfigError(
                 f"activation_function {self.activation_function!r} is not supported; "
-                f"fastgpt2 serves {sorted(ACTIVATIONS)}"
+                f"fastgpt2 serves {sorted(HF_ACTIVATIONS)}"
             )
         if not self.layer_norm_epsilon > 0:
             raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
@@ -74,7 +74,7 @@ class GPT2Config:
     @property
     def activation(self) -> str:
         """The kernel-level activation name (gelu_tanh, gelu_erf, relu, silu)."""
-        return ACTIVATIONS[self.activation_function]
+        return HF_ACTIVATIONS[self.activation_function]
 
     def attn_scale(self, layer_idx: int) -> float:
         """The softmax scale of layer `layer_idx` (0-based), exactly as transformers computes it."""

@@ -74,8 +74,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FastGPT2Error
-from .backends import make_ops, resolve_backend
-from .config import ACTIVATIONS, GPT2Config
+from ..kernels.contract import HEAD_DIMS
+from .ops import make_ops, resolve_backend
+from .config import HF_ACTIVATIONS, GPT2Config
 
 TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")  # the oldest and the newest release the tests ran on
 ATTN_IMPLEMENTATION = "fastgpt2"  # the name registered with transformers' attention interfaces
@@ -85,7 +86,6 @@ _SLOT_ATTR = "_fastgpt2_slot"  # a _Slot, on each patched module (the attention 
 # set while a call that cannot be served runs transformers' own code: every patched module defers
 _CALL_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpt2_hf_fallback", default=None)
 _MAX_DECODE_TOKENS = 8  # the decode kernel's limit on new tokens per step
-_KERNEL_HEAD_DIMS = (32, 64, 128)  # head sizes the Triton attention kernels are built for
 # keyword arguments transformers' GPT2Attention forwards to the attention function that fastgpt2 has
 # no use for (positions are already in the embeddings; the cache is already updated): anything else
 # is an error, never dropped
@@ -408,7 +408,7 @@ def _mlp_forward(self, hidden_states, *args, **kwargs):
         return original(hidden_states)
     why = _module_reason(state, self, hidden_states, (self.dropout.p,))
     if why is None and activation is None:
-        why = (f"activation:{act_name}", f"activation {act_name!r} is not one fastgpt2 serves ({sorted(ACTIVATIONS)})")
+        why = (f"activation:{act_name}", f"activation {act_name!r} is not one fastgpt2 serves ({sorted(HF_ACTIVATIONS)})")
     if why is not None:
         state.fallback(*why)
         return original(hidden_states)
@@ -639,9 +639,9 @@ def patch_hf(model, backend: str = "auto"):
     backend = resolve_backend(backend, device)
     cfg = gpt2.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    if backend == "triton" and head_dim not in _KERNEL_HEAD_DIMS:
+    if backend == "triton" and head_dim not in HEAD_DIMS:
         raise HFModelError(
-            f"backend='triton': the attention kernels take head_dim in {_KERNEL_HEAD_DIMS}, this model has "
+            f"backend='triton': the attention kernels take head_dim in {HEAD_DIMS}, this model has "
             f"{head_dim} (n_embd {cfg.hidden_size} / n_head {cfg.num_attention_heads}); use backend='torch'"
         )
     state = _PatchState(backend, device, dtype, cfg.num_attention_heads, f"{type(model).__name__} at {id(model):#x}")
@@ -660,7 +660,7 @@ def patch_hf(model, backend: str = "auto"):
         if isinstance(module, torch.nn.LayerNorm):
             _set_forward(state, module, _layer_norm_forward)
         elif isinstance(module, m.GPT2MLP):
-            activation = ACTIVATIONS.get(act_name) if type(module.act) is act_type else None
+            activation = HF_ACTIVATIONS.get(act_name) if type(module.act) is act_type else None
             _set_forward(state, module, _mlp_forward, (activation, act_name))
         elif isinstance(module, m.GPT2Attention):
             object.__setattr__(module, _SLOT_ATTR, _Slot(state, None, None))  # read by _attention

@@ -1,5 +1,5 @@
 """The GPT-2 module: embeddings, n_layer pre-LN blocks, ln_f and the tied lm_head, with every op
-going through one backend switch (runtime/backends.py).
+going through one backend switch (runtime/ops.py).
 
 The network (M = tokens in the step, E = n_embd, I = inner dim):
     a, h = embed_layer_norm(ids, start, wte, wpe, ln_1 of layer 0)   [M, E]  gathers + add + layernorm
@@ -24,16 +24,12 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import make_ops, resolve_backend
+from ..kernels.contract import DTYPE_NAMES
+from .ops import make_ops, resolve_backend
 from .config import GPT2Config
 from .kv_cache import KVCache
 from .loader import expected_shapes, load_checkpoint
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 class InputError(FastGPT2Error):
@@ -53,9 +49,9 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
+        if dtype not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
-        dtype = _DTYPES[dtype]
+        dtype = DTYPE_NAMES[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     return dtype

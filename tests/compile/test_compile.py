@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fastgpt2.kernels import layernorm, mlp
+from fastgpt2.kernels import layernorm, linear
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "compile_report.py"
@@ -51,10 +51,10 @@ def test_every_spec_of_every_present_module_is_reported(report):
     _, data = report
     assert data is not None
     present = set(data["present"])
-    assert {"fastgpt2.kernels.layernorm", "fastgpt2.kernels.mlp"} <= present
+    assert {"fastgpt2.kernels.layernorm", "fastgpt2.kernels.linear"} <= present
     attention_exists = (ROOT / "fastgpt2" / "kernels" / "attention.py").exists()
     assert ("fastgpt2.kernels.attention" in present) == attention_exists, "an existing module must not be skipped"
-    for module, name in ((layernorm, "layernorm"), (mlp, "mlp")):
+    for module, name in ((layernorm, "layernorm"), (linear, "linear")):
         for dtype in ("fp16", "bf16"):
             names = {s.name for s in module.compile_specs(dtype)}
             for cc in (80, 90):
@@ -62,7 +62,7 @@ def test_every_spec_of_every_present_module_is_reported(report):
                 assert {r["name"] for r in rows} == names
                 assert len(rows) == 2 * len(names)  # 16B-aligned and unaligned specializations
     for r in data["rows"]:
-        if r["module"] == "mlp":
+        if r["module"] == "linear":
             assert r["tensor_cores"] != "-", r["name"]
             if r["cc"] == 80:
                 assert r["tensor_cores"] == "HMMA", r["name"]
@@ -102,7 +102,7 @@ def test_kernels_compile_with_unit_integer_arguments():
     proc = subprocess.run([sys.executable, "-c", UNIT_INTS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok mlp.linear" in proc.stdout and "ok layernorm.add_layer_norm" in proc.stdout
+    assert "ok linear.linear" in proc.stdout and "ok layernorm.add_layer_norm" in proc.stdout
 
 
 def test_checker_catches_spills_smem_and_missing_tensor_cores(tmp_path):
@@ -113,7 +113,7 @@ def test_checker_catches_spills_smem_and_missing_tensor_cores(tmp_path):
     (pkg / "bad.py").write_text(textwrap.dedent('''
         import triton
         import triton.language as tl
-        from fastgpt2.kernels.spec import CompileSpec
+        from fastgpt2.kernels.contract import CompileSpec
 
 
         @triton.jit

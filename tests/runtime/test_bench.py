@@ -109,16 +109,16 @@ def test_no_launch_budget_skips_it(monkeypatch, capsys):
 
 def test_json_names_the_cpu_its_capability_and_the_forced_path_with_a_roofline_per_row(monkeypatch, capsys,
                                                                                         tmp_path):
-    from fastgpt2.runtime import backends
+    from fastgpt2.runtime import cpu_paths
 
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "addmm")  # the private switch, as a measurement uses it
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "addmm")  # the private switch, as a measurement uses it
     out = tmp_path / "b.json"
     assert main([*FAST, "--batch", "1,2", "--dtype", "bfloat16", "--no-launch-budget", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     cap = torch.backends.cpu.get_cpu_capability()
     assert result["cpu_model"] and result["cpu_capability"] == cap
-    assert result["cpu_path"] == f"bf16: addmm ({cap}{'+AMX' if backends._amx() and cap == 'AVX512' else ''}, forced)"
+    assert result["cpu_path"] == f"bf16: addmm ({cap}{'+AMX' if cpu_paths._amx() and cap == 'AVX512' else ''}, forced)"
     assert f"| CPU path: {result['cpu_path']}" in printed
     assert {(r["engine"], r["batch"]) for r in result["rows"]} == {
         (e, b) for e in ("fastgpt2[torch]", "transformers") for b in (1, 2)}

@@ -7,8 +7,9 @@ import torch
 
 import fastgpt2
 from fastgpt2 import BackendError
-from fastgpt2.runtime import backends
-from fastgpt2.runtime.backends import CpuPath, TorchOps, choose_cpu_path
+from fastgpt2.runtime import cpu_paths
+from fastgpt2.runtime.cpu_paths import CpuPath, choose_cpu_path
+from fastgpt2.runtime.ops import TorchOps
 
 CPU = torch.device("cpu")
 # every path: (dtype, CpuPath.gemm)
@@ -23,14 +24,14 @@ AVX2_BF16_ERROR = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu suppor
 @pytest.fixture(autouse=True)
 def fresh_probe():
     """Every test sees the probe of its own (monkeypatched) CPU, and leaves the real one behind."""
-    backends._onednn_probe.cache_clear()
+    cpu_paths._onednn_probe.cache_clear()
     yield
-    backends._onednn_probe.cache_clear()
+    cpu_paths._onednn_probe.cache_clear()
 
 
 def _skip_unless_runs(dtype, gemm):
     """Skip, naming the capability, where this CPU cannot execute the path."""
-    why = backends._onednn_probe(dtype) if gemm.startswith("onednn") else None
+    why = cpu_paths._onednn_probe(dtype) if gemm.startswith("onednn") else None
     if why is not None:
         cap = torch.backends.cpu.get_cpu_capability()
         pytest.skip(f"{gemm} for {dtype} does not run here ({why}): this CPU's capability is {cap}")
@@ -40,7 +41,7 @@ def _simulate_avx2(monkeypatch):
     """An AVX2-only CPU as torch 2.13 behaves on one: the capability says AVX2, no AMX, and oneDNN's
     packed linear refuses bf16 with its RuntimeError (float32 still runs)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(backends, "_amx", lambda: False)
+    monkeypatch.setattr(cpu_paths, "_amx", lambda: False)
     ns = torch.ops.mkldnn
     reorder, pointwise = ns._reorder_linear_weight, ns._linear_pointwise
 
@@ -83,7 +84,7 @@ def test_every_forced_path_matches_the_plain_float32_product(dtype, gemm):
 @pytest.mark.parametrize("dtype,gemm", PATHS, ids=[f"{str(d)[6:]}-{g}" for d, g in PATHS])
 def test_every_lm_head_path_matches_the_plain_float32_product(monkeypatch, dtype, gemm, amx):
     _skip_unless_runs(dtype, gemm)
-    monkeypatch.setattr(backends, "_amx", lambda: amx)  # AMX picks w @ y^T for bf16: both heads run anywhere
+    monkeypatch.setattr(cpu_paths, "_amx", lambda: amx)  # AMX picks w @ y^T for bf16: both heads run anywhere
     ops = TorchOps(CPU, dtype, _cpu_path=gemm)
     head = "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
     assert ops.cpu_path.head == head
@@ -105,9 +106,9 @@ def test_every_lm_head_path_matches_the_plain_float32_product(monkeypatch, dtype
 def test_every_forced_path_runs_the_model_like_the_float32_one(monkeypatch, dtype, gemm):
     _skip_unless_runs(dtype, gemm)
     cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "addmm")
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "addmm")
     ref_model = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=5)
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", gemm)
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", gemm)
     model = fastgpt2.GPT2.from_config(cfg, dtype=dtype, seed=5)
     assert model.ops.cpu_path.gemm == gemm and f"cpu_path='{model.ops.cpu_path.name}'" in repr(model)
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
@@ -122,7 +123,7 @@ def test_every_forced_path_runs_the_model_like_the_float32_one(monkeypatch, dtyp
 @pytest.mark.parametrize("probe", ["runs", "fails"])
 def test_the_path_follows_the_capability_and_the_probe(monkeypatch, cap, probe):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
-    monkeypatch.setattr(backends, "_amx", lambda: False)
+    monkeypatch.setattr(cpu_paths, "_amx", lambda: False)
     packs = []
 
     def pack(w_nk):
@@ -132,9 +133,9 @@ def test_the_path_follows_the_capability_and_the_probe(monkeypatch, cap, probe):
         return torch.ops.mkldnn._reorder_linear_weight(w_nk, 8)
 
     if probe == "runs":  # any CPU, this one included, as one where oneDNN runs both dtypes
-        monkeypatch.setattr(backends, "_onednn_probe", lambda dtype: packs.append(dtype))
+        monkeypatch.setattr(cpu_paths, "_onednn_probe", lambda dtype: packs.append(dtype))
     else:  # the real probe, its oneDNN packing failing as on an AVX2 CPU
-        monkeypatch.setattr(backends, "_onednn_pack", pack)
+        monkeypatch.setattr(cpu_paths, "onednn_pack", pack)
     ok = probe == "runs"
     expected = {
         torch.bfloat16: "onednn_packed" if ok and cap == "AVX512" else "addmm_nk",
@@ -160,7 +161,7 @@ def test_the_path_follows_the_capability_and_the_probe(monkeypatch, cap, probe):
         ops = TorchOps(CPU, dtype)
         assert ops.cpu_path == path and ops.packed == (path.gemm == "onednn_packed")
     if probe == "fails":
-        assert "avx_ne_convert" in backends._onednn_probe(torch.bfloat16)
+        assert "avx_ne_convert" in cpu_paths._onednn_probe(torch.bfloat16)
     assert TorchOps(CPU, torch.bfloat16, pack_weights=False).cpu_path.gemm == "addmm"  # patch_hf: never packed
     assert TorchOps(None, torch.bfloat16).cpu_path is None  # off the CPU: no CPU path
 
@@ -172,12 +173,12 @@ def test_the_probe_runs_once_per_dtype_and_keeps_the_reason(monkeypatch):
         calls.append(w_nk.dtype)
         raise RuntimeError(AVX2_BF16_ERROR + "\n(more lines)")
 
-    monkeypatch.setattr(backends, "_onednn_pack", pack)
+    monkeypatch.setattr(cpu_paths, "onednn_pack", pack)
     for _ in range(3):
-        assert backends._onednn_probe(torch.bfloat16) == f"RuntimeError: {AVX2_BF16_ERROR}"
+        assert cpu_paths._onednn_probe(torch.bfloat16) == f"RuntimeError: {AVX2_BF16_ERROR}"
     assert calls == [torch.bfloat16]
-    monkeypatch.setattr(backends, "_onednn_packing_available", lambda: False)
-    assert backends._onednn_probe(torch.float32) == "oneDNN's packed linear is not in this torch build"
+    monkeypatch.setattr(cpu_paths, "_onednn_packing_available", lambda: False)
+    assert cpu_paths._onednn_probe(torch.float32) == "oneDNN's packed linear is not in this torch build"
 
 
 def test_a_forced_path_this_cpu_cannot_run_is_a_backend_error_naming_the_capability(monkeypatch):
@@ -185,7 +186,7 @@ def test_a_forced_path_this_cpu_cannot_run_is_a_backend_error_naming_the_capabil
     with pytest.raises(BackendError, match=r"'onednn_packed' for torch.bfloat16 cannot run on this CPU \(torch's "
                                            r"CPU capability is AVX2\): RuntimeError: mkldnn_reorder_linear_weight"):
         TorchOps(CPU, torch.bfloat16, _cpu_path="onednn_packed")
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "onednn_packed")
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "onednn_packed")
     with pytest.raises(BackendError, match="capability is AVX2"):
         fastgpt2.GPT2.from_config(fastgpt2.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
                                                       n_positions=16), dtype=torch.bfloat16)
@@ -226,8 +227,8 @@ def test_bfloat16_on_a_simulated_avx2_cpu_builds_and_matches_transformers_float3
 
 def test_amx_is_named_and_keeps_the_xeons_lm_head(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    monkeypatch.setattr(backends, "_amx", lambda: True)
-    monkeypatch.setattr(backends, "_onednn_probe", lambda dtype: None)
+    monkeypatch.setattr(cpu_paths, "_amx", lambda: True)
+    monkeypatch.setattr(cpu_paths, "_onednn_probe", lambda dtype: None)
     bf16, fp32 = choose_cpu_path(torch.bfloat16), choose_cpu_path(torch.float32)
     assert bf16.name == "bf16: oneDNN packed (AVX512+AMX)" and bf16.head == "w @ y^T"
     assert fp32.name == "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)" and fp32.head == "w @ y^T"

@@ -22,10 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_checks import DTYPES, check_device
-from .spec import CompileSpec, check_spec_dtype
-
-ACTIVATIONS = ("none", "gelu_tanh", "gelu_erf", "relu", "silu")
+from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype
+from .launch_checks import check_device
 
 
 
@@ -216,28 +214,11 @@ def linear(x, w, b, *, activation="none", residual=None, out=None):
     return out
 
 
-def linear_gelu(x, w, b, *, activation="gelu_tanh", out=None):
-    return linear(x, w, b, activation=activation, out=out)
-
-
-def linear_residual(x, w, b, residual, *, out=None):
-    return linear(x, w, b, residual=residual, out=out)
-
-
-_TORCH_ACTIVATIONS = {
-    "none": lambda y: y,
-    "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
-    "gelu_erf": torch.nn.functional.gelu,
-    "relu": torch.relu,
-    "silu": torch.nn.functional.silu,
-}
-
-
 def linear_ref(x, w, b, *, activation="none", residual=None):
     """Plain PyTorch in the input dtype: act(x @ w + b) (+ residual)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear_ref: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-    y = _TORCH_ACTIVATIONS[activation](x @ w + b)
+    y = ACTIVATIONS[activation](x @ w + b)
     return y if residual is None else y + residual
 
 
@@ -261,7 +242,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
                 epilogue = activation + ("+residual" if has_res else "")
                 specs.append(
                     CompileSpec(
-                        name=f"mlp.linear[{epilogue}] {cfg.name} BM={cfg.block_m} BN={cfg.block_n} BK={block_k}",
+                        name=f"linear.linear[{epilogue}] {cfg.name} BM={cfg.block_m} BN={cfg.block_n} BK={block_k}",
                         fn=_linear_kernel,
                         signature=dict(signature),
                         constexprs={

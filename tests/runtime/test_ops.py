@@ -43,30 +43,30 @@ def test_cpu_bfloat16_prepacks_gemm_weights_and_matches_plain_addmm(monkeypatch)
     """The torch backend's CPU bf16 path this CPU runs (oneDNN prepacked GEMMs on AVX-512 where
     oneDNN runs bf16, else addmm on [N, K]-stored weights) computes the same model as the plain addmm path, within bf16
     rounding; the GEMM weights are prepacked exactly when the chosen path says so."""
-    from fastgpt2.runtime import backends
+    from fastgpt2.runtime import cpu_paths
 
     cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
     chosen = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
     path = chosen.ops.cpu_path
-    assert path == backends.choose_cpu_path(torch.bfloat16) and path.gemm in ("onednn_packed", "addmm_nk")
+    assert path == cpu_paths.choose_cpu_path(torch.bfloat16) and path.gemm in ("onednn_packed", "addmm_nk")
     assert path.name.startswith("bf16: ") and path.capability in path.name
     packed = path.gemm == "onednn_packed"
     assert chosen.ops.packed == packed and all(layer.qkv_w.is_mkldnn == packed for layer in chosen.layers)
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", "addmm")
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "addmm")
     plain = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
     assert not plain.ops.packed and plain.ops.cpu_path.gemm == "addmm"
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     a, b = chosen(ids).float(), plain(ids).float()
     assert (a - b).abs().max() <= 0.02 * b.abs().max()
     assert torch.equal(chosen.generate(ids, 8), plain.generate(ids, 8))
-    monkeypatch.setattr(backends, "_FORCE_CPU_PATH", None)
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", None)
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=5)
     assert not fp32.ops.packed  # fp32: MKL's addmm for one row, packed lazily (or never) from 2
     assert fp32.ops.cpu_path.gemm in ("onednn_from_2", "addmm")
 
 
 def test_cpu_lm_head_equals_the_plain_product():
-    from fastgpt2.runtime.backends import TorchOps
+    from fastgpt2.runtime.ops import TorchOps
 
     g = torch.Generator().manual_seed(2)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -111,7 +111,7 @@ def test_triton_model_built_on_a_cpu_float32_models_weights_gets_a_row_major_tab
 
 
 def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
-    from fastgpt2.runtime.backends import TorchOps
+    from fastgpt2.runtime.ops import TorchOps
 
     ops = TorchOps(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(3)
@@ -131,7 +131,7 @@ def test_torch_decode_separate_left_padded_matches_the_kernels_reference(S):
     """TorchOps' kv_start (the drop-in's left-padded decode): keys before kv_start[b] are not seen;
     the padding holds huge values, which would dominate the softmax if they were."""
     from fastgpt2.kernels.attention import separate_attention_ref
-    from fastgpt2.runtime.backends import TorchOps
+    from fastgpt2.runtime.ops import TorchOps
 
     g = torch.Generator().manual_seed(41)
     B, H, D, past = 3, 2, 32, 11

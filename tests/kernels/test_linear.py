@@ -16,8 +16,9 @@ import pytest
 import torch
 from kernel_checks import case_seed, check_tolerance, f64, poisoned
 
-from fastgpt2.kernels import mlp
-from fastgpt2.kernels.mlp import ACTIVATIONS, linear, linear_gelu, linear_ref, linear_residual
+from fastgpt2.kernels import linear as L
+from fastgpt2.kernels.contract import ACTIVATIONS
+from fastgpt2.kernels.linear import linear, linear_ref
 
 # gelu_tanh / silu of large negative inputs overflow exp() in numpy (the result, 0, is right)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -50,7 +51,7 @@ def _run(m, k, n, dname, activation, with_residual, tag):
 
 
 def test_config_table():
-    assert [mlp.pick_config(m).name for m in (1, 7, 33, 64, 65, 70, 4096)] == ["decode"] * 4 + ["prefill"] * 3
+    assert [L.pick_config(m).name for m in (1, 7, 33, 64, 65, 70, 4096)] == ["decode"] * 4 + ["prefill"] * 3
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
@@ -100,14 +101,13 @@ def test_row_strides_and_inplace_residual():
     _check(y, x, w, b, r_copy, "none", "fp32")
 
 
-def test_wrappers_and_allocation():
+def test_allocation_and_out():
     x, w, b, r = _inputs(5, 64, 96, torch.float16, case_seed("wrappers"), residual=True)
-    y = linear_gelu(x, w, b)
+    y = linear(x, w, b, activation="gelu_tanh")
     assert y.shape == (5, 96) and y.dtype == torch.float16
     _check(y, x, w, b, None, "gelu_tanh", "fp16")
-    _check(linear_gelu(x, w, b, activation="gelu_erf"), x, w, b, None, "gelu_erf", "fp16")
     out = poisoned(5, 96, torch.float16)
-    assert linear_residual(x, w, b, r, out=out) is out
+    assert linear(x, w, b, residual=r, out=out) is out
     _check(out, x, w, b, r, "none", "fp16")
 
 

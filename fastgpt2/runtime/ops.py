@@ -27,20 +27,16 @@
 """
 from __future__ import annotations
 
-from ..errors import FastGPT2Error
-
-import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import BackendError
+from ..kernels.contract import ACTIVATIONS
+from . import cpu_paths
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-class BackendError(FastGPT2Error):
-    """A backend that cannot run where it was asked to."""
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -70,151 +66,7 @@ def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int
     return ops
 
 
-def _onednn_packing_available() -> bool:
-    """oneDNN's prepacked linear (the ops torch's inductor uses on CPU) is in this torch build.
-    Whether this CPU can run it for a dtype is ``_onednn_probe``'s answer."""
-    ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and all(
-        hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
-
-
-def _onednn_pack(w_nk: torch.Tensor) -> torch.Tensor:
-    """oneDNN's prepacked form of a [N, K] weight for _linear_pointwise, tuned for small M (8 rows)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w_nk, 8)
-
-
-@functools.cache
-def _onednn_probe(dtype: torch.dtype) -> str | None:
-    """Whether this CPU runs oneDNN's packed linear in `dtype`: None when it does, else why not.
-    Packs a tiny weight and multiplies by it once per process and dtype (cached; tests clear it):
-    on an AVX2-only CPU bf16 packing raises "bf16 path needs the cpu support avx_ne_convert or
-    avx512bw, avx512vl and avx512dq", which the op's presence in the build does not tell."""
-    if not _onednn_packing_available():
-        return "oneDNN's packed linear is not in this torch build"
-    try:
-        w = torch.arange(96, dtype=torch.float32).remainder_(7).sub_(3).view(8, 12)  # [N, K], exact in bf16/fp16
-        x = torch.ones(2, 12)
-        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), _onednn_pack(w.to(dtype)), None, "none", [], "")
-    except RuntimeError as exc:  # oneDNN / the op's own CPU check, e.g. the AVX2 bf16 message above
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if not torch.equal(y.float(), (x @ w.t())):
-        return "oneDNN's packed linear gave a wrong product"
-    return None
-
-
-def cpu_capability() -> str:
-    """torch's CPU vector capability: "AVX512", "AVX2", "DEFAULT", ... (ATen's kernel dispatch)."""
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def _amx() -> bool:
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
-
-
-# Private, for tests and measurements: force one CPU GEMM path (a CpuPath.gemm name: "onednn_packed",
-# "onednn_from_2", "addmm_nk" or "addmm") for every TorchOps on the CPU that packs its weights; the
-# environment variable _FASTGPT2_CPU_PATH sets it at import (e.g. for `fastgpt2 bench`). Not an API.
-_FORCE_CPU_PATH: str | None = os.environ.get("_FASTGPT2_CPU_PATH") or None
-
-_DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_GEMM_NAMES = {"onednn_packed": "oneDNN packed", "onednn_from_2": "MKL addmm, oneDNN packed from 2 rows",
-               "addmm_nk": "addmm on [N, K] weights", "addmm": "addmm"}
-
-
-@dataclass(frozen=True)
-class CpuPath:
-    """Which GEMM and lm_head path the torch backend runs on this CPU for one dtype, chosen once, at
-    construction (``TorchOps``), from the CPU's capability and ``_onednn_probe``. GEMMs (``gemm``):
-
-    - "onednn_packed": every GEMM weight prepacked for oneDNN at construction (bf16 on AVX-512)
-    - "onednn_from_2": MKL's addmm for one row, oneDNN's packed GEMM (a copy made lazily) from 2 rows (fp32)
-    - "addmm_nk": addmm on weights stored [N, K] (a column-major [K, N] view), made once at construction:
-      torch's own reduced-precision GEMV/GEMM kernels (bf16/fp16 where oneDNN is not used)
-    - "addmm": plain addmm on the [K, N] (Conv1D) weights (fp32 where oneDNN cannot run; any dtype, forced)
-
-    lm_head (``head``): "w @ y^T" (a GEMV for one row over the [V, E] table; fp32, bf16 with AMX) or
-    "y @ w^T" (bf16 without AMX, fp16).
-    """
-
-    dtype: torch.dtype
-    gemm: str  # "onednn_packed" | "onednn_from_2" | "addmm_nk" | "addmm"
-    capability: str  # torch.backends.cpu.get_cpu_capability()
-    amx: bool = False
-    forced: bool = False  # set through the private switch, not chosen
-    head: str = "w @ y^T"  # the lm_head's product: "w @ y^T" | "y @ w^T"
-
-    @property
-    def name(self) -> str:
-        """e.g. "bf16: oneDNN packed (AVX512)", "bf16: addmm on [N, K] weights (AVX2)",
-        "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)", "fp32: MKL addmm (DEFAULT)"."""
-        dtype = _DTYPE_SHORT.get(self.dtype, str(self.dtype).removeprefix("torch."))
-        what = "MKL addmm" if self.gemm == "addmm" and self.dtype == torch.float32 else _GEMM_NAMES[self.gemm]
-        isa = self.capability + ("+AMX" if self.amx and self.capability == "AVX512" else "")
-        return f"{dtype}: {what} ({isa}{', forced' if self.forced else ''})"
-
-    def __str__(self) -> str:
-        return self.name
-
-
-# the GEMM paths each dtype can take; the first is the one chosen where the CPU runs it (see choose_cpu_path)
-_CPU_GEMMS = {torch.bfloat16: ("onednn_packed", "addmm_nk", "addmm"), torch.float32: ("onednn_from_2", "addmm"),
-              torch.float16: ("addmm_nk", "addmm")}
-
-
-def _cpu_head(dtype: torch.dtype, amx: bool) -> str:
-    """The lm_head's product: w @ y^T for fp32 (the column-major table's GEMV, see TorchOps) and bf16
-    on AMX (the Xeon's measurement); y @ w^T elsewhere (AMD EPYC AVX-512 bf16, GPT-2 small's head:
-    4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2 kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""
-    return "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
-
-
-def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
-    """The CPU path for `dtype` (see TorchOps for the measurements behind it):
-
-    | dtype | capability      | oneDNN probe | GEMM path     |
-    |-------|-----------------|--------------|---------------|
-    | bf16  | AVX512          | runs         | onednn_packed |
-    | bf16  | AVX512          | fails        | addmm_nk      |
-    | bf16  | AVX2, any other | (not asked)  | addmm_nk      |
-    | fp32  | AVX512 or AVX2  | runs         | onednn_from_2 |
-    | fp32  | AVX512 or AVX2  | fails        | addmm         |
-    | fp32  | any other       | (not asked)  | addmm         |
-    | fp16  | any             | (not asked)  | addmm_nk      |
-
-    `forced` (the private switch) takes a GEMM path by name; one this dtype has no such path for, or
-    one this CPU cannot run (the probe fails), is a BackendError naming the capability."""
-    cap, amx = cpu_capability(), _amx()
-    head = _cpu_head(dtype, amx)
-    choices = _CPU_GEMMS.get(dtype, ("addmm",))
-    if forced is not None:
-        if forced not in choices:
-            raise BackendError(f"CPU path {forced!r} does not exist for {dtype} (choose one of {choices})")
-        why = _onednn_probe(dtype) if forced.startswith("onednn") else None
-        if why is not None:
-            raise BackendError(f"CPU path {forced!r} for {dtype} cannot run on this CPU (torch's CPU capability "
-                               f"is {cap}): {why}")
-        return CpuPath(dtype, forced, cap, amx, forced=True, head=head)
-    fast, fallback = choices[0], choices[1] if len(choices) > 1 else choices[0]
-    if fast == "onednn_packed":
-        ok = cap == "AVX512" and _onednn_probe(dtype) is None
-    elif fast == "onednn_from_2":
-        ok = cap in ("AVX512", "AVX2") and _onednn_probe(dtype) is None
-    else:
-        ok = True
-    return CpuPath(dtype, fast if ok else fallback, cap, amx, head=head)
-
-
-_TORCH_ACTIVATIONS = {
-    "none": lambda x: x,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_erf": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-def _split_heads(qkv: torch.Tensor, n_head: int):
+def split_heads(qkv: torch.Tensor, n_head: int):
     """[B, S, 3E] -> q, k, v each [B, H, S, D] (views)."""
     b, s, three_e = qkv.shape
     d = three_e // (3 * n_head)
@@ -258,20 +110,14 @@ class TorchOps:
 
     def __init__(self, device: torch.device | None = None, dtype: torch.dtype | None = None, pack_weights: bool = True,
                  *, _cpu_path: str | None = None):
-        """_cpu_path (private, for tests; default: the module's _FORCE_CPU_PATH): force a CPU path by
+        """_cpu_path (private, for tests; default: cpu_paths._FORCE_CPU_PATH): force a CPU path by
         its ``CpuPath.gemm`` name; one this CPU cannot run is a BackendError. pack_weights=False
         always runs addmm (the caller's live weights are never packed)."""
         self.n_head = None  # set by make_ops
         cpu = device is not None and device.type == "cpu"
         self.cpu = cpu
         # CpuPath on the CPU (None elsewhere); pack_weights=False: plain addmm, nothing probed
-        if not cpu:
-            self.cpu_path = None
-        elif not pack_weights:
-            amx = _amx()
-            self.cpu_path = CpuPath(dtype, "addmm", cpu_capability(), amx, head=_cpu_head(dtype, amx))
-        else:
-            self.cpu_path = choose_cpu_path(dtype, _cpu_path if _cpu_path is not None else _FORCE_CPU_PATH)
+        self.cpu_path = cpu_paths.cpu_path_for(dtype, pack_weights, _cpu_path) if cpu else None
         gemm = self.cpu_path.gemm if cpu else "addmm"
         self.packed = gemm == "onednn_packed"
         self.store_nk = gemm == "addmm_nk"
@@ -286,7 +132,7 @@ class TorchOps:
             return w.t().contiguous().t()
         if not self.packed:
             return w
-        return _onednn_pack(w.t().contiguous())
+        return cpu_paths.onednn_pack(w.t().contiguous())
 
     def prepare_lm_head(self, w: torch.Tensor):
         """w [V, E], column-major in CPU float32 (see the class), else as it is."""
@@ -311,7 +157,7 @@ class TorchOps:
         else:
             y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
         if activation != "none":
-            y = _TORCH_ACTIVATIONS[activation](y)
+            y = ACTIVATIONS[activation](y)
         if residual is not None:
             y += residual
         return y
@@ -321,7 +167,7 @@ class TorchOps:
         its first use and kept."""
         packed = self.lazy_packed.get(w.data_ptr())
         if packed is None:
-            packed = self.lazy_packed[w.data_ptr()] = _onednn_pack((w.t() if w_is_kn else w).contiguous())
+            packed = self.lazy_packed[w.data_ptr()] = cpu_paths.onednn_pack((w.t() if w_is_kn else w).contiguous())
         return packed
 
     def lm_head(self, y, w):
@@ -341,7 +187,7 @@ class TorchOps:
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         b, t, _ = qkv.shape
-        q, k, v = _split_heads(qkv, self.n_head)  # [B, H, T, D]
+        q, k, v = split_heads(qkv, self.n_head)  # [B, H, T, D]
         k_cache[:b, :, :t].copy_(k)  # positions >= seq_lens[b] hold padding; decode overwrites them before reading
         v_cache[:b, :, :t].copy_(v)
         # right padding + causal: a real query t < len only ever sees keys <= t, all real
@@ -363,7 +209,7 @@ class TorchOps:
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
         b, s, three_e = qkv.shape
-        q, k, v = _split_heads(qkv, self.n_head)  # [B, H, S, D]
+        q, k, v = split_heads(qkv, self.n_head)  # [B, H, S, D]
         if ctx is None:
             ctx = self.decode_context(cache_lens, s, kv_len)
         if ctx[0] == "uniform":  # every sequence at the same length: slices (decode_attention_separate)
@@ -410,9 +256,9 @@ class TritonOps:
     name = "triton"
 
     def __init__(self):
-        from ..kernels import attention, layernorm, mlp
+        from ..kernels import attention, layernorm, linear
 
-        self._attention, self._layernorm, self._mlp = attention, layernorm, mlp
+        self._attention, self._layernorm, self._linear = attention, layernorm, linear
         self.n_head = None
 
     def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
@@ -430,7 +276,7 @@ class TritonOps:
         return w.contiguous()
 
     def linear(self, x, w, b, activation="none", residual=None):
-        return self._mlp.linear(x, w, b, activation=activation, residual=residual)
+        return self._linear.linear(x, w, b, activation=activation, residual=residual)
 
     def lm_head(self, y, w):
         return y @ w.t()  # [N, V]; a cuBLAS GEMM (DESIGN: the lm_head may stay a torch op)

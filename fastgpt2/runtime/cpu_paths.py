@@ -1,0 +1,157 @@
+"""Which GEMM and lm_head path the torch backend runs on this CPU, per dtype: chosen from torch's
+CPU capability and a one-time probe of oneDNN's packed op (``choose_cpu_path``), never assumed.
+The measurements behind each choice are in ``TorchOps`` (runtime/ops.py) and the README."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BackendError
+from ..kernels.contract import DTYPES
+
+
+def _onednn_packing_available() -> bool:
+    """oneDNN's prepacked linear (the ops torch's inductor uses on CPU) is in this torch build.
+    Whether this CPU can run it for a dtype is ``_onednn_probe``'s answer."""
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("_reorder_linear_weight", "_linear_pointwise"))
+
+
+def onednn_pack(w_nk: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked form of a [N, K] weight for _linear_pointwise, tuned for small M (8 rows)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_nk, 8)
+
+
+@functools.cache
+def _onednn_probe(dtype: torch.dtype) -> str | None:
+    """Whether this CPU runs oneDNN's packed linear in `dtype`: None when it does, else why not.
+    Packs a tiny weight and multiplies by it once per process and dtype (cached; tests clear it):
+    on an AVX2-only CPU bf16 packing raises "bf16 path needs the cpu support avx_ne_convert or
+    avx512bw, avx512vl and avx512dq", which the op's presence in the build does not tell."""
+    if not _onednn_packing_available():
+        return "oneDNN's packed linear is not in this torch build"
+    try:
+        w = torch.arange(96, dtype=torch.float32).remainder_(7).sub_(3).view(8, 12)  # [N, K], exact in bf16/fp16
+        x = torch.ones(2, 12)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), onednn_pack(w.to(dtype)), None, "none", [], "")
+    except RuntimeError as exc:  # oneDNN / the op's own CPU check, e.g. the AVX2 bf16 message above
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not torch.equal(y.float(), (x @ w.t())):
+        return "oneDNN's packed linear gave a wrong product"
+    return None
+
+
+def cpu_capability() -> str:
+    """torch's CPU vector capability: "AVX512", "AVX2", "DEFAULT", ... (ATen's kernel dispatch)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _amx() -> bool:
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx())
+
+
+# Private, for tests and measurements: force one CPU GEMM path (a CpuPath.gemm name: "onednn_packed",
+# "onednn_from_2", "addmm_nk" or "addmm") for every TorchOps on the CPU that packs its weights; the
+# environment variable _FASTGPT2_CPU_PATH sets it at import (e.g. for `fastgpt2 bench`). Not an API.
+_FORCE_CPU_PATH: str | None = os.environ.get("_FASTGPT2_CPU_PATH") or None
+
+_GEMM_NAMES = {"onednn_packed": "oneDNN packed", "onednn_from_2": "MKL addmm, oneDNN packed from 2 rows",
+               "addmm_nk": "addmm on [N, K] weights", "addmm": "addmm"}
+
+
+@dataclass(frozen=True)
+class CpuPath:
+    """Which GEMM and lm_head path the torch backend runs on this CPU for one dtype, chosen once, at
+    construction (``TorchOps``), from the CPU's capability and ``_onednn_probe``. GEMMs (``gemm``):
+
+    - "onednn_packed": every GEMM weight prepacked for oneDNN at construction (bf16 on AVX-512)
+    - "onednn_from_2": MKL's addmm for one row, oneDNN's packed GEMM (a copy made lazily) from 2 rows (fp32)
+    - "addmm_nk": addmm on weights stored [N, K] (a column-major [K, N] view), made once at construction:
+      torch's own reduced-precision GEMV/GEMM kernels (bf16/fp16 where oneDNN is not used)
+    - "addmm": plain addmm on the [K, N] (Conv1D) weights (fp32 where oneDNN cannot run; any dtype, forced)
+
+    lm_head (``head``): "w @ y^T" (a GEMV for one row over the [V, E] table; fp32, bf16 with AMX) or
+    "y @ w^T" (bf16 without AMX, fp16).
+    """
+
+    dtype: torch.dtype
+    gemm: str  # "onednn_packed" | "onednn_from_2" | "addmm_nk" | "addmm"
+    capability: str  # torch.backends.cpu.get_cpu_capability()
+    amx: bool = False
+    forced: bool = False  # set through the private switch, not chosen
+    head: str = "w @ y^T"  # the lm_head's product: "w @ y^T" | "y @ w^T"
+
+    @property
+    def name(self) -> str:
+        """e.g. "bf16: oneDNN packed (AVX512)", "bf16: addmm on [N, K] weights (AVX2)",
+        "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)", "fp32: MKL addmm (DEFAULT)"."""
+        dtype = DTYPES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+        what = "MKL addmm" if self.gemm == "addmm" and self.dtype == torch.float32 else _GEMM_NAMES[self.gemm]
+        isa = self.capability + ("+AMX" if self.amx and self.capability == "AVX512" else "")
+        return f"{dtype}: {what} ({isa}{', forced' if self.forced else ''})"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# the GEMM paths each dtype can take; the first is the one chosen where the CPU runs it (see choose_cpu_path)
+_CPU_GEMMS = {torch.bfloat16: ("onednn_packed", "addmm_nk", "addmm"), torch.float32: ("onednn_from_2", "addmm"),
+              torch.float16: ("addmm_nk", "addmm")}
+
+
+def _cpu_head(dtype: torch.dtype, amx: bool) -> str:
+    """The lm_head's product: w @ y^T for fp32 (the column-major table's GEMV, see TorchOps) and bf16
+    on AMX (the Xeon's measurement); y @ w^T elsewhere (AMD EPYC AVX-512 bf16, GPT-2 small's head:
+    4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2 kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""
+    return "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
+
+
+def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
+    """The CPU path for `dtype` (see TorchOps for the measurements behind it):
+
+    | dtype | capability      | oneDNN probe | GEMM path     |
+    |-------|-----------------|--------------|---------------|
+    | bf16  | AVX512          | runs         | onednn_packed |
+    | bf16  | AVX512          | fails        | addmm_nk      |
+    | bf16  | AVX2, any other | (not asked)  | addmm_nk      |
+    | fp32  | AVX512 or AVX2  | runs         | onednn_from_2 |
+    | fp32  | AVX512 or AVX2  | fails        | addmm         |
+    | fp32  | any other       | (not asked)  | addmm         |
+    | fp16  | any             | (not asked)  | addmm_nk      |
+
+    `forced` (the private switch) takes a GEMM path by name; one this dtype has no such path for, or
+    one this CPU cannot run (the probe fails), is a BackendError naming the capability."""
+    cap, amx = cpu_capability(), _amx()
+    head = _cpu_head(dtype, amx)
+    choices = _CPU_GEMMS.get(dtype, ("addmm",))
+    if forced is not None:
+        if forced not in choices:
+            raise BackendError(f"CPU path {forced!r} does not exist for {dtype} (choose one of {choices})")
+        why = _onednn_probe(dtype) if forced.startswith("onednn") else None
+        if why is not None:
+            raise BackendError(f"CPU path {forced!r} for {dtype} cannot run on this CPU (torch's CPU capability "
+                               f"is {cap}): {why}")
+        return CpuPath(dtype, forced, cap, amx, forced=True, head=head)
+    fast, fallback = choices[0], choices[1] if len(choices) > 1 else choices[0]
+    if fast == "onednn_packed":
+        ok = cap == "AVX512" and _onednn_probe(dtype) is None
+    elif fast == "onednn_from_2":
+        ok = cap in ("AVX512", "AVX2") and _onednn_probe(dtype) is None
+    else:
+        ok = True
+    return CpuPath(dtype, fast if ok else fallback, cap, amx, head=head)
+
+
+def cpu_path_for(dtype: torch.dtype, pack_weights: bool = True, forced: str | None = None) -> CpuPath:
+    """The path a CPU ``TorchOps`` runs: ``choose_cpu_path`` (forced: the argument, else the private
+    ``_FORCE_CPU_PATH``); pack_weights=False (a caller's live weights, never packed): plain addmm,
+    nothing probed."""
+    if not pack_weights:
+        amx = _amx()
+        return CpuPath(dtype, "addmm", cpu_capability(), amx, head=_cpu_head(dtype, amx))
+    return choose_cpu_path(dtype, forced if forced is not None else _FORCE_CPU_PATH)
