@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import DTYPES, HEAD_DIMS, CompileSpec, check_spec_dtype
-from .launch_checks import interpreted
+from .contract import HEAD_DIMS, CompileSpec, check_spec_dtype, kernel_signature
+from .launch_checks import check_device, check_dtype
 
 MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
@@ -369,11 +369,6 @@ def _decode_reduce_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _check_device(t: torch.Tensor, name: str, device: torch.device, ref_name: str) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of {ref_name})")
-
-
 def _check_aligned(t: torch.Tensor, name: str) -> None:
     # backs the kernels' tl.multiple_of hints; always true for contiguous tensors and cache views
     # with head_dim in {32, 64, 128}
@@ -384,21 +379,12 @@ def _check_aligned(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} strides {tuple(t.stride())} must be multiples of 16 elements (except the last, 1)")
 
 
-def _check_first(t: torch.Tensor, name: str) -> None:
-    """The tensor whose dtype and device every other argument must share."""
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name} dtype {t.dtype} is not supported, expected one of float32, float16, bfloat16")
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreted(_prefill_attn_kernel)):
-        raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-
-
 def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, layout: str) -> None:
-    """A 4-d [.., .., .., D] operand: ref's dtype and device, last dim contiguous, aligned."""
+    """A 4-d [.., .., .., D] operand: ref's dtype, last dim contiguous, aligned (devices: check_device)."""
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-d {layout}, got shape {tuple(t.shape)}")
     if t.dtype != ref.dtype:
         raise ValueError(f"{name} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
-    _check_device(t, name, ref.device, ref_name)
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
     _check_aligned(t, name)
@@ -409,9 +395,9 @@ def _check_head_dim(D: int) -> None:
         raise ValueError(f"head_dim {D} is not supported, expected one of {HEAD_DIMS}")
 
 
-def _check_cache(qkv, k_cache, v_cache):
+def _check_cache(op, qkv, k_cache, v_cache):
     """Validates the packed qkv and the cache pair; returns (H, D)."""
-    _check_first(qkv, "qkv")
+    check_dtype(op, "qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-d [B, T, 3*H*D], got shape {tuple(qkv.shape)}")
     if not qkv.is_contiguous():
@@ -431,9 +417,9 @@ def _check_cache(qkv, k_cache, v_cache):
     return H, D
 
 
-def _check_separate(q, k, v):
+def _check_separate(op, q, k, v):
     """Validates separate q [B, H, S, D] and k, v [B, H, T, D]; returns (B, H, S, T, D)."""
-    _check_first(q, "q")
+    check_dtype(op, "q", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_like(t, name, q, "q", "[B, H, T, D]")
     if k.shape != v.shape:
@@ -446,12 +432,11 @@ def _check_separate(q, k, v):
     return B, H, S, k.shape[2], D
 
 
-def _check_lens(lens, name, B, device):
+def _check_lens(lens, name, B):
     if lens.dtype != torch.int32:
         raise ValueError(f"{name} dtype {lens.dtype} is not supported, expected torch.int32")
     if lens.dim() != 1 or lens.shape[0] != B:
         raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(lens.shape)}")
-    _check_device(lens, name, device, "qkv")
 
 
 def _check_out(out, ref, ref_name, shape):
@@ -461,7 +446,6 @@ def _check_out(out, ref, ref_name, shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if out.dtype != ref.dtype:
         raise ValueError(f"out dtype {out.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
-    _check_device(out, "out", ref.device, ref_name)
     if out.stride(-1) != 1:
         raise ValueError(f"out must have a contiguous last dim (stride 1), got stride {out.stride(-1)}")
     _check_aligned(out, "out")
@@ -498,12 +482,14 @@ def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> to
     the device, not read on the host). Returns out [B, T, H*D]; rows t >= seq_lens[b] are 0. Cache
     positions t < seq_lens[b] of rows b < B are written, nothing else.
     """
-    H, D = _check_cache(qkv, k_cache, v_cache)
+    H, D = _check_cache("prefill_attention", qkv, k_cache, v_cache)
     B, T, _ = qkv.shape
     Tmax = k_cache.shape[2]
     if T > Tmax:
         raise ValueError(f"prompt length T={T} is longer than the cache (Tmax={Tmax}); expected T <= {Tmax}")
-    _check_lens(seq_lens, "seq_lens", B, qkv.device)
+    _check_lens(seq_lens, "seq_lens", B)
+    check_device("prefill_attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens,
+                                       "out": out}, _prefill_attn_kernel)
     out = _check_out(out, qkv, "qkv", (B, T, H * D))
     if B == 0 or T == 0:
         return out
@@ -519,9 +505,10 @@ def prefill_attention_separate(q, k, v, scale, *, out=None) -> torch.Tensor:
     q [B, H, S, D]; k, v [B, H, T, D] with T >= S (keys t >= S are not read: a StaticCache's empty
     slots). Strided views are taken as they are (last dim contiguous). Returns out [B, S, H*D].
     """
-    B, H, S, T, D = _check_separate(q, k, v)
+    B, H, S, T, D = _check_separate("prefill_attention_separate", q, k, v)
     if T < S:
         raise ValueError(f"prefill over S={S} queries needs at least S keys, k/v hold T={T}")
+    check_device("prefill_attention_separate", {"q": q, "k": k, "v": v, "out": out}, _prefill_attn_kernel)
     out = _check_out(out, q, "q", (B, S, H * D))
     if B == 0 or S == 0:
         return out
@@ -587,10 +574,12 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     caller guarantees cache_lens[b] + S <= Tmax and updates cache_lens afterwards).
     Returns out [B, S, H*D].
     """
-    H, D = _check_cache(qkv, k_cache, v_cache)
+    H, D = _check_cache("decode_attention", qkv, k_cache, v_cache)
     B, S, _ = qkv.shape
     _check_decode_s(S)
-    _check_lens(cache_lens, "cache_lens", B, qkv.device)
+    _check_lens(cache_lens, "cache_lens", B)
+    check_device("decode_attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "cache_lens": cache_lens,
+                                      "out": out}, _decode_attn_kernel)
     out = _check_out(out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
         num_splits = default_num_splits(B, H, k_cache.shape[2])
@@ -610,13 +599,15 @@ def decode_attention_separate(q, k, v, past_len: int, scale, *, kv_start=None, o
     0 <= kv_start[b] <= past_len: a left-padded batch), keys kv_start[b] .. past_len + s, and the
     padding before kv_start[b] is not read. Returns out [B, S, H*D].
     """
-    B, H, S, T, D = _check_separate(q, k, v)
+    B, H, S, T, D = _check_separate("decode_attention_separate", q, k, v)
     _check_decode_s(S)
     if isinstance(past_len, bool) or not isinstance(past_len, int) or past_len < 0 or past_len + S > T:
         raise ValueError(f"past_len must be an int with 0 <= past_len and past_len + S <= T "
                          f"(S={S}, T={T}), got {past_len!r}")
     if kv_start is not None:
-        _check_lens(kv_start, "kv_start", B, q.device)
+        _check_lens(kv_start, "kv_start", B)
+    check_device("decode_attention_separate", {"q": q, "k": k, "v": v, "kv_start": kv_start, "out": out},
+                 _decode_attn_kernel)
     out = _check_out(out, q, "q", (B, S, H * D))
     if num_splits is None:
         num_splits = default_num_splits(B, H, past_len + S)
@@ -691,39 +682,22 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     kind = "fp32" if dtype == "fp32" else "half"
     ieee = dtype == "fp32"
     p = "*" + dtype
-    i64 = "i64"
+    lens, part = "*i32", "*fp32"  # [B] int32 lengths; fp32 split partials
+    prefill_sig = kernel_signature(_prefill_attn_kernel, p, {"seq_lens_ptr": lens})
+    decode_sig = kernel_signature(_decode_attn_kernel, p, {
+        "cache_lens_ptr": lens, "kv_start_ptr": lens, "part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part})
+    reduce_sig = kernel_signature(_decode_reduce_kernel, p, {"part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part})
     specs = []
     for D in HEAD_DIMS:
         bm, bn, w, st = _PREFILL_CONFIGS[(kind, D)]
-        sig = {
-            "q_ptr": p, "k_ptr": p, "v_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p, "seq_lens_ptr": "*i32",
-            "out_ptr": p, "scale": "fp32", "T": "i32", "H": "i32",
-            **{f"stride_{x}_{d}": i64 for x in ("q", "k", "v") for d in ("b", "h", "t")},
-            **{f"stride_{x}_{d}": i64 for x in ("kc", "vc") for d in ("b", "h", "t")},
-            "stride_o_b": i64, "stride_o_t": i64,
-            "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "WRITE_KV": "constexpr",
-            "FP32_IEEE": "constexpr",
-        }
         for write_kv in (True, False):  # prefill_attention / prefill_attention_separate
             specs.append(CompileSpec(
                 name=f"attention.prefill[{dtype}{'' if write_kv else ',separate'}] D={D} BM={bm} BN={bn}",
-                fn=_prefill_attn_kernel, signature=sig,
+                fn=_prefill_attn_kernel, signature=dict(prefill_sig),
                 constexprs={"HEAD_DIM": D, "BLOCK_M": bm, "BLOCK_N": bn, "WRITE_KV": write_kv, "FP32_IEEE": ieee},
                 num_warps=w, num_stages=st, uses_dot=not ieee))
 
         bn, w, st = _DECODE_CONFIGS[(kind, D)]
-        sig = {
-            "q_ptr": p, "k_new_ptr": p, "v_new_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p,
-            "cache_lens_ptr": "*i32", "kv_start_ptr": "*i32", "out_ptr": p,
-            "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32",
-            "scale": "fp32", "S": "i32", "H": "i32", "Tmax": "i32", "num_splits": "i32",
-            **{f"stride_{x}_{d}": i64 for x in ("q", "kn", "vn") for d in ("b", "h", "s")},
-            **{f"stride_{x}_{d}": i64 for x in ("kc", "vc") for d in ("b", "h", "t")},
-            "stride_o_b": i64, "stride_o_s": i64,
-            "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr", "BLOCK_N": "constexpr",
-            "WRITE_OUT": "constexpr", "WRITE_KV": "constexpr", "HAS_KV_START": "constexpr",
-            "FP32_IEEE": "constexpr",
-        }
         # decode_attention (writes the cache), decode_attention_separate without and with kv_start
         for write_kv, has_start in ((True, False), (False, False), (False, True)):
             for write_out in (True, False):
@@ -731,19 +705,14 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
                 specs.append(CompileSpec(
                     name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}"
                          f"{variant}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
-                    fn=_decode_attn_kernel, signature=sig,
+                    fn=_decode_attn_kernel, signature=dict(decode_sig),
                     constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
                                 "WRITE_OUT": write_out, "WRITE_KV": write_kv, "HAS_KV_START": has_start,
                                 "FP32_IEEE": ieee},
                     num_warps=w, num_stages=st, uses_dot=not ieee))
 
         w, st = _REDUCE_CONFIGS[D]
-        sig = {
-            "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": p,
-            "S": "i32", "H": "i32", "num_splits": "i32", "stride_o_b": i64, "stride_o_s": i64,
-            "HEAD_DIM": "constexpr",
-        }
         specs.append(CompileSpec(
-            name=f"attention.decode_reduce[{dtype}] D={D}", fn=_decode_reduce_kernel, signature=sig,
+            name=f"attention.decode_reduce[{dtype}] D={D}", fn=_decode_reduce_kernel, signature=dict(reduce_sig),
             constexprs={"HEAD_DIM": D}, num_warps=w, num_stages=st, uses_dot=False))
     return specs

@@ -5,7 +5,8 @@ launcher can choose.
 
 Every kernel module exposes ``compile_specs(dtype) -> list[CompileSpec]`` for dtype "fp16" or
 "bf16" (and "fp32"): the exact (kernel, signature, constexprs, num_warps, num_stages) combinations
-its launchers can pick. ``tools/compile_report.py`` compiles each one for sm_80 and sm_90 without a
+its launchers can pick, each signature read off the kernel's own parameters by
+``kernel_signature``. ``tools/compile_report.py`` compiles each one for sm_80 and sm_90 without a
 GPU and reads the cubin's resource usage.
 
 This module imports no triton: the config, the torch backend and the tools read these facts
@@ -13,6 +14,7 @@ without deciding Triton's mode (TRITON_INTERPRET is fixed when triton is first i
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -55,3 +57,49 @@ def check_spec_dtype(dtype: str) -> None:
     """compile_specs' dtype: "fp16", "bf16" or "fp32"."""
     if dtype not in DTYPES.values():
         raise ValueError(f"compile_specs dtype {dtype!r} is not supported; use one of 'fp16', 'bf16', 'fp32'")
+
+
+# a kernel parameter's annotation -> its Triton signature type. Runtime scalars are annotated with
+# the type as a string ("tl.int32"): Triton's launcher then leaves their specialisation as it is
+# (under ``from __future__ import annotations`` it sees "'tl.int32'", no type it knows).
+_PARAM_TYPES = {"tl.constexpr": "constexpr", "tl.int32": "i32", "tl.int64": "i64", "tl.float32": "fp32"}
+
+
+def _annotation_text(annotation) -> str:
+    """A parameter's annotation as source text: "tl.int32" for "tl.int32" and for "'tl.int32'" (a string
+    annotation under ``from __future__ import annotations``), "tl.constexpr" for the class itself."""
+    if isinstance(annotation, str):
+        return annotation.strip().strip("'\"").strip()
+    if isinstance(annotation, type) and annotation.__name__ == "constexpr" and annotation.__module__.startswith("triton."):
+        return "tl.constexpr"
+    return repr(annotation)  # e.g. tl.int32 itself: not taken, the kernels write the type as a string
+
+
+def kernel_signature(fn, ptr: str, pointers: dict[str, str] | None = None) -> dict[str, str]:
+    """The Triton signature of @triton.jit `fn`, in parameter order, read off its own parameters:
+    annotated tl.constexpr -> "constexpr"; annotated "tl.int32" / "tl.int64" / "tl.float32" -> "i32" /
+    "i64" / "fp32"; unannotated ``*_ptr`` -> pointers[name] if given (e.g. "*i32"), else `ptr` (e.g.
+    "*fp16"). Any other parameter is a ValueError: a new one cannot get a type by default."""
+    py_fn = getattr(fn, "fn", fn)  # a JITFunction or an InterpretedFunction wraps the Python function
+    name = getattr(py_fn, "__name__", repr(py_fn))
+    pointers = dict(pointers or {})
+    bad = {arg: ty for arg, ty in {"ptr": ptr, **pointers}.items() if not (isinstance(ty, str) and ty.startswith("*"))}
+    if bad:
+        raise ValueError(f"kernel_signature({name}): pointer types must start with '*', got {bad}")
+    signature = {}
+    for arg, param in inspect.signature(py_fn).parameters.items():
+        if param.annotation is param.empty:
+            if not arg.endswith("_ptr"):
+                raise ValueError(f"kernel_signature({name}): parameter {arg!r} has no annotation and is not a *_ptr; "
+                                 f'annotate it tl.constexpr, "tl.int32", "tl.int64" or "tl.float32"')
+            signature[arg] = pointers.pop(arg, ptr)
+            continue
+        text = _annotation_text(param.annotation)
+        ty = _PARAM_TYPES.get(text)
+        if ty is None:
+            raise ValueError(f"kernel_signature({name}): parameter {arg!r} is annotated {text}; "
+                             f'expected tl.constexpr, "tl.int32", "tl.int64" or "tl.float32"')
+        signature[arg] = ty
+    if pointers:
+        raise ValueError(f"kernel_signature({name}): pointers {sorted(pointers)} are not unannotated *_ptr parameters")
+    return signature

@@ -1,8 +1,11 @@
-"""Checks every launcher makes before it launches: where its tensors are and whether Triton can run there."""
+"""Checks every launcher makes before it launches: the I/O dtype, where its tensors are and whether
+Triton can run there."""
 from __future__ import annotations
 
 import torch
 import triton
+
+from .contract import DTYPES
 
 
 def interpreted(kernel) -> bool:
@@ -11,10 +14,17 @@ def interpreted(kernel) -> bool:
     return not isinstance(kernel, triton.runtime.JITFunction)
 
 
-def check_device(op: str, tensors: dict[str, torch.Tensor], kernel) -> torch.device:
-    """The one device of `tensors` ({name: tensor}), where `kernel` can run: CUDA, or the CPU in the
-    interpreter. Anything else is a ValueError naming `op`."""
-    devices = {name: t.device for name, t in tensors.items()}
+def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """`t` (argument `name` of `op`) has one of the kernels' I/O dtypes (contract.DTYPES)."""
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{op}: {name} dtype {t.dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
+
+
+def check_device(op: str, tensors: dict[str, torch.Tensor | None], kernel) -> torch.device:
+    """The one device of `tensors` ({name: tensor}; None entries, optional tensors not given, are
+    skipped), where `kernel` can run: CUDA, or the CPU in the interpreter. Anything else is a
+    ValueError naming `op`."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
         raise ValueError(f"{op}: tensors on different devices: {devices}")

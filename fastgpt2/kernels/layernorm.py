@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .contract import DTYPES, CompileSpec, check_spec_dtype
-from .launch_checks import check_device
+from .contract import CompileSpec, check_spec_dtype, kernel_signature
+from .launch_checks import check_device, check_dtype
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
 # every config it can produce (compile_specs enumerates it). N <= 2048 covers GPT-2 (max 1600); a
@@ -39,15 +39,15 @@ def _add_layernorm_kernel(
     b_ptr,  # [N] bias
     y_ptr,  # [M, N] out: the normalized row
     s_ptr,  # [M, N] out: x + residual (unused when not HAS_RESIDUAL)
-    N,  # row length (i32)
-    stride_x,
-    stride_r,
-    stride_y,
-    stride_s,
-    eps,  # fp32
+    N: "tl.int32",  # row length
+    stride_x: "tl.int32",
+    stride_r: "tl.int32",
+    stride_y: "tl.int32",
+    stride_s: "tl.int32",
+    eps: "tl.float32",
     ids_ptr,  # GATHER: [M] int64 token ids, row m is token m % S of sequence m // S
     start_ptr,  # GATHER and HAS_START: [M // S] int32 position of each sequence's first token
-    S,  # GATHER: tokens per sequence (i32)
+    S: "tl.int32",  # GATHER: tokens per sequence
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,  # power of two >= N
     GATHER: tl.constexpr,  # x and residual rows gathered by token id and position (needs HAS_RESIDUAL)
@@ -117,8 +117,7 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"add_layer_norm: x must be a 2-D tensor [M, N], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"add_layer_norm: dtype {x.dtype} is not supported; use one of {list(DTYPES)}")
+    check_dtype("add_layer_norm", "x", x)
     m, n = x.shape
     if n == 0 or n > MAX_N:
         raise ValueError(f"add_layer_norm: row length N={n} is not supported (1 <= N <= {MAX_N})")
@@ -138,10 +137,8 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
             residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
         else:
             _check_rows("residual_out", residual_out, (m, n), x.dtype)
-    tensors = {"x": x, "weight": weight, "bias": bias, "out": out}
-    if residual is not None:
-        tensors.update(residual=residual, residual_out=residual_out)
-    check_device("add_layer_norm", tensors, _add_layernorm_kernel)
+    check_device("add_layer_norm", {"x": x, "residual": residual, "weight": weight, "bias": bias, "out": out,
+                                    "residual_out": residual_out}, _add_layernorm_kernel)
 
     s = residual_out if residual is not None else x
     if m == 0:
@@ -176,6 +173,7 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
         raise ValueError(f"embed_layer_norm: ids must be a [B, S] int64 tensor, got {getattr(ids, 'shape', type(ids))} "
                          f"{getattr(ids, 'dtype', '')}")
     b, seq = ids.shape
+    check_dtype("embed_layer_norm", "wte", wte)
     for name, table in (("wte", wte), ("wpe", wpe)):
         if table.dim() != 2 or table.dtype != weight.dtype or table.stride(-1) != 1:
             raise ValueError(f"embed_layer_norm: {name} must be a 2-D {weight.dtype} table with a contiguous "
@@ -195,10 +193,8 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
     _check_rows("out", out, (m, n), wte.dtype)
     _check_rows("residual_out", h, (m, n), wte.dtype)
     ids = ids.contiguous()
-    tensors = {"ids": ids, "wte": wte, "wpe": wpe, "weight": weight, "bias": bias, "out": out, "residual_out": h}
-    if start is not None:
-        tensors["start"] = start
-    check_device("embed_layer_norm", tensors, _add_layernorm_kernel)
+    check_device("embed_layer_norm", {"ids": ids, "start": start, "wte": wte, "wpe": wpe, "weight": weight,
+                                      "bias": bias, "out": out, "residual_out": h}, _add_layernorm_kernel)
     if m == 0:
         return out, h
     block_n = _block_n(n)
@@ -244,15 +240,10 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
                 ("embed_layer_norm[prefill]", True, True, False), ("embed_layer_norm[decode]", True, True, True)]
     for block_n, warps in _WARPS_BY_BLOCK_N.items():
         for label, has_res, gather, has_start in variants:
-            # without GATHER, ids/start are placeholders the launcher fills with x
-            signature = {
-                "x_ptr": ptr, "r_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "s_ptr": ptr,
-                "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32",
-                "eps": "fp32",
-                "ids_ptr": "*i64" if gather else ptr, "start_ptr": "*i32" if has_start else ("*i64" if gather else ptr),
-                "S": "i32",
-                "HAS_RESIDUAL": "constexpr", "BLOCK_N": "constexpr", "GATHER": "constexpr", "HAS_START": "constexpr",
-            }
+            # without GATHER, ids/start are placeholders the launcher fills with x; GATHER without
+            # HAS_START fills start with ids
+            signature = kernel_signature(_add_layernorm_kernel, ptr, {
+                "ids_ptr": "*i64" if gather else ptr, "start_ptr": "*i32" if has_start else ("*i64" if gather else ptr)})
             specs.append(
                 CompileSpec(
                     name=f"layernorm.{label} BLOCK_N={block_n}",

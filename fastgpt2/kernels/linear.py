@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype
-from .launch_checks import check_device
+from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype, kernel_signature
+from .launch_checks import check_device, check_dtype
 
 
 
@@ -93,13 +93,13 @@ def _linear_kernel(
     b_ptr,  # [N]
     r_ptr,  # [M, N] residual, row stride stride_rm (unused when not HAS_RESIDUAL)
     y_ptr,  # [M, N] out, row stride stride_ym
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wk,
-    stride_rm,
-    stride_ym,
+    M: "tl.int32",
+    N: "tl.int32",
+    K: "tl.int32",
+    stride_xm: "tl.int32",
+    stride_wk: "tl.int32",
+    stride_rm: "tl.int32",
+    stride_ym: "tl.int32",
     ACTIVATION: tl.constexpr,  # one of ACTIVATIONS
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,8 +165,7 @@ def linear(x, w, b, *, activation="none", residual=None, out=None):
     for name, t, dim in (("x", x, 2), ("w", w, 2), ("b", b, 1)):
         if not isinstance(t, torch.Tensor) or t.dim() != dim:
             raise ValueError(f"linear: {name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"linear: dtype {x.dtype} is not supported; use one of {list(DTYPES)}")
+    check_dtype("linear", "x", x)
     m, k = x.shape
     if w.shape[0] != k:
         raise ValueError(f"linear: w has shape {tuple(w.shape)}, expected [K={k}, N] (Conv1D layout, x is {tuple(x.shape)})")
@@ -226,14 +225,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     """Every (config, ACTIVATION, HAS_RESIDUAL) the launcher can produce, for dtype "fp16" or "bf16"
     ("fp32" also works: the fp32 stage counts, and no tensor cores since the dot is ieee)."""
     check_spec_dtype(dtype)
-    ptr = f"*{dtype}"
-    signature = {
-        "x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "r_ptr": ptr, "y_ptr": ptr,
-        "M": "i32", "N": "i32", "K": "i32",
-        "stride_xm": "i32", "stride_wk": "i32", "stride_rm": "i32", "stride_ym": "i32",
-        "ACTIVATION": "constexpr", "HAS_RESIDUAL": "constexpr",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    }
+    signature = kernel_signature(_linear_kernel, f"*{dtype}")
     specs = []
     for cfg in CONFIGS:
         block_k, num_stages = cfg.tiles(dtype)

@@ -369,6 +369,14 @@ def test_separate_errors():
         A.decode_attention_separate(q, k, k, 2, 1.0, kv_start=torch.zeros(2, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match=r"kv_start must have shape \[B\] = \[2\], got \(3,\)"):
         A.decode_attention_separate(q, k, k, 2, 1.0, kv_start=_lens([0, 0, 0]))
+    with pytest.raises(ValueError, match=r"decode_attention_separate: tensors on different devices: .*'kv_start': "
+                                         r"device\(type='meta'\)"):
+        A.decode_attention_separate(q, k, k, 2, 1.0, kv_start=_lens([0, 0]).to("meta"))
+    with pytest.raises(ValueError, match=r"prefill_attention_separate: tensors on different devices: .*'out': "
+                                         r"device\(type='meta'\)"):
+        A.prefill_attention_separate(q, k, k, 1.0, out=torch.empty((2, 3, 64), device="meta"))
+    with pytest.raises(ValueError, match=r"prefill_attention_separate: tensors are on meta; the Triton kernel runs on CUDA"):
+        A.prefill_attention_separate(q.to("meta"), k.to("meta"), k.to("meta"), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +392,8 @@ def test_prefill_errors():
     qkv, kc, vc, lens = _valid()
     with pytest.raises(ValueError, match=r"k_cache dtype torch.float16 does not match qkv dtype torch.float32"):
         A.prefill_attention(qkv, kc.half(), vc, lens, 1.0)
-    with pytest.raises(ValueError, match=r"qkv dtype torch.float64 is not supported"):
+    with pytest.raises(ValueError, match=r"prefill_attention: qkv dtype torch.float64 is not supported; use one of "
+                                         r"torch.float32, torch.float16, torch.bfloat16"):
         A.prefill_attention(qkv.double(), kc.double(), vc.double(), lens, 1.0)
     with pytest.raises(ValueError, match=r"qkv last dim 180 does not match the cache: expected 3\*H\*D = 3\*2\*32 = 192"):
         A.prefill_attention(qkv[..., :180].contiguous(), kc, vc, lens, 1.0)
@@ -405,6 +414,11 @@ def test_prefill_errors():
         A.prefill_attention(qkv, kc, vc, lens, 1.0, out=torch.empty((2, 4, 32), device=DEVICE))
     with pytest.raises(ValueError, match=r"k_cache must have a contiguous last dim"):
         A.prefill_attention(qkv, kc.transpose(2, 3), vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"prefill_attention: tensors on different devices: .*'k_cache': "
+                                         r"device\(type='meta'\)"):
+        A.prefill_attention(qkv, kc.to("meta"), vc, lens, 1.0)
+    with pytest.raises(ValueError, match=r"prefill_attention: tensors are on meta; the Triton kernel runs on CUDA"):
+        A.prefill_attention(qkv.to("meta"), kc.to("meta"), vc.to("meta"), lens.to("meta"), 1.0)
 
 
 def test_decode_errors():
@@ -421,6 +435,11 @@ def test_decode_errors():
         A.decode_attention(qkv, kc, vc, lens, 1.0, out=torch.empty((2, 1, 64), dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match=r"k_cache shape .* != v_cache shape"):
         A.decode_attention(qkv, kc, vc[:, :, :4], lens, 1.0)
+    with pytest.raises(ValueError, match=r"decode_attention: tensors on different devices: .*'cache_lens': "
+                                         r"device\(type='meta'\)"):
+        A.decode_attention(qkv, kc, vc, lens.to("meta"), 1.0)
+    with pytest.raises(ValueError, match=r"decode_attention: qkv dtype torch.float64 is not supported"):
+        A.decode_attention(qkv.double(), kc.double(), vc.double(), lens, 1.0)
 
 
 def test_default_num_splits_is_static():
@@ -439,14 +458,21 @@ def test_compile_specs_cover_every_config(dtype):
     # separate with kv_start), reduce
     assert len(specs) == 3 * 9
     assert len({s.name for s in specs}) == len(specs)
+    # pointers that are not of the I/O dtype: the [B] int32 lengths and the fp32 split partials
+    other_ptrs = {"seq_lens_ptr": "*i32", "cache_lens_ptr": "*i32", "kv_start_ptr": "*i32",
+                  "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
     for s in specs:
         params = list(s.fn.arg_names)
-        assert list(s.signature) == params, s.name
+        assert list(s.signature) == params, s.name  # every parameter, in the kernel's order
         consts = [p for p in params if s.signature[p] == "constexpr"]
         assert sorted(s.constexprs) == sorted(consts), s.name
-        assert all(v.startswith("*") for k, v in s.signature.items() if k.endswith("_ptr")), s.name
-        ptr_types = {s.signature[p] for p in ("q_ptr", "k_ptr", "k_new_ptr", "out_ptr") if p in s.signature}
-        assert ptr_types == {"*" + dtype}, s.name
+        for p, ty in s.signature.items():
+            if p.endswith("_ptr"):
+                assert ty == other_ptrs.get(p, "*" + dtype), (s.name, p, ty)
+            elif p.startswith("stride_"):
+                assert ty == "i64", (s.name, p, ty)
+            elif ty != "constexpr":
+                assert ty == {"scale": "fp32"}.get(p, "i32"), (s.name, p, ty)
         assert s.uses_dot == ("reduce" not in s.name)
         if "WRITE_KV" in s.constexprs:
             assert s.constexprs["WRITE_KV"] == ("separate" not in s.name), s.name

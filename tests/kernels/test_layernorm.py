@@ -18,6 +18,7 @@ import pytest
 import torch
 from kernel_checks import case_seed, check_tolerance, f64, poisoned
 
+from fastgpt2.kernels import layernorm as LN
 from fastgpt2.kernels.layernorm import MAX_N, add_layer_norm, add_layer_norm_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -139,7 +140,8 @@ def test_errors():
         add_layer_norm(x, r, w, b, 1e-5, out=torch.empty(4, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"out has shape \(4, 65\)"):
         add_layer_norm(x, r, w, b, 1e-5, out=torch.empty(4, 65))
-    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+    with pytest.raises(ValueError, match="add_layer_norm: x dtype torch.float64 is not supported; use one of "
+                                         "torch.float32, torch.float16, torch.bfloat16"):
         add_layer_norm(x.double(), None, w.double(), b.double(), 1e-5)
     with pytest.raises(ValueError, match="x must have a contiguous last dim"):
         add_layer_norm(torch.randn(64, 4).t(), None, w, b, 1e-5)
@@ -197,3 +199,34 @@ def test_embed_layer_norm_errors():
         embed_layer_norm(ids, start, wte, wpe[:, :8].contiguous(), w, bias, 1e-5)
     with pytest.raises(ValueError, match="wpe must be a 2-D torch.float32 table"):
         embed_layer_norm(ids, start, wte, wpe.half(), w, bias, 1e-5)
+    with pytest.raises(ValueError, match="embed_layer_norm: wte dtype torch.float64 is not supported"):
+        embed_layer_norm(ids, start, wte.double(), wpe.double(), w.double(), bias.double(), 1e-5)
+    with pytest.raises(ValueError, match="embed_layer_norm: tensors on different devices"):
+        embed_layer_norm(ids, start.to("meta"), wte, wpe, w, bias, 1e-5)
+
+
+# -- compile specs (no kernel launches) ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_compile_specs_cover_every_config(dtype):
+    specs = LN.compile_specs(dtype)
+    # every BLOCK_N of the table x (add_layer_norm without / with residual, embed prefill / decode)
+    assert len(specs) == 4 * len(LN._WARPS_BY_BLOCK_N)
+    assert len({s.name for s in specs}) == len(specs)
+    for s in specs:
+        params = list(s.fn.arg_names)
+        assert list(s.signature) == params, s.name  # every parameter, in the kernel's order
+        assert sorted(s.constexprs) == sorted(p for p in params if s.signature[p] == "constexpr"), s.name
+        c = s.constexprs
+        assert ("embed_layer_norm" in s.name) == c["GATHER"] and ("decode" in s.name) == c["HAS_START"], s.name
+        assert c["HAS_RESIDUAL"] == ("no_residual" not in s.name), s.name
+        assert s.num_warps == LN._WARPS_BY_BLOCK_N[c["BLOCK_N"]] and not s.uses_dot, s.name
+        # ids / start: what the launcher passes (GATHER: int64 ids, int32 start or ids again; else x)
+        ids = "*i64" if c["GATHER"] else "*" + dtype
+        start = "*i32" if c["HAS_START"] else ids
+        for p, ty in s.signature.items():
+            if p.endswith("_ptr"):
+                assert ty == {"ids_ptr": ids, "start_ptr": start}.get(p, "*" + dtype), (s.name, p, ty)
+            elif ty != "constexpr":
+                assert ty == ("fp32" if p == "eps" else "i32"), (s.name, p, ty)
+    with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
+        LN.compile_specs("fp8")

@@ -134,7 +134,8 @@ def test_errors():
         linear(x, w.half(), b)
     with pytest.raises(ValueError, match="residual is torch.bfloat16"):
         linear(x, w, b, residual=r.bfloat16())
-    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+    with pytest.raises(ValueError, match="linear: x dtype torch.float64 is not supported; use one of "
+                                         "torch.float32, torch.float16, torch.bfloat16"):
         linear(x.double(), w.double(), b.double())
     with pytest.raises(ValueError, match="w must have a contiguous last dim"):
         linear(x, torch.randn(48, 32).t(), b)
@@ -147,3 +148,31 @@ def test_errors():
         linear(x, w.to("meta"), b)
     with pytest.raises(ValueError, match="runs on CUDA"):
         linear(x.to("meta"), w.to("meta"), b.to("meta"))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_compile_specs_cover_every_config(dtype):
+    specs = L.compile_specs(dtype)
+    assert len(specs) == len(L.CONFIGS) * len(ACTIVATIONS) * 2  # x (without / with residual)
+    assert len({s.name for s in specs}) == len(specs)
+    for s in specs:
+        assert s.name.startswith("linear.linear["), s.name  # the module's name, as the compile report shows it
+        params = list(s.fn.arg_names)
+        assert list(s.signature) == params, s.name  # every parameter, in the kernel's order
+        assert sorted(s.constexprs) == sorted(p for p in params if s.signature[p] == "constexpr"), s.name
+        for p, ty in s.signature.items():
+            if p.endswith("_ptr"):
+                assert ty == "*" + dtype, (s.name, p, ty)
+            elif ty != "constexpr":
+                assert ty == "i32", (s.name, p, ty)  # M, N, K and the row strides
+        assert s.uses_dot == (dtype != "fp32"), s.name
+    for cfg in L.CONFIGS:
+        block_k, stages = cfg.tiles(dtype)
+        for activation in ACTIVATIONS:
+            for has_res in (False, True):
+                want = {"ACTIVATION": activation, "HAS_RESIDUAL": has_res,
+                        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k}
+                assert any(s.constexprs == want and (s.num_warps, s.num_stages) == (cfg.num_warps, stages)
+                           for s in specs), want
+    with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
+        L.compile_specs("fp8")
