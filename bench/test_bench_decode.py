@@ -17,12 +17,12 @@ import pytest
 import torch
 from benchlib import DECODE_RESULTS, DEVICE, SMALL, median_seconds
 
-from fastgpt2.benchmark import (decode_weight_bytes, hf_prefill_kwargs, kv_read_bytes,
-                                measure_bandwidth, reference_model, sync)
+from fastgpt2.benchmark import hf_prefill_kwargs, measure_bandwidth, reference_model, sync
+from fastgpt2.hf import cache_argument
+from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
 from fastgpt2.runtime.cpu_paths import cpu_capability
-from fastgpt2.runtime.config import GPT2Config
-from fastgpt2.runtime.hf import cache_argument
-from fastgpt2.runtime.model import GPT2, resolve_dtype
+from fastgpt2.runtime.generate import GPT2
+from fastgpt2.runtime.model import resolve_dtype
 
 if SMALL:
     CONFIG = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=64)

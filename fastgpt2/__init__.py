@@ -10,11 +10,13 @@ from .errors import BackendError, FastGPT2Error
 from .runtime.config import ConfigError, GPT2Config
 from .runtime.kv_cache import CacheError, KVCache
 from .runtime.loader import CheckpointError
-from .runtime.model import GPT2, InputError
-from .runtime.hf import patch_hf, unpatch_hf
+from .runtime.generate import GPT2
+from .runtime.model import InputError
+from .hf import FallbackWarning, HFModelError, UntestedTransformersWarning, patch_hf, unpatch_hf
 
 __all__ = [
     "GPT2", "GPT2Config", "KVCache", "patch_hf", "unpatch_hf",
-    "FastGPT2Error", "BackendError", "CacheError", "CheckpointError", "ConfigError", "InputError",
+    "FastGPT2Error", "BackendError", "CacheError", "CheckpointError", "ConfigError", "HFModelError", "InputError",
+    "FallbackWarning", "UntestedTransformersWarning",
 ]
 __version__ = "0.1.0"

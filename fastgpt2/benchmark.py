@@ -13,11 +13,16 @@ them alike instead of on whichever ran last:
   public generate() (greedy, no early stop), so the figure holds everything a user pays per token;
   the first new token comes from the prefill's logits, so new_tokens - 1 decode steps remain.
 - ms/token: one decode step (a new token for every sequence of the batch), in ms.
-- weight GB/s: ``decode_weight_bytes`` / step time; % roofline: that over the memory bandwidth
-  ``measure_bandwidth`` measured in this run (the decode step cannot read its weights faster).
-- KV read/step: ``kv_read_bytes`` of the last decode step (K and V of every cached position).
+- weight GB/s: ``decode_weight_bytes`` (runtime/config.py) / step time; % roofline: that over the
+  memory bandwidth ``measure_bandwidth`` measured in this run (the decode step cannot read its
+  weights faster).
+- KV read/step: ``kv_read_bytes`` (runtime/config.py) of the last decode step (K and V of every
+  cached position).
 - setup s: the first (cold) prefill + generate call, kept out of the steady-state figures; on CUDA
   it holds Triton's compilation and CUDA-graph capture.
+
+run(BenchOptions) -> BenchResult (its to_dict() is `fastgpt2 bench --json`); format_table() and
+plot_decode() show it. The command line is cli.py's.
 """
 from __future__ import annotations
 
@@ -26,45 +31,22 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .errors import FastGPT2Error
+from .runtime.config import PRESETS, GPT2Config, decode_weight_bytes, kv_read_bytes
 from .runtime.cpu_paths import cpu_capability
-from .runtime.config import PRESETS, GPT2Config
-from .runtime.model import GPT2, resolve_device, resolve_dtype
+from .runtime.generate import GPT2
+from .runtime.model import resolve_device, resolve_dtype
+from .runtime.step_count import step_count
 
 PIP_BENCH = "pip install 'fastgpt2[bench]'"
 
 
-# --------------------------------------------------------------------------------------------
-# Bytes: the roofline's numerator (tools/roofline.py uses the same function)
-# --------------------------------------------------------------------------------------------
-def decode_weight_bytes(cfg: GPT2Config, batch: int = 1, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of weights one decode step reads, every weight read once, in the model dtype.
-
-    With E = n_embd, I = inner dim (4E by default), L = n_layer, V = vocab_size, B = batch:
-
-        per layer   ln_1 (2E) + c_attn (E*3E + 3E) + attn.c_proj (E*E + E)
-                    + ln_2 (2E) + c_fc (E*I + I) + mlp.c_proj (I*E + E)    = 4E^2 + 2EI + 9E + I
-        ln_f        2E
-        lm_head     V*E   (wte read whole when tied; the untied lm_head.weight otherwise)
-        embedding   B*E (wte rows) + B*E (wpe rows): the step gathers one row of each per sequence
-
-        bytes = itemsize(dtype) * (L * (4E^2 + 2EI + 9E + I) + 2E + V*E + 2*B*E)
-
-    The KV cache is not a weight: see ``kv_read_bytes``. GPT-2 small in fp16 at batch 1:
-    247,309,824 bytes (the full 124.4M parameters would be 248.9 MB; the step skips the other
-    1023 rows of wpe).
-    """
-    e, v = cfg.n_embd, cfg.vocab_size
-    return dtype.itemsize * (cfg.n_layer * cfg.layer_parameters + 2 * e + v * e + 2 * batch * e)
-
-
-def kv_read_bytes(cfg: GPT2Config, batch: int, kv_len: int, dtype: torch.dtype) -> int:
-    """K and V bytes one decode step reads when each of `batch` sequences attends over `kv_len`
-    positions (its own new token included): 2 * n_layer * batch * kv_len * n_embd * itemsize."""
-    return 2 * cfg.n_layer * batch * kv_len * cfg.n_embd * dtype.itemsize
+class BenchError(FastGPT2Error):
+    """A benchmark that cannot start: bad options, or the reference / plot's package not installed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +158,7 @@ def reference_model(model: GPT2):
         from transformers import GPT2Config as HFConfig
         from transformers import GPT2LMHeadModel
     except ImportError as exc:
-        raise SystemExit(
+        raise BenchError(
             "fastgpt2 bench compares against transformers, which is not installed: "
             f"{PIP_BENCH} (or pass --no-reference to time fastgpt2 alone)"
         ) from exc
@@ -207,22 +189,17 @@ def hf_prefill_kwargs(hf) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The launch budget (fastgpt2.runtime.launches, optional)
+# What a decode step runs (fastgpt2.runtime.step_count)
 # --------------------------------------------------------------------------------------------
-def launch_budgets(backends: list[str], progress=None) -> dict:
-    """{backend: launch_budget(backend)} from fastgpt2.runtime.launches; a backend whose budget
-    cannot be had maps to {"backend": b, "error": why} (printed, never fatal to the bench)."""
-    try:
-        from .runtime.launches import launch_budget
-    except ImportError as exc:
-        why = f"fastgpt2.runtime.launches is not importable ({exc})"
-        return {b: {"backend": b, "error": why} for b in backends}
+def step_counts(backends: list[str], progress=None) -> dict:
+    """{backend: step_count(backend) as a dict}; a backend that cannot be counted maps to
+    {"backend": b, "error": why} (printed, never fatal to the bench)."""
     out = {}
     for backend in backends:
         if progress is not None:
-            progress.stage(f"launch budget ({backend})")
+            progress.stage(f"decode step count ({backend})")
         try:
-            out[backend] = dict(launch_budget(backend))
+            out[backend] = step_count(backend).to_dict()
         except Exception as exc:  # noqa: BLE001 - reported in the output, the timings stand
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             why = lines[-1] if lines else ""  # a failed subprocess's traceback ends with its cause
@@ -232,21 +209,44 @@ def launch_budgets(backends: list[str], progress=None) -> dict:
     return out
 
 
-def format_launch_budget(backend: str, budget: dict) -> str:
-    if "error" in budget:
-        return f"launch budget (backend={backend}): not available: {budget['error']}"
-    fusions = ", ".join(budget.get("fusions") or []) or "none"
-    total = budget.get("total")
-    per = f"{budget['per_layer']:g} per layer + {budget['per_step']:g} per step"
-    if total is not None:
-        per += f" = {total} per decode step ({budget.get('n_layer', '?')} layers)"
-    return f"launch budget (backend={backend}): {per}; fusions: {fusions}"
+_UNITS = {"kernels": "kernels the GPU ran (torch.profiler)",
+          "ops": "ops: Triton launches + aten ops (on CUDA each is at least one kernel)"}
+
+
+def format_step_count(backend: str, count: dict) -> str:
+    if "error" in count:
+        return f"decode step (backend={backend}): not counted: {count['error']}"
+    unit = count["unit"]
+    fusions = ", ".join(count.get("fusions") or []) or "none"
+    return (f"decode step (backend={backend}): {count['per_layer']} {unit} per layer + {count['per_step']} per step "
+            f"= {count['total']} ({count['n_layer']} layers); {_UNITS.get(unit, unit)}; fusions: {fusions}")
 
 
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `fastgpt2 bench` times (cli.py builds it from the command line; the defaults are its own)."""
+
+    model: str = "gpt2"  # a checkpoint directory or hub id, or a preset name (seeded random weights)
+    config: str | None = None  # a GPT2Config as a JSON object instead of `model` (seeded random weights)
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # None: float16 on CUDA, float32 on the CPU
+    backend: str | None = None  # None: every backend the device runs (triton and torch on CUDA)
+    batches: tuple[int, ...] | None = None  # None: 1, 8, 32 on CUDA; 1, 8 on the CPU
+    prompt_len: int = 32
+    new_tokens: int = 128
+    runs: int = 3  # timed runs per figure (the median is reported)
+    warmup: int = 1  # untimed runs before timing (the first is reported as setup)
+    seed: int = 0
+    reference: bool = True  # time transformers too
+    step_count: bool = True  # count what the decode step runs (fastgpt2.runtime.step_count)
+    bandwidth_gib: float = 1.0  # size of the tensor read to measure memory bandwidth
+    progress: bool = True  # progress on stderr
+
+
+@dataclass(frozen=True)
 class Row:
     engine: str  # "fastgpt2[torch]", "fastgpt2[triton]", "transformers"
     batch: int
@@ -259,12 +259,46 @@ class Row:
     setup_s: float  # first (cold) prefill + generate call
     speedup_decode: float | None = None  # vs transformers, same batch
     speedup_prefill: float | None = None
-    prefill_runs_s: list[float] = field(default_factory=list)
-    generate_runs_s: list[float] = field(default_factory=list)
+    prefill_runs_s: tuple[float, ...] = ()
+    generate_runs_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One bench run: the machine, what was timed, and a Row per engine and batch."""
+
+    machine: str
+    cpu_model: str
+    cpu_capability: str
+    cpu_path: str | None  # the torch backend's GEMM path on the CPU; None off the CPU
+    device: str
+    dtype: str
+    model: str
+    weights: str  # "seeded random" or "checkpoint"
+    config: dict  # n_layer, n_embd, n_head, vocab_size, parameters
+    batches: tuple[int, ...]
+    prompt_len: int
+    new_tokens: int
+    runs: int
+    warmup: int
+    torch: str  # torch.__version__
+    bandwidth: dict  # measure_bandwidth()
+    weight_bytes_per_step: dict[str, int]  # str(batch) -> decode_weight_bytes
+    rows: tuple[Row, ...]  # per batch: the fastgpt2 backends, then transformers
+    step_count: dict  # backend -> step_counts()'s entry
+
+    def to_dict(self) -> dict:
+        """The result as `fastgpt2 bench --json` writes it."""
+        out = asdict(self)
+        out["batches"], out["rows"] = list(self.batches), [asdict(r) for r in self.rows]
+        for row in out["rows"]:
+            row["prefill_runs_s"], row["generate_runs_s"] = list(row["prefill_runs_s"]), list(row["generate_runs_s"])
+        return out
 
 
 class _Progress:
-    """A tqdm bar on stderr (plain lines without tqdm); silent when disabled."""
+    """A tqdm bar on stderr; silent when disabled. tqdm comes with the bench extra, which a
+    reference-free run (--no-reference) does not need: without tqdm, plain stage lines."""
 
     def __init__(self, total: int, enabled: bool):
         self.enabled, self.bar = enabled, None
@@ -295,74 +329,65 @@ def require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit(f"--plot needs matplotlib, which is not installed: {PIP_BENCH}")
+        raise BenchError(f"--plot needs matplotlib, which is not installed: {PIP_BENCH}")
 
 
-def _parse_batches(text: str) -> list[int]:
+def run(options: BenchOptions) -> BenchResult:
+    o = options
     try:
-        batches = [int(b) for b in str(text).split(",") if b.strip()]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise SystemExit(f"--batch takes comma-separated positive integers (e.g. 1,8,32), got {text!r}")
-    return batches
-
-
-def run(args) -> dict:
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
+        device = resolve_device(o.device)
+        dtype = resolve_dtype(o.dtype, device)
     except ValueError as exc:
-        raise SystemExit(f"fastgpt2 bench: {exc}") from None
-    if args.new_tokens < 2:
-        raise SystemExit("--new-tokens must be >= 2 (decode speed is measured over the steps after the first)")
-    if args.runs < 1 or args.warmup < 0:
-        raise SystemExit("--runs must be >= 1 and --warmup >= 0")
-    if args.prompt_len < 1:
-        raise SystemExit("--prompt-len must be >= 1")
-    if args.plot:
-        require_matplotlib()  # before minutes of timing, not after
-    batches = _parse_batches(args.batch if args.batch is not None else ("1,8,32" if device.type == "cuda" else "1,8"))
-    backends = [args.backend] if args.backend else (["torch"] if device.type == "cpu" else ["triton", "torch"])
-    if args.config:
+        raise BenchError(str(exc)) from None
+    if o.new_tokens < 2:
+        raise BenchError("--new-tokens must be >= 2 (decode speed is measured over the steps after the first)")
+    if o.runs < 1 or o.warmup < 0:
+        raise BenchError("--runs must be >= 1 and --warmup >= 0")
+    if o.prompt_len < 1:
+        raise BenchError("--prompt-len must be >= 1")
+    batches = list(o.batches) if o.batches is not None else ([1, 8, 32] if device.type == "cuda" else [1, 8])
+    if not batches or min(batches) < 1:
+        raise BenchError(f"--batch takes positive integers (e.g. 1,8,32), got {','.join(map(str, batches))!r}")
+    backends = [o.backend] if o.backend else (["torch"] if device.type == "cpu" else ["triton", "torch"])
+    if o.config:
         try:
-            cfg = GPT2Config(**json.loads(args.config))
+            cfg = GPT2Config(**json.loads(o.config))
         except (json.JSONDecodeError, TypeError) as exc:
-            raise SystemExit(f"--config must be a JSON object of GPT2Config fields, e.g. "
+            raise BenchError(f"--config must be a JSON object of GPT2Config fields, e.g. "
                              f"'{{\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 4}}': {exc}") from None
-    if not args.bandwidth_gib > 0:
-        raise SystemExit("--bandwidth-gib must be > 0 (1 GiB or more measures the memory, not a cache)")
-    random_weights = bool(args.config) or args.model in PRESETS
+    if not o.bandwidth_gib > 0:
+        raise BenchError("--bandwidth-gib must be > 0 (1 GiB or more measures the memory, not a cache)")
+    random_weights = bool(o.config) or o.model in PRESETS
     if random_weights:
-        first = GPT2.from_config(cfg if args.config else GPT2Config.from_name(args.model),
-                                 device=device, dtype=dtype, backend=backends[0], seed=args.seed)
+        first = GPT2.from_config(cfg if o.config else GPT2Config.from_name(o.model),
+                                 device=device, dtype=dtype, backend=backends[0], seed=o.seed)
     else:
-        first = GPT2.from_pretrained(args.model, device=device, dtype=dtype, backend=backends[0])
+        first = GPT2.from_pretrained(o.model, device=device, dtype=dtype, backend=backends[0])
     cfg = first.config
     models = {first.backend: first}
     for backend in backends[1:]:  # the same tensors: nothing is copied
         model = GPT2(cfg, first.weights, device=device, dtype=dtype, backend=backend)
         models.setdefault(model.backend, model)
-    if args.prompt_len + args.new_tokens > cfg.n_positions:
-        raise SystemExit(f"--prompt-len + --new-tokens must be <= n_positions ({cfg.n_positions})")
-    hf = None if args.no_reference else reference_model(first)
-    # the triton budget is counted on any machine (under the interpreter without CUDA): it is the
-    # GPU decode step's launch count even where only the torch backend is timed
-    budget_backends = [] if args.no_launch_budget else list(dict.fromkeys(["triton", *models]))
+    if o.prompt_len + o.new_tokens > cfg.n_positions:
+        raise BenchError(f"--prompt-len + --new-tokens must be <= n_positions ({cfg.n_positions})")
+    hf = reference_model(first) if o.reference else None
+    # the triton step is counted on any machine (under the interpreter without CUDA): the GPU decode
+    # step's op count, even where only the torch backend is timed
+    counted_backends = list(dict.fromkeys(["triton", *models])) if o.step_count else []
 
     n_engines = len(models) + (hf is not None)
-    progress = _Progress(1 + len(batches) * n_engines * 2 * (args.warmup + args.runs) + len(budget_backends),
-                         enabled=not args.quiet)
+    progress = _Progress(1 + len(batches) * n_engines * 2 * (o.warmup + o.runs) + len(counted_backends),
+                         enabled=o.progress)
     try:
-        progress.stage(f"memory bandwidth ({args.bandwidth_gib:g} GiB read)")
-        bandwidth = measure_bandwidth(device, int(args.bandwidth_gib * 2**30))
+        progress.stage(f"memory bandwidth ({o.bandwidth_gib:g} GiB read)")
+        bandwidth = measure_bandwidth(device, int(o.bandwidth_gib * 2**30))
         progress.tick()
         rows: list[Row] = []
         for batch in batches:
-            ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len),
-                                generator=torch.Generator().manual_seed(args.seed)).to(device)
+            ids = torch.randint(0, cfg.vocab_size, (batch, o.prompt_len),
+                                generator=torch.Generator().manual_seed(o.seed)).to(device)
             weight_bytes = decode_weight_bytes(cfg, batch, dtype)
-            kv_bytes = kv_read_bytes(cfg, batch, args.prompt_len + args.new_tokens - 1, dtype)
+            kv_bytes = kv_read_bytes(cfg, batch, o.prompt_len + o.new_tokens - 1, dtype)
 
             # (engine, prefill, generate) for transformers (the reference, when there is one) and
             # each fastgpt2 backend; all timed in one round-robin so that drift hits them alike
@@ -371,61 +396,63 @@ def run(args) -> dict:
                 mask = torch.ones_like(ids)
                 kwargs = hf_prefill_kwargs(hf)
                 engines.append(("transformers", lambda: hf(ids, use_cache=True, **kwargs),
-                                lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=o.new_tokens,
                                                     do_sample=False)))
             for backend, model in models.items():
-                cache = model.new_cache(batch, args.prompt_len)
-                lens = torch.full((batch,), args.prompt_len, dtype=torch.int32, device=device)
+                cache = model.new_cache(batch, o.prompt_len)
+                lens = torch.full((batch,), o.prompt_len, dtype=torch.int32, device=device)
                 engines.append((f"fastgpt2[{backend}]",
                                 lambda model=model, cache=cache, lens=lens: model.prefill(ids, lens, cache),
-                                lambda model=model: model.generate(ids, args.new_tokens)))
+                                lambda model=model: model.generate(ids, o.new_tokens)))
             progress.stage(f"batch {batch}: " + ", ".join(name for name, _, _ in engines) + " (round-robin)")
             with torch.inference_mode():
                 timings = _measure([fn for _, prefill, generate in engines for fn in (prefill, generate)],
-                                   device, args.runs, args.warmup, progress.tick)
+                                   device, o.runs, o.warmup, progress.tick)
             by_engine = {}
             for i, (engine, _, _) in enumerate(engines):
                 (p_first, t_prefill, p_runs), (g_first, t_generate, g_runs) = timings[2 * i], timings[2 * i + 1]
-                step_s = max(t_generate - t_prefill, 1e-9) / (args.new_tokens - 1)
+                step_s = max(t_generate - t_prefill, 1e-9) / (o.new_tokens - 1)
                 weight_gbps = weight_bytes / step_s / 1e9
-                by_engine[engine] = Row(engine, batch, batch * args.prompt_len / t_prefill, batch / step_s,
-                                        1e3 * step_s, weight_gbps, 100 * weight_gbps / bandwidth["GBps"], kv_bytes,
-                                        p_first + g_first, prefill_runs_s=p_runs, generate_runs_s=g_runs)
+                by_engine[engine] = Row(
+                    engine=engine, batch=batch, prefill_tok_s=batch * o.prompt_len / t_prefill,
+                    decode_tok_s=batch / step_s, ms_per_token=1e3 * step_s, weight_GBps=weight_gbps,
+                    roofline_pct=100 * weight_gbps / bandwidth["GBps"], kv_read_bytes=kv_bytes,
+                    setup_s=p_first + g_first, prefill_runs_s=tuple(p_runs), generate_runs_s=tuple(g_runs))
             ref = by_engine.pop("transformers", None)
             for row in by_engine.values():
                 if ref is not None:
-                    row.speedup_decode = row.decode_tok_s / ref.decode_tok_s
-                    row.speedup_prefill = row.prefill_tok_s / ref.prefill_tok_s
+                    row = replace(row, speedup_decode=row.decode_tok_s / ref.decode_tok_s,
+                                  speedup_prefill=row.prefill_tok_s / ref.prefill_tok_s)
                 rows.append(row)
             if ref is not None:
                 rows.append(ref)
-        budgets = launch_budgets(budget_backends, progress) if budget_backends else {}
+        counts = step_counts(counted_backends, progress) if counted_backends else {}
     finally:
         progress.close()
     torch_model = models.get("torch")
     cpu_path = torch_model.ops.cpu_path if torch_model is not None else None  # None off the CPU
-    return {
-        "machine": machine_description(device),
-        "cpu_model": cpu_model(),
-        "cpu_capability": cpu_capability(),
-        "cpu_path": cpu_path.name if cpu_path is not None else None,  # the torch backend's GEMM path on the CPU
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "model": args.model if not args.config else f"config {args.config}",
-        "weights": "seeded random" if random_weights else "checkpoint",
-        "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-                   "vocab_size": cfg.vocab_size, "parameters": cfg.num_parameters()},
-        "batches": batches,
-        "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "runs": args.runs,
-        "warmup": args.warmup,
-        "torch": torch.__version__,
-        "bandwidth": bandwidth,
-        "weight_bytes_per_step": {str(b): decode_weight_bytes(cfg, b, dtype) for b in batches},
-        "rows": [asdict(r) for r in rows],
-        "launch_budget": budgets,
-    }
+    return BenchResult(
+        machine=machine_description(device),
+        cpu_model=cpu_model(),
+        cpu_capability=cpu_capability(),
+        cpu_path=cpu_path.name if cpu_path is not None else None,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        model=o.model if not o.config else f"config {o.config}",
+        weights="seeded random" if random_weights else "checkpoint",
+        config={"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+                "vocab_size": cfg.vocab_size, "parameters": cfg.num_parameters()},
+        batches=tuple(batches),
+        prompt_len=o.prompt_len,
+        new_tokens=o.new_tokens,
+        runs=o.runs,
+        warmup=o.warmup,
+        torch=torch.__version__,
+        bandwidth=bandwidth,
+        weight_bytes_per_step={str(b): decode_weight_bytes(cfg, b, dtype) for b in batches},
+        rows=tuple(rows),
+        step_count=counts,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,20 +469,20 @@ def _fmt_num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.3g}"
 
 
-def format_table(result: dict) -> str:
-    cfg = result.get("config", {})
+def format_table(result: BenchResult) -> str:
+    cfg = result.config
     shape = (f"; {cfg['n_layer']} layers, n_embd {cfg['n_embd']}, {cfg['parameters'] / 1e6:.1f}M params"
              if cfg else "")
-    bw = result["bandwidth"]
-    batch1 = result["batches"][0]
-    wbytes = result["weight_bytes_per_step"][str(batch1)]
+    bw = result.bandwidth
+    batch1 = result.batches[0]
+    wbytes = result.weight_bytes_per_step[str(batch1)]
     lines = [
-        f"fastgpt2 bench: {result['model']} ({result['weights']} weights{shape})",
-        f"machine: {result['machine']} | device {result['device']} | dtype {result['dtype']} | torch {result['torch']}",
-        f"CPU: {result.get('cpu_model', '?')} | capability {result.get('cpu_capability', '?')} | "
-        f"CPU path: {result.get('cpu_path') or 'none (no torch backend on the CPU)'}",
-        f"batch {','.join(map(str, result['batches']))} | prompt {result['prompt_len']} | new tokens "
-        f"{result['new_tokens']} | median of {result['runs']} runs after {result['warmup']} warm-up",
+        f"fastgpt2 bench: {result.model} ({result.weights} weights{shape})",
+        f"machine: {result.machine} | device {result.device} | dtype {result.dtype} | torch {result.torch}",
+        f"CPU: {result.cpu_model} | capability {result.cpu_capability} | "
+        f"CPU path: {result.cpu_path or 'none (no torch backend on the CPU)'}",
+        f"batch {','.join(map(str, result.batches))} | prompt {result.prompt_len} | new tokens "
+        f"{result.new_tokens} | median of {result.runs} runs after {result.warmup} warm-up",
         f"memory bandwidth: {bw['GBps']:.1f} GB/s measured ({bw['method']}, {bw['bytes'] / 2**30:.2f} GiB, "
         f"median of {bw['runs']})",
         f"decode reads {_fmt_bytes(wbytes)} of weights per step at batch {batch1}: roofline "
@@ -466,62 +493,62 @@ def format_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
-    for r in result["rows"]:
-        pct = f"{r['roofline_pct']:.1f}%" if r.get("roofline_pct") is not None else "-"
+    for r in result.rows:
+        pct = f"{r.roofline_pct:.1f}%" if r.roofline_pct is not None else "-"
         lines.append(
-            f"| {r['engine']} | {r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | "
-            f"{r['ms_per_token']:.2f} | {_fmt_num(r['weight_GBps'])} | {pct} | {_fmt_bytes(r['kv_read_bytes'])} | "
-            f"{r['setup_s']:.2f} | {ratio(r['speedup_decode'])} | {ratio(r['speedup_prefill'])} |")
+            f"| {r.engine} | {r.batch} | {r.prefill_tok_s:,.0f} | {r.decode_tok_s:,.1f} | "
+            f"{r.ms_per_token:.2f} | {_fmt_num(r.weight_GBps)} | {pct} | {_fmt_bytes(r.kv_read_bytes)} | "
+            f"{r.setup_s:.2f} | {ratio(r.speedup_decode)} | {ratio(r.speedup_prefill)} |")
     lines.append("")
     speedups = {}
-    for r in result["rows"]:
-        if r["speedup_decode"] is not None:
-            speedups.setdefault(r["engine"], []).append(
-                f"decode {r['speedup_decode']:.2f}x, prefill {r['speedup_prefill']:.2f}x at batch {r['batch']}")
+    for r in result.rows:
+        if r.speedup_decode is not None:
+            speedups.setdefault(r.engine, []).append(
+                f"decode {r.speedup_decode:.2f}x, prefill {r.speedup_prefill:.2f}x at batch {r.batch}")
     for engine, parts in speedups.items():
         lines.append(f"{engine} vs transformers (same weights, same batch, same run): {'; '.join(parts)}")
     lines.append("ms/token: one decode step (a token for every sequence). % roofline: weight bytes per step / "
                  "step time / measured bandwidth.")
-    lines.append(f"KV read/step: K and V of the last decode step ({result['prompt_len'] + result['new_tokens'] - 1} "
+    lines.append(f"KV read/step: K and V of the last decode step ({result.prompt_len + result.new_tokens - 1} "
                  "positions per sequence), not in weight GB/s. setup s: the first (cold) prefill + generate, "
                  "outside the medians (on CUDA: Triton compilation, CUDA-graph capture).")
-    for backend, budget in result.get("launch_budget", {}).items():
-        lines.append(format_launch_budget(backend, budget))
+    for backend, count in result.step_count.items():
+        lines.append(format_step_count(backend, count))
     return "\n".join(lines)
 
 
-def plot_decode(result: dict, path: str) -> None:
+def plot_decode(result: BenchResult, path: str) -> None:
     """A PNG bar chart: decode tok/s per engine, one panel per batch, each fastgpt2 bar labelled
     with its speedup over transformers; the panel title gives the weight-read roofline."""
     require_matplotlib()
     from matplotlib.figure import Figure
 
-    batches = result["batches"]
-    engines = list(dict.fromkeys(r["engine"] for r in result["rows"]))
+    batches = result.batches
+    engines = list(dict.fromkeys(r.engine for r in result.rows))
     colours = {e: c for e, c in zip(engines, ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b"))}
     colours["transformers"] = "#ff7f0e"
     fig = Figure(figsize=(1.2 + 3.3 * len(batches), 4.6), layout="constrained")
     axes = fig.subplots(1, len(batches), squeeze=False)[0]
     for ax, batch in zip(axes, batches):
-        rows = [r for r in result["rows"] if r["batch"] == batch]
-        names = [r["engine"] for r in rows]
-        values = [r["decode_tok_s"] for r in rows]
+        rows = [r for r in result.rows if r.batch == batch]
+        names = [r.engine for r in rows]
+        values = [r.decode_tok_s for r in rows]
         bars = ax.bar(range(len(rows)), values, color=[colours[n] for n in names], width=0.65)
         for bar, r in zip(bars, rows):
-            label = _fmt_num(r["decode_tok_s"])
-            if r["speedup_decode"] is not None:
-                label += f"\n{r['speedup_decode']:.2f}x"
+            label = _fmt_num(r.decode_tok_s)
+            if r.speedup_decode is not None:
+                label += f"\n{r.speedup_decode:.2f}x"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         xytext=(0, 2), textcoords="offset points", fontsize=9,
-                        fontweight="bold" if r["speedup_decode"] is not None else "normal")
+                        fontweight="bold" if r.speedup_decode is not None else "normal")
         ax.set_xticks(range(len(rows)), names, rotation=15, fontsize=8)
         ax.set_ylim(0, max(values) * 1.25)
-        roof = result["bandwidth"]["GBps"] * 1e9 / result["weight_bytes_per_step"][str(batch)] * batch
+        roof = result.bandwidth["GBps"] * 1e9 / result.weight_bytes_per_step[str(batch)] * batch
         ax.set_title(f"batch {batch}\n(weight-read roofline {roof:,.0f} tok/s)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("decode tokens/s (higher is better)")
-    fig.suptitle(f"fastgpt2 bench: {result['model']}, {result['device']} [{result['machine']}], {result['dtype']}, "
-                 f"prompt {result['prompt_len']}, {result['new_tokens']} new, median of {result['runs']}\n"
+    fig.suptitle(f"fastgpt2 bench: {result.model}, {result.device} [{result.machine}], {result.dtype}, "
+                 f"prompt {result.prompt_len}, {result.new_tokens} new, median of {result.runs}\n"
                  "bar labels: decode tok/s and, for fastgpt2, its speedup over transformers (same batch, same run)",
                  fontsize=9, wrap=True)
     fig.savefig(path, dpi=120)

@@ -1,11 +1,27 @@
-"""The `fastgpt2` command: generate, bench."""
+"""The `fastgpt2` command: generate, bench, parity. Argument parsing and printing only: the work is
+runtime/generate's (generate), benchmark's (bench) and parity's (parity), each imported when its
+subcommand runs, so that parsing arguments and printing --help import none of them."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
 from .errors import FastGPT2Error
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose description and epilog may be functions, called when the help is
+    printed: parity's help holds its tolerance table, which parsing arguments does not need."""
+
+    def format_help(self) -> str:
+        if callable(self.description):
+            self.description = self.description()
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
@@ -19,11 +35,13 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
                    help="auto: triton on CUDA, torch on CPU")
 
 
+# -- generate --------------------------------------------------------------------------------------
 def _generate(args) -> int:
     import torch
 
-    from .runtime.model import GPT2
-    from .runtime.tokenizer import StreamDecoder, load_tokenizer
+    # lazy: the model and its tokenizer load when `fastgpt2 generate` runs, not to parse arguments
+    from .runtime.generate import GPT2
+    from .runtime.tokenizer import StreamDecoder, load_tokenizer  # lazy: as GPT2, above
 
     model = GPT2.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto")
     tokenizer = load_tokenizer(model.source_dir)
@@ -49,14 +67,38 @@ def _generate(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from .benchmark import format_table, plot_decode, run
+# -- bench ---------------------------------------------------------------------------------------------
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in str(text).split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise SystemExit(f"fastgpt2 bench: error: --batch takes comma-separated positive integers (e.g. 1,8,32), "
+                         f"got {text!r}")
+    return batches
 
-    result = run(args)
+
+def _bench(args) -> int:
+    # lazy: the benchmark (and through it the model) loads when `fastgpt2 bench` runs, not to parse arguments
+    from .benchmark import BenchError, BenchOptions, format_table, plot_decode, require_matplotlib, run
+
+    options = BenchOptions(
+        model=args.model, config=args.config, device=args.device, dtype=args.dtype, backend=args.backend,
+        batches=_parse_batches(args.batch) if args.batch is not None else None, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup, seed=args.seed,
+        reference=not args.no_reference, step_count=not args.no_step_count, bandwidth_gib=args.bandwidth_gib,
+        progress=not args.quiet)
+    try:
+        if args.plot:
+            require_matplotlib()  # before minutes of timing, not after
+        result = run(options)
+    except BenchError as exc:  # bench's own refusals exit with the message (status 1), as they always have
+        raise SystemExit(f"fastgpt2 bench: error: {exc}") from None
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result.to_dict(), f, indent=2)
         print(f"\nwrote {args.json}")
     if args.plot:
         plot_decode(result, args.plot)
@@ -64,8 +106,74 @@ def _bench(args) -> int:
     return 0
 
 
+# -- parity --------------------------------------------------------------------------------------------
+def _parity_description() -> str:
+    from .hf import TESTED_TRANSFORMERS  # lazy: read when the help is printed (hf imports torch)
+
+    return ("Run a checkpoint in transformers and in fastgpt2 on the same prompts and report max/mean "
+            "|Δlogits|, KL divergence, top-1 agreement, identical greedy continuation, perplexity, and "
+            "per-layer hidden-state differences (naming the layer where a discrepancy starts). "
+            f"The reference is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}.")
+
+
+def _parity_epilog() -> str:
+    from .parity import EPILOG  # lazy: parity's tolerance table, read when the help is printed
+
+    return EPILOG
+
+
+def _parse_tolerances(items: list[str], names) -> dict:
+    """--tol NAME=VALUE items as {name: value}: greedy a token count, "all" or None ("none": shown only),
+    the others numbers."""
+    tol = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names:
+            raise FastGPT2Error(f"--tol {item!r}: expected NAME=VALUE with NAME one of {sorted(names)}")
+        if name == "greedy":
+            if value in ("none", "", "all"):
+                tol[name] = value if value == "all" else None
+            elif value.isdigit():
+                tol[name] = int(value)
+            else:
+                raise FastGPT2Error(f"--tol {item!r}: {value!r} is not a token count, all or none")
+        else:
+            try:
+                tol[name] = float(value)
+            except ValueError:
+                raise FastGPT2Error(f"--tol {item!r}: {value!r} is not a number") from None
+    return tol
+
+
+def _json_safe(value):
+    """NaN / inf (a broken model's figures) as strings, so that the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _parity(args) -> int:
+    # lazy: parity (transformers, the model) loads when `fastgpt2 parity` runs, not to parse arguments
+    from .parity import TOLERANCES, format_report, run
+
+    result = run(args.model, args.reference, device=args.device, dtype=args.dtype, backend=args.backend,
+                 reference_dtype=args.reference_dtype, prompts_file=args.prompts, new_tokens=args.new_tokens,
+                 random_prompts=args.random_prompts, seed=args.seed,
+                 tol_overrides=_parse_tolerances(args.tol, TOLERANCES["float32"]))
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False))
+        print(f"wrote {args.json}")
+    return 0 if result.passed else 1
+
+
+# -- the parser ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastgpt2", description="GPT-2 inference on Triton kernels.")
+    parser = _Parser(prog="fastgpt2", description="GPT-2 inference on Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text",
@@ -96,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (the first is reported as setup)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-reference", action="store_true", help="time fastgpt2 alone (no transformers)")
-    b.add_argument("--no-launch-budget", action="store_true",
-                   help="skip counting the decode step's kernel launches (fastgpt2.runtime.launches)")
+    b.add_argument("--no-step-count", "--no-launch-budget", dest="no_step_count", action="store_true",
+                   help="skip counting what the decode step runs (fastgpt2.runtime.step_count: kernels on CUDA, "
+                        "ops elsewhere); --no-launch-budget is its old name")
     b.add_argument("--bandwidth-gib", type=float, default=1.0, metavar="GIB",
                    help="size of the tensor read to measure memory bandwidth (default: 1 GiB)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
@@ -106,8 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=_bench)
 
-    from .parity import add_parser as _add_parity
-    _add_parity(sub)
+    p = sub.add_parser("parity",
+                       help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",
+                       description=_parity_description, epilog=_parity_epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, None)
+    p.add_argument("--reference", default=None, metavar="DIR_OR_ID",
+                   help="the checkpoint transformers loads (default: the same as --model)")
+    p.add_argument("--reference-dtype", default="float32", choices=["float32", "float16", "bfloat16", "same"],
+                   help="dtype of the transformers reference (default float32; 'same': fastgpt2's dtype)")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: built-in "
+                   "English prompts; random token ids when the checkpoint has no tokenizer)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (default 32)")
+    p.add_argument("--random-prompts", type=int, default=6, metavar="N",
+                   help="how many random-id prompts when there is no tokenizer (default 6)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-id prompts")
+    p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE", help="override one tolerance")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_parity)
     return parser
 
 

@@ -37,7 +37,7 @@ renamed ``past_key_values`` to ``cache``) stay transformers' business:
   ``"sdpa"``     torch's scaled_dot_product_attention with transformers' mask: the prefill of a padded
                  batch, other masks, more than 8 new tokens over a past. Same math, not a fallback.
 
-  The softmax scale is the ``scaling`` transformers passes (the module's own rule when it passes
+  The softmax scale is the ``scaling`` transformers passes (``module.scaling`` when it passes
   none); ``module.reorder_and_upcast_attn`` is read here (transformers honours it only in "eager").
 - every ``nn.LayerNorm`` (ln_1, ln_2, ln_f): ``ops.layer_norm``; every ``GPT2MLP``:
   ``ops.linear(c_fc, activation)`` then ``ops.linear(c_proj)``; the self-attention's ``Conv1D``s
@@ -65,7 +65,9 @@ import contextvars
 import copy
 import functools
 import inspect
+import os
 import re
+import sys
 import types
 import warnings
 from collections import Counter
@@ -73,10 +75,12 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from ..errors import FastGPT2Error
-from ..kernels.contract import HEAD_DIMS
-from .ops import make_ops, resolve_backend
-from .config import HF_ACTIVATIONS, GPT2Config
+from .errors import FastGPT2Error
+from .kernels.contract import HEAD_DIMS
+from .runtime.config import HF_ACTIVATIONS
+from .runtime.generate import GPT2
+from .runtime.loader import HFModelError, find_gpt2, gpt2_classes
+from .runtime.ops import make_ops, resolve_backend
 
 TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")  # the oldest and the newest release the tests ran on
 ATTN_IMPLEMENTATION = "fastgpt2"  # the name registered with transformers' attention interfaces
@@ -107,25 +111,12 @@ _CROSS_ATTENTION = ("cross-attention", "cross-attention (encoder_hidden_states) 
 _HEAD_MASK = ("head_mask", "a head mask is not served")
 
 
-class HFModelError(FastGPT2Error):
-    """A model that patch_hf / model_from_hf cannot take (not a transformers GPT-2), or cannot serve."""
-
-
 class FallbackWarning(UserWarning):
     """A call (or part of one) that fastgpt2 does not serve ran on transformers' own code."""
 
 
 class UntestedTransformersWarning(UserWarning):
     """transformers is newer than the newest release patch_hf was tested with."""
-
-
-# -- finding the GPT-2 inside a transformers model ----------------------------------------------
-def _gpt2_classes():
-    try:
-        from transformers.models.gpt2 import modeling_gpt2 as m
-    except ImportError as exc:  # pragma: no cover - transformers is a test extra
-        raise HFModelError("patch_hf needs the transformers package (pip install transformers)") from exc
-    return m
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -205,28 +196,8 @@ def _check_api(m, gpt2, version: str) -> None:
 def cache_argument() -> str:
     """The name under which this transformers release's GPT-2 forward takes and returns the cache:
     "cache" from 5.24, "past_key_values" before (5.24 deprecated the old name, removed in 5.40)."""
-    m = _gpt2_classes()
+    m = gpt2_classes()
     return "cache" if "cache" in _params(m.GPT2Model.forward) else "past_key_values"
-
-
-def _describe(model) -> str:
-    name = type(model).__name__
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    return f"{name} (model_type {model_type!r})" if model_type else name
-
-
-def _find_gpt2(model):
-    """The GPT2Model inside `model` (GPT2LMHeadModel, GPT2Model, or another GPT-2 head model)."""
-    m = _gpt2_classes()
-    if isinstance(model, m.GPT2Model):
-        return model
-    inner = getattr(model, "transformer", None)
-    if isinstance(model, m.GPT2PreTrainedModel) and isinstance(inner, m.GPT2Model):
-        return inner
-    raise HFModelError(
-        f"fastgpt2 runs transformers GPT-2 models only (GPT2LMHeadModel or GPT2Model); got {_describe(model)}"
-    )
 
 
 # -- the patch state -------------------------------------------------------------------------------
@@ -286,9 +257,6 @@ class _PatchState:
 
 def _caller_level() -> int:
     """warnings' stacklevel of the first frame outside torch, transformers and fastgpt2: the user's call."""
-    import os
-    import sys
-
     skip = tuple(os.path.dirname(os.path.dirname(mod.__file__)) + os.sep
                  for mod in (torch, sys.modules[__name__.split(".")[0]]))
     skip += tuple(os.path.dirname(m.__file__) + os.sep for name, m in list(sys.modules.items())
@@ -382,18 +350,28 @@ def _slot(module) -> _Slot:
     return module.__dict__[_SLOT_ATTR]
 
 
-def _layer_norm_forward(self, x, *args, **kwargs):
-    _refuse_extra("LayerNorm.forward", args, kwargs)
-    slot = _slot(self)
-    state, original = slot.state, slot.original
+def _served(module, where: str, x, args, kwargs, dropouts=(), refused=None) -> _PatchState | None:
+    """The patch state when this leaf call runs on fastgpt2; None when it runs on the module's own
+    forward: the whole call falls back, or this module cannot be served (`refused`, or a reason of
+    ``_module_reason``: warned once per model and reason). An unknown argument is an error."""
+    _refuse_extra(where, args, kwargs)
     if _CALL_FALLBACK.get() is not None:
-        return original(x)
-    why = _module_reason(state, self, x)
-    if why is None and (self.weight is None or self.bias is None or self.weight.dtype != x.dtype):
-        why = ("layernorm", "a LayerNorm without elementwise weight and bias (or in another dtype) is not served")
+        return None
+    state = _slot(module).state
+    why = _module_reason(state, module, x, dropouts) or refused
     if why is not None:
         state.fallback(*why)
-        return original(x)
+        return None
+    return state
+
+
+def _layer_norm_forward(self, x, *args, **kwargs):
+    refused = None
+    if self.weight is None or self.bias is None or self.weight.dtype != x.dtype:
+        refused = ("layernorm", "a LayerNorm without elementwise weight and bias (or in another dtype) is not served")
+    state = _served(self, "LayerNorm.forward", x, args, kwargs, refused=refused)
+    if state is None:
+        return _slot(self).original(x)
     e = self.weight.shape[0]
     y, _ = state.ops.layer_norm(x.reshape(-1, e).contiguous(), None, self.weight, self.bias, self.eps)  # [M, E]
     state.counts["layer_norm"] += 1
@@ -401,17 +379,13 @@ def _layer_norm_forward(self, x, *args, **kwargs):
 
 
 def _mlp_forward(self, hidden_states, *args, **kwargs):
-    _refuse_extra("GPT2MLP.forward", args, kwargs)
-    slot = _slot(self)
-    state, original, (activation, act_name) = slot.state, slot.original, slot.extra
-    if _CALL_FALLBACK.get() is not None:
-        return original(hidden_states)
-    why = _module_reason(state, self, hidden_states, (self.dropout.p,))
-    if why is None and activation is None:
-        why = (f"activation:{act_name}", f"activation {act_name!r} is not one fastgpt2 serves ({sorted(HF_ACTIVATIONS)})")
-    if why is not None:
-        state.fallback(*why)
-        return original(hidden_states)
+    activation, act_name = _slot(self).extra
+    refused = None
+    if activation is None:
+        refused = (f"activation:{act_name}", f"activation {act_name!r} is not one fastgpt2 serves ({sorted(HF_ACTIVATIONS)})")
+    state = _served(self, "GPT2MLP.forward", hidden_states, args, kwargs, (self.dropout.p,), refused)
+    if state is None:
+        return _slot(self).original(hidden_states)
     ops, shape = state.ops, hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1]).contiguous()  # [M, E]
     h = ops.linear(x, self.c_fc.weight, self.c_fc.bias, activation=activation)  # [M, inner]
@@ -422,25 +396,11 @@ def _mlp_forward(self, hidden_states, *args, **kwargs):
 
 def _conv1d_forward(self, x, *args, **kwargs):
     """The attention's c_attn / c_proj: [.., K] @ weight [K, N] + bias."""
-    _refuse_extra("Conv1D.forward", args, kwargs)
-    slot = _slot(self)
-    state, original = slot.state, slot.original
-    if _CALL_FALLBACK.get() is not None:
-        return original(x)
-    why = _module_reason(state, self, x)
-    if why is not None:
-        state.fallback(*why)
-        return original(x)
+    state = _served(self, "Conv1D.forward", x, args, kwargs)
+    if state is None:
+        return _slot(self).original(x)
     y = state.ops.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)  # [M, N]
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-# -- attention through transformers' AttentionInterface ----------------------------------------------
-def _module_scale(module) -> float:
-    scale = module.scaling
-    if scale is None:
-        scale = GPT2Config.from_hf(module.config.to_dict()).attn_scale(module.layer_idx)
-    return float(scale)
 
 
 def _eager_mask(mask, query, key):
@@ -467,7 +427,7 @@ def _transformers_attention(state, module, query, key, value, attention_mask, dr
         mask = _eager_mask(attention_mask, query, key)
         if module.reorder_and_upcast_attn:
             return module._upcast_and_reordered_attn(query, key, value, mask)
-        m = _gpt2_classes()
+        m = gpt2_classes()
         return m.eager_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                          **kwargs)
@@ -506,7 +466,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     ops = state.ops
     b, h, s, d = query.shape
     t = key.shape[2]
-    scale = float(scaling) if scaling is not None else _module_scale(module)
+    scale = float(scaling if scaling is not None else module.scaling)  # transformers passes module.scaling
     upcast = bool(module.reorder_and_upcast_attn)
     kv_start = None  # [B] int32: where each sequence's keys begin after left padding (None: at 0)
     if attention_mask is None:  # SDPA's convention: is_causal (upper-left) for S > 1, every key for S == 1
@@ -628,8 +588,8 @@ def patch_hf(model, backend: str = "auto"):
     The model's parameters are read at each call (no copy; in-place weight edits are seen).
     `backend`: "auto" (triton on CUDA, torch on CPU), "torch", or "triton" (CUDA, or the CPU under
     TRITON_INTERPRET=1). Patching an already patched model re-patches it with `backend`."""
-    m = _gpt2_classes()
-    gpt2 = _find_gpt2(model)
+    m = gpt2_classes()
+    gpt2 = find_gpt2(model)
     version = _check_transformers_version()
     _check_api(m, gpt2, version)
     if getattr(gpt2, _STATE_ATTR, None) is not None:  # kept on the GPT2Model: patching a head model or its
@@ -688,7 +648,7 @@ def patch_hf(model, backend: str = "auto"):
 def unpatch_hf(model):
     """Undo patch_hf: every module gets back the forward it had and the model its attention
     implementation; returns the model. A model that is not patched is returned unchanged."""
-    gpt2 = _find_gpt2(model)
+    gpt2 = find_gpt2(model)
     state = getattr(gpt2, _STATE_ATTR, None)
     if state is None:
         return model
@@ -713,7 +673,7 @@ def unpatch_hf(model):
 
 def _state(model):
     try:
-        return getattr(_find_gpt2(model), _STATE_ATTR, None)
+        return getattr(find_gpt2(model), _STATE_ATTR, None)
     except HFModelError:
         return None
 
@@ -729,34 +689,10 @@ def patch_stats(model) -> dict[str, int]:
     return dict(state.counts) if state is not None else {}
 
 
-def model_from_hf(hf_model, backend: str = "auto"):
-    """A fastgpt2 GPT2 sharing the weight tensors of a transformers GPT2LMHeadModel or GPT2Model
-    (same storage; the model runs on the parameters' device and dtype)."""
-    from .loader import is_stale_buffer
-    from .model import GPT2
-
-    m = _gpt2_classes()
-    if not isinstance(hf_model, (m.GPT2LMHeadModel, m.GPT2Model)):
-        raise HFModelError(
-            f"fastgpt2 builds from transformers GPT-2 models only (GPT2LMHeadModel or GPT2Model); got {_describe(hf_model)}"
-        )
-    gpt2 = _find_gpt2(hf_model)
-    cfg = GPT2Config.from_hf(gpt2.config.to_dict())
-    weights = {k: v.detach() for k, v in gpt2.state_dict(keep_vars=True).items() if not is_stale_buffer(k)}
-    head = getattr(hf_model, "lm_head", None)
-    if head is not None and head.weight.data_ptr() != gpt2.wte.weight.data_ptr():
-        # an untied head (config says so, or the weights were untied after loading): serve it as stored
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-        weights["lm_head.weight"] = head.weight.detach()
-    elif head is None and not cfg.tie_word_embeddings:
-        raise HFModelError("this GPT2Model has no lm_head and its config unties the head from wte; pass the "
-                           "GPT2LMHeadModel instead")
-    first = gpt2.wte.weight
-    # shared weights: no prepacked copies, so that in-place updates of the transformers model are seen
-    model = GPT2(cfg, weights, device=first.device, dtype=first.dtype, backend=backend, pack_weights=False)
-    return model
+def model_from_hf(hf_model, backend: str = "auto") -> GPT2:
+    """``fastgpt2.GPT2.from_hf``: a fastgpt2 GPT2 sharing the weight tensors of a transformers
+    GPT2LMHeadModel or GPT2Model (same storage; the model runs on the parameters' device and dtype)."""
+    return GPT2.from_hf(hf_model, backend=backend)
 
 
 __all__ = ["patch_hf", "unpatch_hf", "is_patched", "patch_stats", "model_from_hf", "HFModelError",

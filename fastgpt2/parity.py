@@ -1,4 +1,5 @@
-"""`fastgpt2 parity`: fastgpt2 vs transformers on one checkpoint, figure by figure, layer by layer.
+"""fastgpt2 vs transformers on one checkpoint, figure by figure, layer by layer: `fastgpt2 parity`
+(whose options, in cli.py, are run()'s arguments; compare() -> a ParityResult; format_report() its text).
 
 fastgpt2 loads --model on the chosen device / dtype / backend; transformers loads --reference (by
 default the same checkpoint) on the same device, in --reference-dtype (float32 by default: the
@@ -26,22 +27,26 @@ model (max |Δlogits| <= 1e-4). The float16 / bfloat16 bounds are first estimate
 alone (checked on CPU with tests-made checkpoints, not yet on GPT-2 weights on a GPU); they are
 loose enough that a small weight error can hide under them: check a suspect model in float32.
 
-When a figure is past its tolerance the command exits 1 and names the failing figures, the first
-layer whose hidden state is past the hidden-state tolerance and the layer where the discrepancy
+When a figure is past its tolerance the result fails (the command exits 1) and names the failing
+figures, the first layer whose hidden state is past the hidden-state tolerance and the layer where the discrepancy
 jumps the most (where it is introduced).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from .errors import FastGPT2Error
-from .runtime.hf import TESTED_TRANSFORMERS, cache_argument
+from .hf import TESTED_TRANSFORMERS, cache_argument
+from .runtime.generate import GPT2
+from .runtime.loader import load_config
+from .runtime.model import resolve_device, resolve_dtype
+from .runtime.tokenizer import TokenizerError, load_tokenizer
 
 # tolerance per fastgpt2 dtype, against a float32 reference
 TOLERANCES = {
@@ -78,6 +83,7 @@ PROMPTS = [
     "She opened the door slowly, not knowing what she would find on the other side.",
 ]
 
+
 def _tol_text(key, value) -> str:
     if value is None:
         return "(shown)"
@@ -107,6 +113,7 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+# the tolerance table of `fastgpt2 parity --help` (cli.py prints it as the epilog)
 EPILOG = _epilog()
 
 
@@ -114,75 +121,117 @@ class ParityError(FastGPT2Error):
     """A parity run that cannot start: a checkpoint transformers cannot load, bad prompts or options."""
 
 
-# -- the command line --------------------------------------------------------------------------
-def add_parser(sub) -> argparse.ArgumentParser:
-    from .cli import _add_model_args
+# -- the result ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Figures:
+    """The figures over every position of every prompt (FIGURES names them; None: not measured)."""
 
-    p = sub.add_parser(
-        "parity", help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",
-        description="Run a checkpoint in transformers and in fastgpt2 on the same prompts and report max/mean "
-                    "|Δlogits|, KL divergence, top-1 agreement, identical greedy continuation, perplexity, and "
-                    "per-layer hidden-state differences (naming the layer where a discrepancy starts). "
-                    f"The reference is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p, None)
-    p.add_argument("--reference", default=None, metavar="DIR_OR_ID",
-                   help="the checkpoint transformers loads (default: the same as --model)")
-    p.add_argument("--reference-dtype", default="float32", choices=["float32", "float16", "bfloat16", "same"],
-                   help="dtype of the transformers reference (default float32; 'same': fastgpt2's dtype)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: built-in "
-                   "English prompts; random token ids when the checkpoint has no tokenizer)")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (default 32)")
-    p.add_argument("--random-prompts", type=int, default=6, metavar="N",
-                   help="how many random-id prompts when there is no tokenizer (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-id prompts")
-    p.add_argument("--tol", action="append", default=[], metavar="NAME=VALUE", help="override one tolerance")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
-    p.set_defaults(func=run_cli)
-    return p
+    max_abs_logits: float
+    mean_abs_logits: float
+    kl_mean: float
+    kl_max: float
+    top1: float
+    greedy: int | None  # None: no greedy continuation (new_tokens 0)
+    greedy_mean: float | None
+    ppl_reference: float | None  # None: no prompt longer than one token
+    ppl_fastgpt2: float | None
+    ppl_rel: float | None
+    hidden_rel: float | None = None  # None: the forward exposed no per-layer hidden states
+
+    def items(self) -> list[tuple[str, float | int | None]]:
+        """(name, value) in FIGURES' order; hidden_rel only when measured, as in the JSON."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)
+                if f.name != "hidden_rel" or self.hidden_rel is not None]
 
 
-def run_cli(args) -> int:
-    result = run(args)
-    print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
-        print(f"wrote {args.json}")
-    return 0 if result["passed"] else 1
+@dataclass(frozen=True)
+class Check:
+    """One figure against its tolerance."""
+
+    figure: str  # a FIGURES name
+    label: str
+    value: float
+    op: str  # "<=": the value must not exceed the tolerance; ">=": it must reach it
+    tolerance: float
+    ok: bool
 
 
-def _json_safe(value):
-    """NaN / inf (a broken model's figures) as strings, so that the file stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+@dataclass(frozen=True)
+class LayerDiff:
+    """The residual stream at one point (embeddings, after layer i, ln_f), worst over the prompts."""
+
+    name: str  # "embeddings", "layer 0" .. "layer L-1", "ln_f"
+    max_abs_diff: float
+    max_abs_reference: float
+    rel: float  # max_abs_diff / max_abs_reference
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What run() compared: the two models, where, and on which prompts."""
+
+    model: str
+    reference: str
+    device: str
+    dtype: str
+    backend: str
+    reference_dtype: str
+    reference_attn_implementation: str
+    transformers_version: str
+    transformers_tested: tuple[str, str]
+    torch_version: str
+    prompts: int
+    positions: int
+    prompt_source: str
+    new_tokens: int
+    tolerances: dict
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """compare()'s verdict; run() adds `info`."""
+
+    figures: Figures
+    checks: tuple[Check, ...]
+    layers: tuple[LayerDiff, ...]  # empty: the forward exposed no per-layer hidden states
+    first_divergent_layer: str | None  # the first layer past the hidden-state tolerance
+    worst_layer: str | None  # where the discrepancy jumps the most (past the tolerance)
+    worst_figure: str | None  # the failed figure furthest past its tolerance
+    failed: tuple[str, ...]  # names of the failed figures
+    passed: bool
+    info: RunInfo | None = None
+
+    def to_dict(self) -> dict:
+        """The result as `fastgpt2 parity --json` writes it: the verdict's fields, then run()'s."""
+        out = {
+            "figures": dict(self.figures.items()),
+            "checks": [asdict(c) for c in self.checks],
+            "layers": [asdict(x) for x in self.layers],
+            "first_divergent_layer": self.first_divergent_layer,
+            "worst_layer": self.worst_layer,
+            "worst_figure": self.worst_figure,
+            "failed": list(self.failed),
+            "passed": self.passed,
+        }
+        if self.info is not None:
+            out.update(asdict(self.info))
+            out["transformers_tested"] = list(self.info.transformers_tested)
+        return out
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _parse_tolerances(dtype_name: str, overrides: list[str]) -> dict:
+def _tolerances(dtype_name: str, overrides: Mapping[str, float | int | str | None]) -> dict:
+    """TOLERANCES[dtype_name] with `overrides` by name (greedy: a token count, "all" or None: shown only)."""
     tol = dict(TOLERANCES[dtype_name])
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        if not sep or name not in tol:
-            raise ParityError(f"--tol {item!r}: expected NAME=VALUE with NAME one of {sorted(tol)}")
-        if name == "greedy":
-            tol[name] = None if value in ("none", "") else "all" if value == "all" else int(value)
-        else:
-            try:
-                tol[name] = float(value)
-            except ValueError:
-                raise ParityError(f"--tol {item!r}: {value!r} is not a number") from None
+    for name, value in overrides.items():
+        if name not in tol:
+            raise ParityError(f"unknown tolerance {name!r}; the tolerances are {sorted(tol)}")
+        tol[name] = value
     return tol
 
 
 def _load_reference(source, device: torch.device, dtype: torch.dtype):
     from transformers import GPT2LMHeadModel
-
-    from .runtime.loader import load_config
 
     cfg, directory = load_config(source)
     crfm = cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn
@@ -195,8 +244,6 @@ def _load_reference(source, device: torch.device, dtype: torch.dtype):
 
 
 def _tokenizer_for(*directories):
-    from .runtime.tokenizer import TokenizerError, load_tokenizer
-
     for d in directories:
         try:
             return load_tokenizer(d), d
@@ -205,15 +252,16 @@ def _tokenizer_for(*directories):
     return None, None
 
 
-def _prompt_ids(args, model, directories) -> tuple[list[list[int]], str]:
+def _prompt_ids(model, directories, prompts_file, new_tokens: int, random_prompts: int,
+                seed: int) -> tuple[list[list[int]], str]:
     """Token-id prompts and a line describing them."""
-    vocab, limit = model.config.vocab_size, model.config.n_positions - args.new_tokens
+    vocab, limit = model.config.vocab_size, model.config.n_positions - new_tokens
     if limit < 1:
-        raise ParityError(f"--new-tokens {args.new_tokens} leaves no room for a prompt in n_positions="
+        raise ParityError(f"--new-tokens {new_tokens} leaves no room for a prompt in n_positions="
                           f"{model.config.n_positions}")
     tokenizer, where = _tokenizer_for(*directories)
-    if args.prompts is not None:
-        path = Path(args.prompts)
+    if prompts_file is not None:
+        path = Path(prompts_file)
         try:
             texts = [line for line in path.read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
@@ -226,11 +274,11 @@ def _prompt_ids(args, model, directories) -> tuple[list[list[int]], str]:
     elif tokenizer is not None:
         texts, what = PROMPTS, f"{len(PROMPTS)} built-in English prompts"
     else:
-        gen = torch.Generator().manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(seed)
         lengths = [min(limit, n) for n in (4, 9, 16, 25, 40, 64, 100, 7, 33, 12)]
-        n = max(1, args.random_prompts)
+        n = max(1, random_prompts)
         ids = [torch.randint(0, vocab, (lengths[i % len(lengths)],), generator=gen).tolist() for i in range(n)]
-        return ids, f"{n} random token-id prompts (seed {args.seed}; no tokenizer in {directories[0]})"
+        return ids, f"{n} random token-id prompts (seed {seed}; no tokenizer in {directories[0]})"
     prompts = []
     for text in texts:
         ids = tokenizer.encode(text).ids[:limit]
@@ -324,8 +372,10 @@ def _reference_greedy(reference, ids, n):
 
 
 # -- the comparison ------------------------------------------------------------------------------
-def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: dict) -> dict:
-    """All figures, per-layer differences and the verdict, as a JSON-ready dict."""
+def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: dict) -> ParityResult:
+    """All figures, per-layer differences and the verdict of fastgpt2 `model` against transformers
+    `reference` on token-id `prompts` (each alone, batch 1), greedy continuations of `new_tokens`,
+    with the tolerances `tol` (TOLERANCES' names; greedy "all": every token)."""
     device = model.device
     n_layer = model.config.n_layer
     names = ["embeddings"] + [f"layer {i}" for i in range(n_layer)] + ["ln_f"]
@@ -372,27 +422,24 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
                 same += 1
             greedy.append(same)
 
-    figures = {
-        "max_abs_logits": max_abs,
-        "mean_abs_logits": sum_abs / max(1, n_values),
-        "kl_mean": kl_sum / max(1, n_pos),
-        "kl_max": kl_max,
-        "top1": agree / max(1, n_pos),
-        "greedy": min(greedy) if greedy else None,
-        "greedy_mean": sum(greedy) / len(greedy) if greedy else None,
-        "ppl_reference": math.exp(nll_ref / n_nll) if n_nll else None,
-        "ppl_fastgpt2": math.exp(nll_ours / n_nll) if n_nll else None,
-    }
-    if n_nll:
-        figures["ppl_rel"] = abs(figures["ppl_fastgpt2"] - figures["ppl_reference"]) / figures["ppl_reference"]
-    else:
-        figures["ppl_rel"] = None
-
-    layers = []
+    layers = ()
     if have_layers:
-        for name, d, r in zip(names, layer_diff, layer_ref):
-            layers.append({"name": name, "max_abs_diff": d, "max_abs_reference": r, "rel": d / r if r > 0 else d})
-        figures["hidden_rel"] = max(x["rel"] for x in layers)
+        layers = tuple(LayerDiff(name, d, r, d / r if r > 0 else d) for name, d, r in zip(names, layer_diff, layer_ref))
+    ppl_ref = math.exp(nll_ref / n_nll) if n_nll else None
+    ppl_ours = math.exp(nll_ours / n_nll) if n_nll else None
+    figures = Figures(
+        max_abs_logits=max_abs,
+        mean_abs_logits=sum_abs / max(1, n_values),
+        kl_mean=kl_sum / max(1, n_pos),
+        kl_max=kl_max,
+        top1=agree / max(1, n_pos),
+        greedy=min(greedy) if greedy else None,
+        greedy_mean=sum(greedy) / len(greedy) if greedy else None,
+        ppl_reference=ppl_ref,
+        ppl_fastgpt2=ppl_ours,
+        ppl_rel=abs(ppl_ours - ppl_ref) / ppl_ref if n_nll else None,
+        hidden_rel=max(x.rel for x in layers) if layers else None,
+    )
 
     checks = []
     for key, value in figures.items():
@@ -405,89 +452,109 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         ok = value <= limit if op == "<=" else value >= limit
         if not math.isfinite(value):
             ok = False
-        checks.append({"figure": key, "label": label, "value": value, "op": op, "tolerance": limit, "ok": ok})
+        checks.append(Check(figure=key, label=label, value=value, op=op, tolerance=limit, ok=ok))
 
     first = jump = None
     if layers:
         hidden_tol = tol["hidden_rel"]
         for x in layers:
-            if first is None and not x["rel"] <= hidden_tol:
-                first = x["name"]
+            if first is None and not x.rel <= hidden_tol:
+                first = x.name
         floor = hidden_tol * 1e-3
-        ratios = [layers[0]["rel"] / floor] + [
-            layers[k]["rel"] / max(layers[k - 1]["rel"], floor) for k in range(1, len(layers))
+        ratios = [layers[0].rel / floor] + [
+            layers[k].rel / max(layers[k - 1].rel, floor) for k in range(1, len(layers))
         ]
         k = max(range(len(layers)), key=lambda i: ratios[i])
-        if layers[k]["rel"] > hidden_tol:
-            jump = layers[k]["name"]
-    failed = [c for c in checks if not c["ok"]]
+        if layers[k].rel > hidden_tol:
+            jump = layers[k].name
+    failed = [c for c in checks if not c.ok]
     worst = None
     if failed:
         def badness(c):
-            v, t = c["value"], c["tolerance"]
+            v, t = c.value, c.tolerance
             if not math.isfinite(v):
                 return math.inf
-            return v / t if c["op"] == "<=" and t > 0 else (t - v) / max(t, 1e-30) if c["op"] == ">=" else 0.0
-        worst = max(failed, key=badness)["figure"]
-    return {
-        "figures": figures,
-        "checks": checks,
-        "layers": layers,
-        "first_divergent_layer": first,
-        "worst_layer": jump,
-        "worst_figure": worst,
-        "failed": [c["figure"] for c in failed],
-        "passed": not failed,
-    }
+            return v / t if c.op == "<=" and t > 0 else (t - v) / max(t, 1e-30) if c.op == ">=" else 0.0
+        worst = max(failed, key=badness).figure
+    return ParityResult(
+        figures=figures,
+        checks=tuple(checks),
+        layers=layers,
+        first_divergent_layer=first,
+        worst_layer=jump,
+        worst_figure=worst,
+        failed=tuple(c.figure for c in failed),
+        passed=not failed,
+    )
 
 
-def run(args) -> dict:
+def run(
+    model: str,
+    reference: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    backend: str | None = None,
+    reference_dtype: str = "float32",
+    prompts_file: str | Path | None = None,
+    new_tokens: int = 32,
+    random_prompts: int = 6,
+    seed: int = 0,
+    tol_overrides: Mapping[str, float | int | str | None] | None = None,
+) -> ParityResult:
+    """Load `model` in fastgpt2 (device / dtype / backend: None picks as GPT2.from_pretrained does) and
+    `reference` (default: the same checkpoint) in transformers, in `reference_dtype` ("same": fastgpt2's),
+    and compare() them on the prompts: `prompts_file` (one per line), else the built-in English ones
+    through the checkpoint's tokenizer, else `random_prompts` seeded random-id prompts. The tolerances
+    are TOLERANCES[fastgpt2's dtype] with `tol_overrides` by name. The result carries the run's `info`."""
     import transformers
 
-    from .runtime.model import GPT2, resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    try:
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        ref_dtype = dtype if reference_dtype == "same" else resolve_dtype(reference_dtype, device)
+    except ValueError as exc:  # torch's own device / dtype errors: the user's to fix
+        raise ParityError(str(exc)) from None
     dtype_name = str(dtype).removeprefix("torch.")
-    tol = _parse_tolerances(dtype_name, args.tol)
-    if args.new_tokens < 0:
-        raise ParityError(f"--new-tokens must be >= 0, got {args.new_tokens}")
-    model = GPT2.from_pretrained(args.model, device=device, dtype=dtype, backend=args.backend or "auto")
-    ref_dtype = dtype if args.reference_dtype == "same" else resolve_dtype(args.reference_dtype, device)
-    reference_source = args.reference if args.reference is not None else args.model
+    tol = _tolerances(dtype_name, tol_overrides or {})
+    if new_tokens < 0:
+        raise ParityError(f"--new-tokens must be >= 0, got {new_tokens}")
+    ours = GPT2.from_pretrained(model, device=device, dtype=dtype, backend=backend or "auto")
+    reference_source = reference if reference is not None else model
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reference, ref_dir, attn = _load_reference(reference_source, device, ref_dtype)
-            if reference.config.vocab_size != model.config.vocab_size or reference.config.n_layer != model.config.n_layer:
+            ref_model, ref_dir, attn = _load_reference(reference_source, device, ref_dtype)
+            if ref_model.config.vocab_size != ours.config.vocab_size or ref_model.config.n_layer != ours.config.n_layer:
                 raise ParityError(
-                    f"--reference {reference_source} is not the same architecture as --model {args.model}: "
-                    f"vocab {reference.config.vocab_size} vs {model.config.vocab_size}, layers "
-                    f"{reference.config.n_layer} vs {model.config.n_layer}")
-            prompts, prompt_note = _prompt_ids(args, model, [model.source_dir, ref_dir])
-            result = compare(model, reference, prompts, args.new_tokens, tol)
+                    f"--reference {reference_source} is not the same architecture as --model {model}: "
+                    f"vocab {ref_model.config.vocab_size} vs {ours.config.vocab_size}, layers "
+                    f"{ref_model.config.n_layer} vs {ours.config.n_layer}")
+            prompts, prompt_note = _prompt_ids(ours, [ours.source_dir, ref_dir], prompts_file, new_tokens,
+                                               random_prompts, seed)
+            result = compare(ours, ref_model, prompts, new_tokens, tol)
     finally:
         transformers.logging.set_verbosity(level)
-    result.update({
-        "model": str(args.model),
-        "reference": str(reference_source),
-        "device": str(device),
-        "dtype": dtype_name,
-        "backend": model.backend,
-        "reference_dtype": str(ref_dtype).removeprefix("torch."),
-        "reference_attn_implementation": attn,
-        "transformers_version": transformers.__version__,
-        "transformers_tested": list(TESTED_TRANSFORMERS),
-        "torch_version": torch.__version__,
-        "prompts": len(prompts),
-        "positions": sum(len(p) for p in prompts),
-        "prompt_source": prompt_note,
-        "new_tokens": args.new_tokens,
-        "tolerances": tol,
-    })
-    return result
+    info = RunInfo(
+        model=str(model),
+        reference=str(reference_source),
+        device=str(device),
+        dtype=dtype_name,
+        backend=ours.backend,
+        reference_dtype=str(ref_dtype).removeprefix("torch."),
+        reference_attn_implementation=attn,
+        transformers_version=transformers.__version__,
+        transformers_tested=tuple(TESTED_TRANSFORMERS),
+        torch_version=torch.__version__,
+        prompts=len(prompts),
+        positions=sum(len(p) for p in prompts),
+        prompt_source=prompt_note,
+        new_tokens=new_tokens,
+        tolerances=tol,
+    )
+    return replace(result, info=info)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -505,54 +572,55 @@ def _fmt(key, value):
     return f"{value:.3e}"
 
 
-def format_report(r: dict) -> str:
-    lines = [
-        "fastgpt2 parity",
-        f"  fastgpt2:  {r['model']}  (backend {r['backend']}, {r['device']}, {r['dtype']})",
-        f"  reference: {r['reference']}  (transformers {r['transformers_version']}, attn "
-        f"{r['reference_attn_implementation']}, {r['device']}, {r['reference_dtype']})",
-        f"  prompts:   {r['prompt_source']}: {r['positions']} positions; greedy continuation {r['new_tokens']} tokens",
-        "",
-        f"  {'figure':<42} {'value':>12}   {'tolerance':<14} status",
-    ]
-    checks = {c["figure"]: c for c in r["checks"]}
-    for key, value in r["figures"].items():
+def format_report(r: ParityResult) -> str:
+    """The figures, their tolerances and the verdict as text (what `fastgpt2 parity` prints)."""
+    lines = ["fastgpt2 parity"]
+    if r.info is not None:
+        i = r.info
+        lines += [
+            f"  fastgpt2:  {i.model}  (backend {i.backend}, {i.device}, {i.dtype})",
+            f"  reference: {i.reference}  (transformers {i.transformers_version}, attn "
+            f"{i.reference_attn_implementation}, {i.device}, {i.reference_dtype})",
+            f"  prompts:   {i.prompt_source}: {i.positions} positions; greedy continuation {i.new_tokens} tokens",
+        ]
+    lines += ["", f"  {'figure':<42} {'value':>12}   {'tolerance':<14} status"]
+    checks = {c.figure: c for c in r.checks}
+    for key, value in r.figures.items():
         label = FIGURES[key][0]
         c = checks.get(key)
         if c is None:
             tol_text, status = "", ""
         else:
-            tol_text = f"{c['op']} {_fmt(key, c['tolerance'])}"
-            status = "ok" if c["ok"] else "FAIL"
+            tol_text = f"{c.op} {_fmt(key, c.tolerance)}"
+            status = "ok" if c.ok else "FAIL"
         lines.append(f"  {label:<42} {_fmt(key, value):>12}   {tol_text:<14} {status}".rstrip())
-    if r["layers"]:
+    if r.layers:
         lines += ["", "  per-layer hidden states (max |Δ|, max |reference|, relative):"]
-        tol = r["tolerances"]["hidden_rel"]
-        for x in r["layers"]:
-            mark = "" if x["rel"] <= tol else "  <- past tolerance"
-            if x["name"] == r["first_divergent_layer"]:
+        hidden = checks.get("hidden_rel")  # absent when its tolerance is None: shown only
+        for x in r.layers:
+            mark = "" if hidden is None or x.rel <= hidden.tolerance else "  <- past tolerance"
+            if x.name == r.first_divergent_layer:
                 mark += " (first)"
-            if x["name"] == r["worst_layer"]:
+            if x.name == r.worst_layer:
                 mark += " (largest jump)"
-            name = x["name"] if x["name"] in ("embeddings", "ln_f") else x["name"] + " out"
-            lines.append(f"    {name:<14} {x['max_abs_diff']:.3e}  {x['max_abs_reference']:.3e}  {x['rel']:.3e}{mark}")
+            name = x.name if x.name in ("embeddings", "ln_f") else x.name + " out"
+            lines.append(f"    {name:<14} {x.max_abs_diff:.3e}  {x.max_abs_reference:.3e}  {x.rel:.3e}{mark}")
     else:
         lines += ["", "  per-layer hidden states: not available (the model's forward did not expose them)"]
     lines.append("")
-    if r["passed"]:
+    if r.passed:
         lines.append("PASS: every figure is within its tolerance")
     else:
         parts = []
-        for c in r["checks"]:
-            if not c["ok"]:
-                word = "above" if c["op"] == "<=" else "below"
-                parts.append(f"{c['label']} {_fmt(c['figure'], c['value'])} is {word} {_fmt(c['figure'], c['tolerance'])}")
+        for c in r.checks:
+            if not c.ok:
+                word = "above" if c.op == "<=" else "below"
+                parts.append(f"{c.label} {_fmt(c.figure, c.value)} is {word} {_fmt(c.figure, c.tolerance)}")
         lines.append("FAIL: " + "; ".join(parts))
-        lines.append(f"  worst figure: {FIGURES[r['worst_figure']][0]}")
-        if r["first_divergent_layer"] is not None:
-            lines.append(f"  the discrepancy starts at: {r['first_divergent_layer']}"
-                         + (f"; it jumps most at: {r['worst_layer']} (worst layer)" if r["worst_layer"] else ""))
-        elif r["layers"]:
+        lines.append(f"  worst figure: {FIGURES[r.worst_figure][0]}")
+        if r.first_divergent_layer is not None:
+            lines.append(f"  the discrepancy starts at: {r.first_divergent_layer}"
+                         + (f"; it jumps most at: {r.worst_layer} (worst layer)" if r.worst_layer else ""))
+        elif r.layers:
             lines.append("  every layer's hidden state is within tolerance: the difference is in the head (lm_head)")
     return "\n".join(lines)
-

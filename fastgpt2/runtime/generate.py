@@ -1,5 +1,7 @@
-"""Prefill + decode loop over the preallocated cache: greedy or sampled (temperature, top-k, top-p),
-per-row EOS stopping, seeded sampling, streaming.
+"""Generation: the prefill + decode loop over the preallocated cache, greedy or sampled
+(temperature, top-k, top-p), per-row EOS stopping, seeded sampling, streaming; and ``GPT2``, the
+public model: the network (runtime/model.py) with ``generate`` / ``stream`` methods and its pool of
+captured decode steps.
 
 Batches may be ragged (left-padded, as transformers expects for generation): each row is moved to
 start at cache position 0, so every prompt is generated exactly as it would be alone.
@@ -10,8 +12,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .graphs import DecodeStep, Sampling, resolve_use_cuda_graph
-from .model import GPT2, InputError, prepare_batch
+from .graphs import DecodeStep, GraphPool, resolve_use_cuda_graph
+from .model import GPT2Network, InputError, prepare_batch
+from .sampling import Sampling
 
 
 def _eos_list(eos_token_id) -> list:
@@ -21,7 +24,7 @@ def _eos_list(eos_token_id) -> list:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _check_args(model: GPT2, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id):
+def _check_args(model: GPT2Network, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if do_sample:
@@ -40,24 +43,6 @@ def _check_args(model: GPT2, max_new_tokens, do_sample, temperature, top_k, top_
             raise InputError(f"eos/pad token id {tok!r} is not a token of this model's vocabulary [0, {vocab})")
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
     return eos, pad
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    """Sampling warpers in transformers' order: temperature, then top-k, then top-p (nucleus: keep the
-    smallest set of most likely tokens whose probability mass is >= top_p). logits [B, V] fp32."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p  # the top token always stays (mass_before = 0 < top_p)
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
 
 
 def stream(
@@ -156,3 +141,27 @@ def generate(
         if bool(stopped.any()):
             new = new[:, : int(stopped.int().argmax()) + 1]
     return torch.cat([prompt, new.to(device=prompt.device, dtype=prompt.dtype)], 1)
+
+
+class GPT2(GPT2Network):
+    """A GPT-2 language model on fastgpt2's kernels: the network (prefill, decode, forward; every
+    constructor: from_pretrained, from_config, from_hf) plus generation. Inference only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._graphs = None
+
+    @property
+    def graphs(self) -> GraphPool:
+        """This model's captured CUDA-graph decode steps (runtime/graphs.py), built on first use."""
+        if self._graphs is None:
+            self._graphs = GraphPool(self)
+        return self._graphs
+
+    def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
+        """prompt + new tokens [B, T + n]: see ``generate`` (this module) for every argument."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
+        """Like generate, but yields each step's new tokens [B] as they are chosen."""
+        return stream(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)

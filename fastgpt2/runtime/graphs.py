@@ -5,31 +5,20 @@ its output, overwritten in place) and the cache (K/V written in place, `lengths`
 incremented in place). One call runs embed -> layers -> ln_f -> lm_head -> next-token choice with
 no host sync. On CUDA the step is captured once (after one warm-up run on a side stream, which
 compiles the Triton kernels) into a CUDA graph with a private memory pool and replayed; on the CPU
-(or with use_cuda_graph=False) the same body runs eagerly.
-
-Sampling draws with the exponential race (argmax of p / q with q ~ Exp(1), an exact sample of p)
-from a seeded generator on the model's device: no host sync, capturable, and a seed reproduces a run.
+(or with use_cuda_graph=False) the same body runs eagerly. The next-token choice is
+runtime/sampling.py's.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import FastGPT2Error
 from .kv_cache import KVCache
+from .sampling import Sampling, TokenChooser
 
 
 class GraphError(FastGPT2Error):
     """A CUDA-graph request that cannot be served."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
 
 
 def resolve_use_cuda_graph(use_cuda_graph: bool | None, device: torch.device) -> bool:
@@ -51,35 +40,9 @@ class DecodeStep:
         self.use_cuda_graph = use_cuda_graph
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)  # [B] in and out
         self.logits = None  # [B, V] of the last step (a static buffer once graphed)
-        self._best = None  # [B] the chosen tokens' scores (torch.max's values output; static)
-        self.generator = None
-        if sampling.do_sample:
-            self.generator = torch.Generator(device=device)
-            self.reseed(seed)
+        self.choose = TokenChooser(sampling, self.batch, device, seed)
         self.graph = None
         self.pool = None
-        self.capture_seconds = 0.0
-
-    # -- the body: device work only ------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor) -> None:
-        """Next tokens from logits [B, V], written into self.tokens in place."""
-        s = self.sampling
-        if not s.do_sample:
-            self._argmax(logits)
-            return
-        from .generate import filter_logits
-
-        probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)  # [B, V] fp32
-        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
-        self._argmax(probs.div_(race))
-
-    def _argmax(self, x: torch.Tensor) -> None:
-        """self.tokens = x.argmax(-1) for x [B, V], through torch.max: the same first maximal index,
-        and on the CPU 3-4x faster than torch.argmax over a GPT-2 vocabulary (fp32 batch 1: 22 vs
-        63 us; batch 8: 81 vs 250 us; bf16 batch 8: 137 vs 634 us, this project's 2-core Xeon)."""
-        if self._best is None or self._best.dtype != x.dtype:  # allocated before any capture
-            self._best = torch.empty(self.batch, dtype=x.dtype, device=x.device)
-        torch.max(x, dim=-1, out=(self._best, self.tokens))
 
     def _body(self) -> torch.Tensor:
         if self.use_cuda_graph:  # static: the whole cache, lengths read on the device
@@ -87,20 +50,16 @@ class DecodeStep:
         else:
             cache = self.cache
             logits = self.model._decode_logits(self.tokens[:, None], cache, cache.host_max_len + 1, cache.host_uniform_len)
-        self._choose(logits)
+        self.choose(logits, self.tokens)
         return logits
 
     # -- host side --------------------------------------------------------------------------
     def reseed(self, seed: int | None) -> None:
-        if self.generator is not None:
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(seed)
+        self.choose.reseed(seed)
 
     def start(self, prefill_logits: torch.Tensor) -> torch.Tensor:
         """Choose the first new tokens from the prefill's last-token logits [B, V]."""
-        self._choose(prefill_logits)
+        self.choose(prefill_logits, self.tokens)
         self.logits = prefill_logits
         return self.tokens
 
@@ -117,12 +76,10 @@ class DecodeStep:
         return self.tokens
 
     def _capture(self) -> None:
-        import time
-
         device = self.model.device
-        start = time.perf_counter()
+        generator = self.choose.generator
         saved_lengths, saved_tokens = self.cache.lengths.clone(), self.tokens.clone()
-        saved_rng = self.generator.get_state() if self.generator is not None else None
+        saved_rng = generator.get_state() if generator is not None else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: Triton compiles here, never inside the capture
@@ -132,18 +89,17 @@ class DecodeStep:
         self.cache.lengths.copy_(saved_lengths)
         self.tokens.copy_(saved_tokens)
         graph = torch.cuda.CUDAGraph()
-        if self.generator is not None:
+        if generator is not None:
             if not hasattr(graph, "register_generator_state"):
                 raise GraphError("this torch cannot capture a seeded generator in a CUDA graph; "
                                  "pass use_cuda_graph=False to sample eagerly")
-            self.generator.set_state(saved_rng)
-            graph.register_generator_state(self.generator)
+            generator.set_state(saved_rng)
+            graph.register_generator_state(generator)
         self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             self.logits = self._body()
         torch.cuda.synchronize(device)
         self.graph = graph
-        self.capture_seconds = time.perf_counter() - start
 
 
 def graph_cache_len(needed: int, n_positions: int) -> int:

@@ -61,7 +61,3 @@ class KVCache:
         self.host_max_len += new_tokens
         if self.host_uniform_len is not None:
             self.host_uniform_len += new_tokens
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()

@@ -6,11 +6,13 @@ Pickled files are read with ``torch.load(weights_only=True)`` only: a pickle tha
 is refused. Keys are accepted with or without the ``transformer.`` prefix; Conv1D weights stay in
 their (in, out) layout; ``lm_head.weight`` may be absent (tied to wte); the stale
 ``attn.bias``/``attn.masked_bias`` causal-mask buffers are ignored.
+
+A live transformers model (``read_hf_model``, behind ``GPT2.from_hf`` and patch_hf) hands over its
+own tensors: nothing is copied.
 """
 from __future__ import annotations
 
-from ..errors import FastGPT2Error
-
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import FastGPT2Error
 from .config import ConfigError, GPT2Config
 
 SAFETENSORS = "model.safetensors"
@@ -216,3 +219,60 @@ def load_checkpoint(name_or_path, dtype: torch.dtype, device: torch.device, revi
     """(config, weights, directory) of a checkpoint directory or hub id."""
     cfg, directory = load_config(name_or_path, revision)
     return cfg, load_weights(directory, cfg, dtype, device), directory
+
+
+# -- a live transformers model ---------------------------------------------------------------------
+class HFModelError(FastGPT2Error):
+    """A model that patch_hf / GPT2.from_hf cannot take (not a transformers GPT-2), or cannot serve."""
+
+
+def gpt2_classes():
+    """transformers' GPT-2 module (imported when a transformers model is handed over: it is a test
+    and drop-in extra, never a runtime dependency)."""
+    try:
+        from transformers.models.gpt2 import modeling_gpt2 as m
+    except ImportError as exc:  # pragma: no cover - transformers is a test extra
+        raise HFModelError("a transformers model needs the transformers package (pip install transformers)") from exc
+    return m
+
+
+def describe_model(model) -> str:
+    name = type(model).__name__
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    return f"{name} (model_type {model_type!r})" if model_type else name
+
+
+def find_gpt2(model):
+    """The GPT2Model inside `model` (GPT2LMHeadModel, GPT2Model, or another GPT-2 head model)."""
+    m = gpt2_classes()
+    if isinstance(model, m.GPT2Model):
+        return model
+    inner = getattr(model, "transformer", None)
+    if isinstance(model, m.GPT2PreTrainedModel) and isinstance(inner, m.GPT2Model):
+        return inner
+    raise HFModelError(
+        f"fastgpt2 runs transformers GPT-2 models only (GPT2LMHeadModel or GPT2Model); got {describe_model(model)}"
+    )
+
+
+def read_hf_model(hf_model) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """The config and the very weight tensors (same storage, detached) of a live transformers
+    GPT2LMHeadModel or GPT2Model, under fastgpt2's keys; an untied head is kept as lm_head.weight."""
+    m = gpt2_classes()
+    if not isinstance(hf_model, (m.GPT2LMHeadModel, m.GPT2Model)):
+        raise HFModelError(
+            f"fastgpt2 builds from transformers GPT-2 models only (GPT2LMHeadModel or GPT2Model); got "
+            f"{describe_model(hf_model)}")
+    gpt2 = find_gpt2(hf_model)
+    cfg = GPT2Config.from_hf(gpt2.config.to_dict())
+    weights = {k: v.detach() for k, v in gpt2.state_dict(keep_vars=True).items() if not is_stale_buffer(k)}
+    head = getattr(hf_model, "lm_head", None)
+    if head is not None and head.weight.data_ptr() != gpt2.wte.weight.data_ptr():
+        # an untied head (config says so, or the weights were untied after loading): serve it as stored
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+        weights["lm_head.weight"] = head.weight.detach()
+    elif head is None and not cfg.tie_word_embeddings:
+        raise HFModelError("this GPT2Model has no lm_head and its config unties the head from wte; pass the "
+                           "GPT2LMHeadModel instead")
+    return cfg, weights

@@ -1,5 +1,6 @@
-"""The GPT-2 module: embeddings, n_layer pre-LN blocks, ln_f and the tied lm_head, with every op
-going through one backend switch (runtime/ops.py).
+"""The GPT-2 network: embeddings, n_layer pre-LN blocks, ln_f and the tied lm_head, with every op
+going through one backend (runtime/ops.py). Prefill, decode and the full forward; no generation
+(runtime/generate.py builds ``fastgpt2.GPT2`` on top of this class).
 
 The network (M = tokens in the step, E = n_embd, I = inner dim):
     a, h = embed_layer_norm(ids, start, wte, wpe, ln_1 of layer 0)   [M, E]  gathers + add + layernorm
@@ -16,19 +17,18 @@ The network (M = tokens in the step, E = n_embd, I = inner dim):
 """
 from __future__ import annotations
 
-from ..errors import FastGPT2Error
-
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from ..errors import FastGPT2Error
 from ..kernels.contract import DTYPE_NAMES
-from .ops import make_ops, resolve_backend
 from .config import GPT2Config
 from .kv_cache import KVCache
-from .loader import expected_shapes, load_checkpoint
+from .loader import expected_shapes, load_checkpoint, read_hf_model
+from .ops import make_ops, resolve_backend
 
 
 
@@ -57,7 +57,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-class LayerWeights(NamedTuple):
+@dataclass(frozen=True)
+class LayerWeights:
     ln_1_w: torch.Tensor  # [E]
     ln_1_b: torch.Tensor  # [E]
     qkv_w: torch.Tensor  # [E, 3E] Conv1D (in, out), as ops.prepare_linear made it
@@ -73,8 +74,19 @@ class LayerWeights(NamedTuple):
     scale: float  # softmax scale of this layer
 
 
-class GPT2:
-    """A GPT-2 language model on fastgpt2's backends. Inference only; weights are plain tensors."""
+# LayerWeights field -> checkpoint key under h.{i}.; the GEMM weights go through ops.prepare_linear
+_LAYER_KEYS = {
+    "ln_1_w": "ln_1.weight", "ln_1_b": "ln_1.bias", "qkv_w": "attn.c_attn.weight", "qkv_b": "attn.c_attn.bias",
+    "attn_proj_w": "attn.c_proj.weight", "attn_proj_b": "attn.c_proj.bias", "ln_2_w": "ln_2.weight",
+    "ln_2_b": "ln_2.bias", "fc_w": "mlp.c_fc.weight", "fc_b": "mlp.c_fc.bias", "mlp_proj_w": "mlp.c_proj.weight",
+    "mlp_proj_b": "mlp.c_proj.bias",
+}
+_GEMM_FIELDS = ("qkv_w", "attn_proj_w", "fc_w", "mlp_proj_w")
+
+
+class GPT2Network:
+    """The GPT-2 network on fastgpt2's backends. Inference only; weights are plain tensors.
+    ``fastgpt2.GPT2`` (runtime/generate.py) is this class plus generation."""
 
     def __init__(self, cfg: GPT2Config, weights: dict[str, torch.Tensor], device=None, dtype=None, backend="auto",
                  pack_weights: bool = True):
@@ -92,17 +104,10 @@ class GPT2:
         self.wte, self.wpe = w["wte.weight"], w["wpe.weight"]  # [V, E], [P, E]
         self.ln_f = (w["ln_f.weight"], w["ln_f.bias"])
         self.lm_head = w[head]  # [V, E]
-        self._graphs = None
-        gemm = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         self.layers = [
-            LayerWeights(
-                *(self.ops.prepare_linear(w[f"h.{i}.{name}"]) if name in gemm else w[f"h.{i}.{name}"] for name in (
-                    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-                )),
-                cfg.attn_scale(i),
-            )
+            LayerWeights(**{field: self.ops.prepare_linear(w[f"h.{i}.{key}"]) if field in _GEMM_FIELDS
+                            else w[f"h.{i}.{key}"] for field, key in _LAYER_KEYS.items()},
+                         scale=cfg.attn_scale(i))
             for i in range(cfg.n_layer)
         ]
         # the layernorm that follows layer i's MLP: layer i+1's ln_1, ln_f after the last
@@ -110,7 +115,7 @@ class GPT2:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: GPT2Config, device=None, dtype=None, backend="auto", seed: int = 0) -> "GPT2":
+    def from_config(cls, cfg: GPT2Config, device=None, dtype=None, backend="auto", seed: int = 0):
         """Seeded random weights (N(0, 0.02), layernorm gains near 1): for benchmarks and tests."""
         gen = torch.Generator().manual_seed(seed)
         weights = {}
@@ -126,7 +131,7 @@ class GPT2:
         return cls(cfg, weights, device=device, dtype=dtype, backend=backend)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None, backend="auto", revision=None) -> "GPT2":
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None, backend="auto", revision=None):
         """A transformers GPT-2 checkpoint: a local directory or a hub id (through the hub cache)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -137,21 +142,14 @@ class GPT2:
         return model
 
     @classmethod
-    def from_hf(cls, hf_model, backend="auto") -> "GPT2":
+    def from_hf(cls, hf_model, backend="auto"):
         """A fastgpt2 model (its own cache, generation, CUDA graphs) sharing the weights of a live
-        transformers GPT2LMHeadModel or GPT2Model: no parameter is copied."""
-        from .hf import model_from_hf
-
-        return model_from_hf(hf_model, backend=backend)
-
-    @property
-    def graphs(self):
-        """This model's captured CUDA-graph decode steps (runtime/graphs.py), built on first use."""
-        if self._graphs is None:
-            from .graphs import GraphPool
-
-            self._graphs = GraphPool(self)
-        return self._graphs
+        transformers GPT2LMHeadModel or GPT2Model: no parameter is copied (same storage; the model
+        runs on the parameters' device and dtype, and never packs a copy, so that in-place updates
+        of the transformers model are seen)."""
+        cfg, weights = read_hf_model(hf_model)
+        first = weights["wte.weight"]
+        return cls(cfg, weights, device=first.device, dtype=first.dtype, backend=backend, pack_weights=False)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
@@ -255,17 +253,6 @@ class GPT2:
 
     __call__ = forward
 
-    def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
-        from .generate import generate
-
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
-
-    def stream(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs):
-        """Like generate, but yields each step's new tokens [B] as they are chosen."""
-        from .generate import stream
-
-        return stream(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, **kwargs)
-
     def __repr__(self) -> str:
         c = self.config
         cpu_path = getattr(self.ops, "cpu_path", None)  # the torch backend's CPU GEMM path, e.g. "bf16: addmm (AVX2)"
@@ -281,7 +268,7 @@ def _valid(lens: torch.Tensor, t: int, device) -> torch.Tensor:
     return (torch.arange(t)[None, :] < lens[:, None]).to(device)
 
 
-def prepare_batch(model: GPT2, input_ids, attention_mask, *, require_left_padding: bool = False):
+def prepare_batch(model: GPT2Network, input_ids, attention_mask, *, require_left_padding: bool = False):
     """Check a batch and align each row's tokens to start at 0 (right padding), as the cache keeps them.
 
     Returns (ids [B, T] on the model's device, right-padded with token 0; starts [B] and lens [B]

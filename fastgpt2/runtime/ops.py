@@ -1,33 +1,16 @@
-"""The backend switch: every op of the model goes through one of these classes.
+"""The ops contract (``Ops``, a Protocol: every op of the model, with its shapes) and its two
+implementations: ``TorchOps``, plain PyTorch (the CPU production path, and the fallback a user can
+choose), and ``TritonOps``, fastgpt2's Triton kernels. The model (runtime/model.py) and the drop-in
+(hf.py) call nothing else.
 
-``TorchOps`` is plain PyTorch (the CPU production path and the fallback a user can choose);
-``TritonOps`` calls fastgpt2's Triton kernels. Both take and return the same shapes:
-
-- ``embed_layer_norm(ids [B,S], start [B] int32 | None, wte [V,E], wpe [P,E], w, b, eps) -> (y [M,E], h [M,E])``:
-  h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)
-- ``layer_norm(x [M,E], residual [M,E] | None, w, b, eps) -> (y [M,E], s [M,E])``, s = x + residual;
-  with a residual, x is scratch the op may overwrite (the torch path adds into it in place)
-- ``prepare_linear(w [K,N])``: the form ``linear`` takes the weight in (done once, at construction)
-- ``linear(x [M,K], w, b [N], activation, residual [M,N] | None) -> [M,N]``
-- ``prepare_lm_head(w [V,E]) -> [V,E]``: the same values in the layout ``lm_head`` reads best (done once,
-  at construction; a tied head is also the embedding table, so ``embed_layer_norm`` gathers from it)
-- ``lm_head(y [N,E], wte [V,E]) -> [N,V]``
-- ``prefill_attention(qkv [B,T,3E], k_cache, v_cache [Bmax,H,Tmax,D], seq_lens [B] int32, scale, upcast)
-  -> [B,T,E]``; writes K/V of t < seq_lens[b] at cache positions t; rows t >= seq_lens[b] are 0
-- ``decode_attention(qkv [B,S,3E], k_cache, v_cache, cache_lens [B] int32, scale, upcast, kv_len)
-  -> [B,S,E]``; writes the S new K/V at cache_lens[b] + s; query s sees keys 0..cache_lens[b]+s.
-  ``kv_len`` (a host int >= every cache_lens[b] + S) lets the torch path slice the cache; the
-  Triton kernel reads lengths on the device and ignores it. ``ctx``: ``decode_context(cache_lens, S,
-  kv_len, uniform_len)``, built once per step and shared by every layer (None: built per call).
-- ``prefill_attention_separate(q [B,H,S,D], k, v [B,H,T,D], scale, upcast) -> [B,S,E]``: causal over
-  the first S keys (T >= S); k/v are a caller's cache (transformers'), read and never written
-- ``decode_attention_separate(q [B,H,S,D], k, v [B,H,T,D], past_len, scale, upcast, kv_start=None)
-  -> [B,S,E]``: the S (<= 8) new tokens sit at past_len .. past_len+S-1 of k/v; query s sees keys
-  0..past_len+s, or kv_start[b]..past_len+s with kv_start [B] int32 (left padding, <= past_len)
+Shapes: B batch, S new tokens per sequence, T prompt length, M = B*S (or B*T) rows, E = n_embd,
+H heads, D = E/H, V vocab, K/N a GEMM's in/out features; caches [Bmax, H, Tmax, D] per layer.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +20,79 @@ from ..kernels.contract import ACTIVATIONS
 from . import cpu_paths
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class UniformDecode:
+    """A decode step's shared context when every sequence holds `length` tokens (known on the host)."""
+
+    length: int
+    s: int  # new tokens per sequence
+
+
+@dataclass(frozen=True)
+class RaggedDecode:
+    """A decode step's shared context for sequences of different lengths (torch backend)."""
+
+    pos: torch.Tensor  # [B, S] int64: cache positions the new K/V go to
+    rows: torch.Tensor  # [B, 1] int64: the batch index of each row
+    mask: torch.Tensor  # [B, 1, S, kv_len] bool: what each new token sees
+    kv_len: int  # keys sliced from the cache
+
+
+DecodeContext = Union[UniformDecode, RaggedDecode, None]  # None: the op builds (or needs) none
+
+
+class Ops(Protocol):
+    """What every backend implements. A backend never holds the model's state beyond prepared weights."""
+
+    name: str  # "torch" | "triton"
+    n_head: int | None  # set by make_ops
+
+    def prepare_linear(self, w: torch.Tensor):
+        """w [K, N] (Conv1D's (in, out)) -> the form ``linear`` takes it in; done once, at construction."""
+
+    def prepare_lm_head(self, w: torch.Tensor) -> torch.Tensor:
+        """w [V, E] -> the same values in the layout ``lm_head`` reads best; done once, at construction
+        (a tied head is also the embedding table, so ``embed_layer_norm`` gathers from it)."""
+
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        """ids [B, S], start [B] int32 | None, wte [V, E], wpe [P, E], weight/bias [E] -> (y [M, E], h [M, E]):
+        h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)."""
+
+    def layer_norm(self, x, residual, weight, bias, eps):
+        """x [M, E], residual [M, E] | None -> (y [M, E], s [M, E]), s = x + residual, y = layernorm(s).
+        With a residual, x is scratch the op may overwrite (the torch path adds into it in place)."""
+
+    def linear(self, x, w, b, activation: str = "none", residual=None) -> torch.Tensor:
+        """x [M, K], w (prepared), b [N], residual [M, N] | None -> act(x @ w + b) (+ residual) [M, N];
+        activation one of kernels.contract.ACTIVATIONS."""
+
+    def lm_head(self, y, w) -> torch.Tensor:
+        """y [N, E], w [V, E] (prepared) -> logits [N, V], contiguous."""
+
+    def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast) -> torch.Tensor:
+        """qkv [B, T, 3E], k_cache/v_cache [Bmax, H, Tmax, D], seq_lens [B] int32 -> [B, T, E]. Writes
+        the K/V of t < seq_lens[b] at cache positions t; rows t >= seq_lens[b] are 0."""
+
+    def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None) -> DecodeContext:
+        """What every layer's decode attention shares in one step, built once per step."""
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len: int,
+                         ctx: DecodeContext = None) -> torch.Tensor:
+        """qkv [B, S, 3E], caches [Bmax, H, Tmax, D], cache_lens [B] int32 -> [B, S, E]. Writes the S new
+        K/V at cache_lens[b] + s; query s sees keys 0 .. cache_lens[b] + s. kv_len (a host int >= every
+        cache_lens[b] + S) lets the torch path slice the cache; the Triton kernel reads the lengths on
+        the device and ignores it. ctx: this step's ``decode_context`` (None: built per call)."""
+
+    def prefill_attention_separate(self, q, k, v, scale, upcast) -> torch.Tensor:
+        """q [B, H, S, D], k/v [B, H, T, D] (T >= S; a caller's cache, read and never written) -> [B, S, E]:
+        causal over the first S keys."""
+
+    def decode_attention_separate(self, q, k, v, past_len: int, scale, upcast, kv_start=None) -> torch.Tensor:
+        """q [B, H, S, D], k/v [B, H, T, D] -> [B, S, E]: the S (<= 8) new tokens sit at past_len ..
+        past_len+S-1 of k/v; query s sees keys 0 .. past_len+s, or kv_start[b] .. past_len+s with
+        kv_start [B] int32 (left padding, each <= past_len). k/v are read, never written."""
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -57,7 +113,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True,
-             _cpu_path: str | None = None):
+             _cpu_path: str | None = None) -> Ops:
     """The ops of `backend` for a model of `n_head` heads. pack_weights=False: linear() takes the
     plain [K, N] weights and the lm_head keeps its layout (for callers that hand over other modules'
     live weights each call, as patch_hf does). _cpu_path: private, for tests (see ``TorchOps``)."""
@@ -121,7 +177,8 @@ class TorchOps:
         gemm = self.cpu_path.gemm if cpu else "addmm"
         self.packed = gemm == "onednn_packed"
         self.store_nk = gemm == "addmm_nk"
-        self.lazy_packed = {} if gemm == "onednn_from_2" else None  # weight data_ptr -> packed
+        # id(weight) -> (weight, its _version when packed, packed copy); None: this path packs nothing lazily
+        self.lazy_packed = {} if gemm == "onednn_from_2" else None
         self.head_y_wt = cpu and self.cpu_path.head == "y @ w^T"
         self.head_column_major = pack_weights and cpu and dtype == torch.float32
 
@@ -164,11 +221,13 @@ class TorchOps:
 
     def _lazily_packed(self, w, w_is_kn: bool):
         """oneDNN's packed form of the float32 weight w ([K, N] when w_is_kn, else [N, K]), made on
-        its first use and kept."""
-        packed = self.lazy_packed.get(w.data_ptr())
-        if packed is None:
-            packed = self.lazy_packed[w.data_ptr()] = cpu_paths.onednn_pack((w.t() if w_is_kn else w).contiguous())
-        return packed
+        its first use and kept; keyed by the tensor itself (held, so its id stays its own) and made
+        again when w was updated in place since (its version counter moved)."""
+        entry = self.lazy_packed.get(id(w))
+        if entry is None or entry[0] is not w or entry[1] != w._version:
+            entry = self.lazy_packed[id(w)] = (w, w._version,
+                                                cpu_paths.onednn_pack((w.t() if w_is_kn else w).contiguous()))
+        return entry[2]
 
     def lm_head(self, y, w):
         """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class): y @ w^T
@@ -196,28 +255,27 @@ class TorchOps:
         return out.masked_fill_(pad[:, :, None], 0)
 
     def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
-        """What every layer's decode attention shares in one step, built once per step: the write
-        positions [B, S], the row index [B, 1] and the visibility mask [B, 1, S, kv_len]; or, when
-        every sequence holds `uniform_len` tokens (known on the host), just that length."""
+        """The write positions [B, S], the row index [B, 1] and the visibility mask [B, 1, S, kv_len];
+        or, when every sequence holds `uniform_len` tokens (known on the host), just that length."""
         if uniform_len is not None:
-            return ("uniform", uniform_len, s)
+            return UniformDecode(uniform_len, s)
         b, device = cache_lens.shape[0], cache_lens.device
         pos = cache_lens[:, None].long() + torch.arange(s, device=device)  # [B, S]
         rows = torch.arange(b, device=device)[:, None]  # [B, 1]
         visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
-        return ("ragged", pos, rows, visible[:, None], kv_len)
+        return RaggedDecode(pos, rows, visible[:, None], kv_len)
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
         b, s, three_e = qkv.shape
         q, k, v = split_heads(qkv, self.n_head)  # [B, H, S, D]
         if ctx is None:
             ctx = self.decode_context(cache_lens, s, kv_len)
-        if ctx[0] == "uniform":  # every sequence at the same length: slices (decode_attention_separate)
-            length = ctx[1]
+        if isinstance(ctx, UniformDecode):  # every sequence at the same length: slices (decode_attention_separate)
+            length = ctx.length
             k_cache[:b, :, length : length + s].copy_(k)  # in place at the sequences' length
             v_cache[:b, :, length : length + s].copy_(v)
             return self.decode_attention_separate(q, k_cache[:b], v_cache[:b], length, scale, upcast)
-        _, pos, rows, mask, kv_len = ctx
+        pos, rows, mask, kv_len = ctx.pos, ctx.rows, ctx.mask, ctx.kv_len
         k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
         v_cache[rows, :, pos] = v.transpose(1, 2)
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
@@ -256,6 +314,7 @@ class TritonOps:
     name = "triton"
 
     def __init__(self):
+        # lazy: importing the kernels fixes triton's mode (TRITON_INTERPRET); only a Triton backend may do it
         from ..kernels import attention, layernorm, linear
 
         self._attention, self._layernorm, self._linear = attention, layernorm, linear

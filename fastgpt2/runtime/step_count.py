@@ -1,11 +1,15 @@
-"""What one decode step launches: Triton kernels (counted at `kernel[grid](...)`) and aten ops
-(counted with a TorchDispatchMode; on CUDA each is at least one kernel launch). Views, allocations
-and other metadata-only ops launch nothing and are not counted.
+"""What one decode step runs, counted under the name of what is counted (``StepCount.unit``):
 
-The count is a property of the code, not of the device: on a machine without CUDA the Triton
-kernels run in the interpreter and are counted the same way. `launch_budget(backend)` measures a
-decode step of a 1-layer and a 2-layer model; the difference is the per-layer count, the rest is
-the per-step count (embedding, ln_f, lm_head, next-token choice, length update).
+- ``"kernels"`` (CUDA): the kernels the GPU executes, from torch.profiler's CUDA activity: Triton,
+  cuBLAS and torch's own kernels alike.
+- ``"ops"`` (elsewhere, where there are no kernels to see): Triton launches, counted at
+  ``kernel[grid](...)`` (in the interpreter on a machine without CUDA), plus aten ops, counted with a
+  TorchDispatchMode. Views, allocations and other metadata-only ops are not counted. On CUDA every
+  op is at least one kernel, so an op count is a lower bound of the kernel count.
+
+``step_count(backend)`` measures the decode step of a 1-layer and a 2-layer model; the difference is
+the per-layer count, the rest the per-step count (embedding, ln_f, lm_head, next-token choice,
+length update).
 """
 from __future__ import annotations
 
@@ -15,9 +19,14 @@ import subprocess
 import sys
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .config import GPT2Config
+from .generate import GPT2
+from .graphs import DecodeStep
 
 # ops that launch no kernel: allocation and metadata
 _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "set_", "resize_"}
@@ -36,7 +45,22 @@ FUSIONS = {
 }
 
 
-class LaunchCounter(TorchDispatchMode):
+@dataclass(frozen=True)
+class StepCount:
+    backend: str
+    unit: str  # "kernels" (CUDA, from the profiler) | "ops" (Triton launches + aten ops)
+    per_layer: int
+    per_step: int
+    total: int  # of the n_layer-layer model measured
+    n_layer: int
+    fusions: list[str] = field(default_factory=list)
+    by_name: dict[str, int] = field(default_factory=dict)  # the n_layer model's count per kernel / op
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.triton: Counter = Counter()
@@ -60,11 +84,11 @@ class LaunchCounter(TorchDispatchMode):
 
 
 @contextmanager
-def count_launches():
+def count_ops():
     """Count Triton launches and aten ops issued inside the block."""
-    from triton.runtime.jit import KernelInterface
+    from triton.runtime.jit import KernelInterface  # triton is imported when ops are counted, not before
 
-    counter = LaunchCounter()
+    counter = OpCounter()
     original = KernelInterface.__getitem__
 
     def counted_getitem(kernel, grid):
@@ -88,51 +112,63 @@ def count_launches():
         KernelInterface.__getitem__ = original
 
 
-def count_decode_step(model, batch: int = 1, prompt_len: int = 5) -> LaunchCounter:
-    """Launches of one greedy decode step of `model` (after a prefill and one uncounted step)."""
-    from .graphs import DecodeStep
-
+def _decode_step(model, batch: int = 1, prompt_len: int = 5) -> DecodeStep:
+    """A greedy eager decode step of `model` after a prefill and one step (the first call may build
+    things once), ready to be counted."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(batch, cfg.n_positions)  # a long cache: decode attention splits and reduces
     step = DecodeStep(model, cache, use_cuda_graph=False)
-    logits = model.prefill(ids.to(model.device), torch.full((batch,), prompt_len, dtype=torch.int32, device=model.device), cache)
-    step.start(logits)
-    step()  # warm: the first call may build things once
-    with count_launches() as counter:
-        step()
-    return counter
+    lens = torch.full((batch,), prompt_len, dtype=torch.int32, device=model.device)
+    step.start(model.prefill(ids.to(model.device), lens, cache))
+    step()
+    return step
 
 
-def measure_budget(backend: str, n_embd: int = 64, n_head: int = 1) -> dict:
-    """The launch budget of `backend`'s decode step, in this process (see module docstring)."""
-    from .config import GPT2Config
-    from .model import GPT2
+def count_kernels(fn) -> Counter:
+    """The CUDA kernels `fn()` runs, by name, from torch.profiler (CUDA only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+def measure_step_count(backend: str, unit: str | None = None, n_embd: int = 64, n_head: int = 1) -> StepCount:
+    """`backend`'s decode step counted in this process (see the module docstring); unit "kernels"
+    needs CUDA (the default there), "ops" runs anywhere (the default elsewhere)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unit = unit or ("kernels" if device == "cuda" else "ops")
+    if unit not in ("kernels", "ops") or (unit == "kernels" and device != "cuda"):
+        raise ValueError(f"unit must be 'ops', or 'kernels' on a CUDA machine; got {unit!r} on {device}")
     counts = {}
     for n_layer in (1, 2):
         cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=128, n_positions=1024)
-        counts[n_layer] = count_decode_step(GPT2.from_config(cfg, backend=backend))
-    per_layer = counts[2].total - counts[1].total
-    return {
-        "backend": backend,
-        "per_layer": per_layer,
-        "per_step": counts[1].total - per_layer,
-        "total": counts[2].total,
-        "n_layer": 2,
-        "fusions": FUSIONS[backend],
-        "by_op": counts[2].by_op(),
-    }
+        step = _decode_step(GPT2.from_config(cfg, device=device, backend=backend))
+        if unit == "kernels":
+            counts[n_layer] = count_kernels(step)
+        else:
+            with count_ops() as counter:
+                step()
+            counts[n_layer] = counter.by_op()
+    per_layer = sum(counts[2].values()) - sum(counts[1].values())
+    return StepCount(backend=backend, unit=unit, per_layer=per_layer, per_step=sum(counts[1].values()) - per_layer,
+                     total=sum(counts[2].values()), n_layer=2, fusions=FUSIONS[backend], by_name=dict(counts[2]))
 
 
-def launch_budget(backend: str) -> dict:
-    """`measure_budget`, run in a subprocess with Triton's interpreter when `backend` is triton and
-    there is no CUDA (the interpreter must be switched on before triton is first imported)."""
+def step_count(backend: str) -> StepCount:
+    """`measure_step_count` in this machine's unit, in a subprocess with Triton's interpreter when
+    `backend` is triton and there is no CUDA (the interpreter must be switched on before triton is
+    first imported)."""
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        code = f"import json; from fastgpt2.runtime.launches import measure_budget; print(json.dumps(measure_budget({backend!r})))"
+        code = ("import json; from fastgpt2.runtime.step_count import measure_step_count; "
+                f"print(json.dumps(measure_step_count({backend!r}).to_dict()))")
         env = dict(os.environ, TRITON_INTERPRET="1")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         if out.returncode:
             raise RuntimeError(f"counting the triton decode step failed:\n{out.stderr[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    return measure_budget(backend)
+        return StepCount(**json.loads(out.stdout.strip().splitlines()[-1]))
+    return measure_step_count(backend)

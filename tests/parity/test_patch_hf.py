@@ -16,8 +16,8 @@ import torch
 from hf_reference import VOCAB, hf_greedy, hf_model
 
 import fastgpt2
-from fastgpt2.runtime import hf as hf_mod
-from fastgpt2.runtime.hf import (FallbackWarning, HFModelError, UntestedTransformersWarning, is_patched, model_from_hf,
+from fastgpt2 import hf as hf_mod
+from fastgpt2.hf import (FallbackWarning, HFModelError, UntestedTransformersWarning, is_patched, model_from_hf,
                                  patch_hf, patch_stats, unpatch_hf)
 
 pytestmark = [pytest.mark.filterwarnings("error::FutureWarning"), pytest.mark.filterwarnings("error::DeprecationWarning")]

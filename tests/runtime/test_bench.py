@@ -1,4 +1,4 @@
-"""The benchmark's bookkeeping (bytes per step, the roofline tool, the launch budget line, the plot)
+"""The benchmark's bookkeeping (bytes per step, the roofline tool, the decode step count line, the plot)
 and the bench/ suite's CPU run. Structure and validity only: nothing here asserts a timing."""
 import importlib.util
 import json
@@ -6,17 +6,15 @@ import os
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from fastgpt2.benchmark import decode_weight_bytes, kv_read_bytes
 from fastgpt2.cli import main
-from fastgpt2.runtime.config import GPT2Config
+from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.generate import GPT2
 from fastgpt2.runtime.kv_cache import KVCache
-from fastgpt2.runtime.model import GPT2
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = json.dumps(dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
@@ -48,7 +46,7 @@ def test_decode_weight_bytes_reads_every_weight_once(tied, batch):
 def test_kv_read_bytes_of_a_full_cache_is_the_cache_size():
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=40)
     cache = KVCache(cfg, 3, 17, torch.float16, torch.device("cpu"))
-    assert kv_read_bytes(cfg, 3, 17, torch.float16) == cache.nbytes
+    assert kv_read_bytes(cfg, 3, 17, torch.float16) == 2 * cache.k.numel() * cache.k.element_size()
 
 
 def test_roofline_numbers_for_gpt2(capsys):
@@ -70,41 +68,45 @@ def test_roofline_numbers_for_gpt2(capsys):
     assert "| gpt2 | 124.4M | 247.3 MB | 121.3 µs, 8,245 tok/s | 159.0 µs, 6,288 tok/s | 73.8 µs, 13,546 tok/s |" in table
 
 
-def _fake_launches(monkeypatch, budget):
-    module = types.ModuleType("fastgpt2.runtime.launches")
-    module.launch_budget = budget
-    monkeypatch.setitem(sys.modules, "fastgpt2.runtime.launches", module)
+def _fake_step_count(monkeypatch, count):
+    """benchmark's step_count(backend) -> count(backend), a dict, as a StepCount."""
+    from fastgpt2 import benchmark
+    from fastgpt2.runtime.step_count import StepCount
+
+    monkeypatch.setattr(benchmark, "step_count", lambda backend: StepCount(**count(backend)))
 
 
-def test_launch_budget_is_printed_and_written(monkeypatch, capsys, tmp_path):
+def test_step_count_is_printed_and_written(monkeypatch, capsys, tmp_path):
     def budget(backend):
         if backend == "torch":
-            raise ValueError("no budget for the torch backend\n(second line)")
-        return {"backend": backend, "per_layer": 7.0, "per_step": 3.0, "total": 87, "n_layer": 12,
+            raise ValueError("no count for the torch backend\n(second line)")
+        return {"backend": backend, "unit": "ops", "per_layer": 7, "per_step": 3, "total": 87, "n_layer": 12,
                 "fusions": ["residual add in the GEMM epilogue", "K/V write in attention"],
-                "by_op": {"triton:_linear_kernel": 48}}
+                "by_name": {"triton:_linear_kernel": 48}}
 
-    _fake_launches(monkeypatch, budget)
+    _fake_step_count(monkeypatch, budget)
     out = tmp_path / "b.json"
     assert main([*FAST, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert ("launch budget (backend=triton): 7 per layer + 3 per step = 87 per decode step (12 layers); "
-            "fusions: residual add in the GEMM epilogue, K/V write in attention") in printed
-    assert "launch budget (backend=torch): not available: ValueError: (second line)" in printed
+    assert ("decode step (backend=triton): 7 ops per layer + 3 per step = 87 (12 layers); ops: Triton launches "
+            "+ aten ops (on CUDA each is at least one kernel); fusions: residual add in the GEMM epilogue, K/V write "
+            "in attention") in printed
+    assert "decode step (backend=torch): not counted: ValueError: (second line)" in printed
     result = json.loads(out.read_text())
-    assert list(result["launch_budget"]) == ["triton", "torch"]  # triton: counted on any machine
-    assert result["launch_budget"]["triton"]["by_op"] == {"triton:_linear_kernel": 48}
-    assert "error" in result["launch_budget"]["torch"]
+    assert list(result["step_count"]) == ["triton", "torch"]  # triton: counted on any machine
+    assert result["step_count"]["triton"]["by_name"] == {"triton:_linear_kernel": 48}
+    assert result["step_count"]["triton"]["unit"] == "ops" and "error" in result["step_count"]["torch"]
 
 
-def test_no_launch_budget_skips_it(monkeypatch, capsys):
+@pytest.mark.parametrize("flag", ["--no-step-count", "--no-launch-budget"])
+def test_no_step_count_skips_it(monkeypatch, capsys, flag):
     def budget(backend):
-        raise AssertionError("--no-launch-budget must not count launches")
+        raise AssertionError(f"{flag} must not count the step")
 
-    _fake_launches(monkeypatch, budget)
-    assert main([*FAST, "--no-launch-budget", "--no-reference"]) == 0
+    _fake_step_count(monkeypatch, budget)
+    assert main([*FAST, flag, "--no-reference"]) == 0
     printed = capsys.readouterr().out
-    assert "launch budget" not in printed and "| fastgpt2[torch] | 1 |" in printed and "| transformers |" not in printed
+    assert "decode step (backend" not in printed and "| fastgpt2[torch] | 1 |" in printed and "| transformers |" not in printed
 
 
 def test_json_names_the_cpu_its_capability_and_the_forced_path_with_a_roofline_per_row(monkeypatch, capsys,
@@ -113,7 +115,7 @@ def test_json_names_the_cpu_its_capability_and_the_forced_path_with_a_roofline_p
 
     monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "addmm")  # the private switch, as a measurement uses it
     out = tmp_path / "b.json"
-    assert main([*FAST, "--batch", "1,2", "--dtype", "bfloat16", "--no-launch-budget", "--json", str(out)]) == 0
+    assert main([*FAST, "--batch", "1,2", "--dtype", "bfloat16", "--no-step-count", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     cap = torch.backends.cpu.get_cpu_capability()
@@ -139,8 +141,8 @@ def test_cpu_model_falls_back_to_the_platform(monkeypatch):
 
 def test_plot_writes_a_png(monkeypatch, capsys, tmp_path):
     pytest.importorskip("matplotlib")
-    _fake_launches(monkeypatch, lambda backend: {"backend": backend, "per_layer": 1, "per_step": 1, "total": 3,
-                                                 "n_layer": 2, "fusions": [], "by_op": {}})
+    _fake_step_count(monkeypatch, lambda backend: {"backend": backend, "unit": "ops", "per_layer": 1, "per_step": 1,
+                                                   "total": 3, "n_layer": 2})
     png = tmp_path / "b.png"
     assert main([*FAST, "--batch", "1,2", "--plot", str(png)]) == 0
     assert f"wrote {png}" in capsys.readouterr().out

@@ -76,7 +76,7 @@ def test_bench_smoke_run_prints_a_table_and_valid_json(tmp_path, capsys):
     cfg = json.dumps(dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     out = tmp_path / "bench.json"
     code = main(["bench", "--config", cfg, "--batch", "1,2", "--prompt-len", "5", "--new-tokens", "4",
-                 "--runs", "1", "--warmup", "0", "--json", str(out), "--quiet", "--no-launch-budget",
+                 "--runs", "1", "--warmup", "0", "--json", str(out), "--quiet", "--no-step-count",
                  "--bandwidth-gib", "0.01"])
     assert code == 0
     printed = capsys.readouterr()
@@ -85,10 +85,10 @@ def test_bench_smoke_run_prints_a_table_and_valid_json(tmp_path, capsys):
     assert "| fastgpt2[torch] | 1 |" in table and "| transformers | 2 |" in table
     assert "device cpu | dtype float32 | torch " in table and "batch 1,2 | prompt 5 | new tokens 4" in table
     assert "memory bandwidth:" in table and "fastgpt2[torch] vs transformers" in table
-    assert "launch budget" not in table
+    assert "decode step (backend" not in table
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["torch"] == torch.__version__
-    assert result["machine"] and result["batches"] == [1, 2] and result["launch_budget"] == {}
+    assert result["machine"] and result["batches"] == [1, 2] and result["step_count"] == {}
     # the CPU the figures belong to, and the GEMM path the torch backend chose on it
     assert result["cpu_model"].strip() and result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert result["cpu_path"].startswith("fp32: ") and f"({result['cpu_capability']}" in result["cpu_path"]

@@ -5,7 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgpt2
-from fastgpt2.runtime.graphs import DecodeStep, GraphError, Sampling, graph_cache_len
+from fastgpt2.runtime.graphs import DecodeStep, GraphError, graph_cache_len
+from fastgpt2.runtime.sampling import Sampling
 
 CFG = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=101, n_positions=64)
 

@@ -4,7 +4,7 @@ import torch
 
 import fastgpt2
 from fastgpt2 import InputError
-from fastgpt2.runtime.generate import filter_logits
+from fastgpt2.runtime.sampling import filter_logits
 
 CFG = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=48)
 

@@ -3,6 +3,7 @@ import torch
 
 import fastgpt2
 from fastgpt2 import BackendError
+from fastgpt2.runtime import cpu_paths
 
 CFG = fastgpt2.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
 
@@ -43,7 +44,6 @@ def test_cpu_bfloat16_prepacks_gemm_weights_and_matches_plain_addmm(monkeypatch)
     """The torch backend's CPU bf16 path this CPU runs (oneDNN prepacked GEMMs on AVX-512 where
     oneDNN runs bf16, else addmm on [N, K]-stored weights) computes the same model as the plain addmm path, within bf16
     rounding; the GEMM weights are prepacked exactly when the chosen path says so."""
-    from fastgpt2.runtime import cpu_paths
 
     cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32)
     chosen = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=5)
@@ -124,6 +124,32 @@ def test_cpu_float32_packs_lazily_from_2_rows_and_matches_addmm():
         # a packed copy exists only once a call had >= 2 rows, and only where this CPU runs oneDNN fp32
         assert len(ops.lazy_packed or {}) == (0 if m == 1 else packs), m
     assert TorchOps.PACK_FROM_ROWS == 2
+
+
+def test_cpu_float32_packed_copy_follows_the_weight_not_its_address():
+    """The lazily packed copy is keyed by the weight tensor and its version: a weight updated in place
+    is packed again, and a new tensor on reused storage never gets another weight's packed copy."""
+    from fastgpt2.runtime.ops import TorchOps
+
+    if cpu_paths._onednn_probe(torch.float32) is not None:
+        pytest.skip(f"oneDNN fp32 packing does not run here ({cpu_paths._onednn_probe(torch.float32)}; "
+                    f"capability {torch.backends.cpu.get_cpu_capability()})")
+    ops = TorchOps(torch.device("cpu"), torch.float32, _cpu_path="onednn_from_2")
+    g = torch.Generator().manual_seed(4)
+    storage = torch.randn(64 * 48, generator=g)
+    w, b, x = storage.view(64, 48), torch.randn(48, generator=g), torch.randn(3, 64, generator=g)
+
+    def check(weight):
+        ref = torch.addmm(b.double(), x.double(), weight.double())
+        assert (ops.linear(x, weight, b).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    check(w)
+    w.mul_(-2.0)  # in place: same tensor, same address, new values
+    check(w)
+    other = storage.view(48, 64).t()  # another tensor over the same storage (same data_ptr), other values
+    assert other.data_ptr() == w.data_ptr()
+    check(other)
+    assert len(ops.lazy_packed) == 2  # one entry per live weight tensor
 
 
 @pytest.mark.parametrize("S", [1, 3])

@@ -1,12 +1,14 @@
-"""The launch budget of the decode step: counted on any machine (Triton in the interpreter here)."""
+"""What the decode step runs: ops counted on any machine (Triton in the interpreter here), kernels
+counted from the profiler on CUDA."""
+import pytest
 import torch
 
-from fastgpt2.runtime.launches import count_launches, measure_budget
+from fastgpt2.runtime.step_count import count_ops, measure_step_count
 
 
 def test_counter_counts_aten_ops_and_skips_views_and_allocations():
     x = torch.randn(4, 8)
-    with count_launches() as c:
+    with count_ops() as c:
         y = x.view(8, 4).t()  # views: nothing launched
         z = torch.empty(3)  # an allocation: nothing launched
         w = (y.t() @ y).relu()  # 2 ops: [8, 4] @ [4, 8]
@@ -27,7 +29,7 @@ def test_counter_counts_triton_launches_once_each():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(100, device=device)
     ref = x * 4
-    with count_launches() as c:
+    with count_ops() as c:
         _double[(4,)](x, 100, BLOCK=32)
         _double[(4,)](x, 100, BLOCK=32)
     assert dict(c.triton) == {"_double": 2} and not c.aten  # the interpreter's own torch calls are not counted
@@ -35,14 +37,23 @@ def test_counter_counts_triton_launches_once_each():
 
 
 def test_triton_decode_step_fits_the_budget():
-    budget = measure_budget("triton")
-    assert budget["per_layer"] <= 8, budget
-    assert budget["per_step"] <= 4, budget
+    count = measure_step_count("triton", unit="ops")
+    assert count.unit == "ops" and count.per_layer <= 8 and count.per_step <= 4, count
     # every layer op is a Triton kernel; the only aten ops are the per-step lm_head, the greedy choice
     # (torch.max: the argmax), the length update
-    assert {k for k in budget["by_op"] if k.startswith("aten:")} <= {"aten:mm", "aten:matmul", "aten:max", "aten:add_"}
+    assert {k for k in count.by_name if k.startswith("aten:")} <= {"aten:mm", "aten:matmul", "aten:max", "aten:add_"}
 
 
 def test_torch_backend_is_counted_too():
-    budget = measure_budget("torch")
-    assert budget["per_layer"] > 0 and budget["total"] == 2 * budget["per_layer"] + budget["per_step"]
+    count = measure_step_count("torch", unit="ops")
+    assert count.per_layer > 0 and count.total == 2 * count.per_layer + count.per_step
+    assert count.to_dict()["unit"] == "ops" and sum(count.by_name.values()) == count.total
+
+
+def test_kernels_are_counted_only_where_there_are_kernels():
+    if torch.cuda.is_available():
+        count = measure_step_count("triton")
+        assert count.unit == "kernels" and count.per_layer >= 6 and count.total == sum(count.by_name.values())
+    else:
+        with pytest.raises(ValueError, match="unit must be 'ops', or 'kernels' on a CUDA machine; got 'kernels' on cpu"):
+            measure_step_count("torch", unit="kernels")
