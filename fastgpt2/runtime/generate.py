@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .graphs import DecodeStep, GraphPool, resolve_use_cuda_graph
+from .graphs import GraphPool, resolve_use_cuda_graph
 from .model import GPT2Network, InputError, prepare_batch
 from .sampling import Sampling
 
@@ -89,12 +89,16 @@ def _steps(model, ids, lens, total, max_new_tokens, sampling, eos, pad, seed, us
     if max_new_tokens == 0:
         return
     b = ids.shape[0]
-    if use_cuda_graph:
-        step = model.graphs.get(b, total, sampling, seed)
-        cache = step.cache
-    else:
-        cache = model.new_cache(b, total)
-        step = DecodeStep(model, cache, sampling, seed, use_cuda_graph=False)
+    pool = model.graphs
+    step = pool.lease(b, total, sampling, seed, use_cuda_graph)  # this stream's own step, until it ends
+    try:
+        yield from _decode(model, step, ids, lens, max_new_tokens, eos, pad, stop_check_every)
+    finally:  # exhausted, closed or collected: the step goes back to the pool
+        pool.release(step)
+
+
+def _decode(model, step, ids, lens, max_new_tokens, eos, pad, stop_check_every):
+    b, cache = ids.shape[0], step.cache
     eos_ids = torch.tensor(eos, device=model.device, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool, device=model.device)
 
@@ -153,7 +157,8 @@ class GPT2(GPT2Network):
 
     @property
     def graphs(self) -> GraphPool:
-        """This model's captured CUDA-graph decode steps (runtime/graphs.py), built on first use."""
+        """This model's pool of decode steps (runtime/graphs.py: eager and CUDA-graphed, each leased to one
+        stream at a time), built on first use."""
         if self._graphs is None:
             self._graphs = GraphPool(self)
         return self._graphs

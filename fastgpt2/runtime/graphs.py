@@ -112,25 +112,47 @@ def graph_cache_len(needed: int, n_positions: int) -> int:
 
 
 class GraphPool:
-    """A model's captured decode steps, one per (batch, cache length, sampling) bucket. A step is
-    rebuilt, never reused, when any of these (or the model's dtype/device, fixed per model) differ."""
+    """A model's decode steps, each with its own cache, token buffer and (graphed) CUDA graph, by
+    bucket: (batch, cache length, sampling, graphed, dtype, device). A step is leased to one stream
+    at a time: ``lease`` hands out an idle step of the bucket, or builds a new one when none is idle
+    (so a second concurrent stream of the same bucket gets its own step, never a shared one);
+    ``release`` returns it. At most `max_idle` idle steps are kept (the least recently used is
+    dropped); leased steps are the streams' own and are not counted."""
 
-    def __init__(self, model, max_entries: int = 8):
+    def __init__(self, model, max_idle: int = 8):
         self.model = model
-        self.max_entries = max_entries
-        self.steps: dict[tuple, DecodeStep] = {}
+        self.max_idle = max_idle
+        self.idle: dict[tuple, list[DecodeStep]] = {}  # bucket -> idle steps; most recently used bucket last
+        self.leased: dict[int, tuple] = {}  # id(step) -> its bucket
 
-    def get(self, batch: int, needed_len: int, sampling: Sampling, seed: int | None) -> DecodeStep:
-        cfg = self.model.config
-        key = (batch, graph_cache_len(needed_len, cfg.n_positions), sampling,
-               self.model.dtype, str(self.model.device))
-        step = self.steps.pop(key, None)
-        if step is None:
-            if len(self.steps) >= self.max_entries:
-                self.steps.pop(next(iter(self.steps)))  # drop the least recently used
-            cache = KVCache(cfg, batch, key[1], self.model.dtype, self.model.device)
-            step = DecodeStep(self.model, cache, sampling, seed, use_cuda_graph=True)
-        else:
+    def bucket(self, batch: int, needed_len: int, sampling: Sampling, use_cuda_graph: bool) -> tuple:
+        return (batch, graph_cache_len(needed_len, self.model.config.n_positions), sampling, use_cuda_graph,
+                self.model.dtype, str(self.model.device))
+
+    def lease(self, batch: int, needed_len: int, sampling: Sampling, seed: int | None,
+              use_cuda_graph: bool = True) -> DecodeStep:
+        key = self.bucket(batch, needed_len, sampling, use_cuda_graph)
+        free = self.idle.pop(key, [])
+        if free:
+            step = free.pop()
             step.reseed(seed)
-        self.steps[key] = step  # most recently used last
+            if free:
+                self.idle[key] = free
+        else:
+            cache = KVCache(self.model.config, batch, key[1], self.model.dtype, self.model.device)
+            step = DecodeStep(self.model, cache, sampling, seed, use_cuda_graph=use_cuda_graph)
+        self.leased[id(step)] = key
         return step
+
+    def release(self, step: DecodeStep) -> None:
+        """Return a leased step to its bucket's idle list."""
+        key = self.leased.pop(id(step), None)
+        if key is None:
+            raise GraphError("this decode step is not leased from this pool (released twice?)")
+        self.idle.setdefault(key, []).append(step)
+        self.idle[key] = self.idle.pop(key)  # most recently used bucket last
+        while sum(len(v) for v in self.idle.values()) > self.max_idle:
+            oldest = next(iter(self.idle))
+            self.idle[oldest].pop(0)
+            if not self.idle[oldest]:
+                del self.idle[oldest]

@@ -130,7 +130,7 @@ def test_resizing_the_batch_rebuilds_graphs():
         graphed = model.generate(ids, 24, use_cuda_graph=True)
         eager = model.generate(ids, 24, use_cuda_graph=False)
         assert torch.equal(graphed, eager), f"batch {batch}"
-    assert {key[0] for key in model.graphs.steps} == {1, 3, 8}
+    assert {key[0] for key in model.graphs.idle if key[3]} == {1, 3, 8} and not model.graphs.leased
 
 
 @gpu
@@ -144,3 +144,57 @@ def test_seeded_sampling_reproduces_in_graphs():
     c = model.generate(ids, 40, use_cuda_graph=False, **kwargs)
     assert torch.equal(a, b)
     assert torch.equal(a, c)
+
+
+# -- the step pool: each stream leases its own step ------------------------------------------------
+def test_pool_leases_a_step_to_one_stream_at_a_time():
+    model = fastgpt2.GPT2.from_config(CFG)
+    pool = model.graphs
+    a = pool.lease(2, 20, Sampling(), None, use_cuda_graph=False)
+    b = pool.lease(2, 20, Sampling(), None, use_cuda_graph=False)  # same bucket, a is still leased
+    assert a is not b and a.cache is not b.cache and a.tokens.data_ptr() != b.tokens.data_ptr()
+    pool.release(a)
+    assert pool.lease(2, 17, Sampling(), None, use_cuda_graph=False) is a  # same bucket (cache 32), idle again
+    with pytest.raises(GraphError, match="not leased from this pool"):
+        pool.release(a) or pool.release(a)
+    pool.release(b)
+    assert sum(len(v) for v in pool.idle.values()) == 2 and not pool.leased
+
+
+def test_pool_keeps_at_most_max_idle_steps():
+    model = fastgpt2.GPT2.from_config(CFG)
+    pool = model.graphs
+    pool.max_idle = 2
+    steps = [pool.lease(b, 10, Sampling(), None, use_cuda_graph=False) for b in (1, 2, 3)]
+    for step in steps:
+        pool.release(step)
+    assert sorted(key[0] for key in pool.idle) == [2, 3]  # batch 1, the least recently used, dropped
+
+
+def test_two_interleaved_streams_give_the_tokens_of_two_sequential_ones():
+    """Same bucket (batch, cache length, sampling): with a shared step the second stream's prefill
+    would overwrite the first one's cache and tokens mid-generation."""
+    model = fastgpt2.GPT2.from_config(CFG, seed=3)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 101, (2, 6), generator=g), torch.randint(0, 101, (2, 6), generator=g)
+    for kwargs in (dict(), dict(do_sample=True, top_k=20, seed=7)):
+        alone_x = model.generate(x, 12, **kwargs)[:, 6:]
+        alone_y = model.generate(y, 12, **kwargs)[:, 6:]
+        sx, sy = model.stream(x, 12, **kwargs), model.stream(y, 12, **kwargs)
+        got_x, got_y = [], []
+        for tx, ty in zip(sx, sy):  # one step of each in turn
+            got_x.append(tx)
+            got_y.append(ty)
+        assert torch.equal(torch.stack(got_x, 1), alone_x) and torch.equal(torch.stack(got_y, 1), alone_y)
+        assert len(model.graphs.leased) == 1  # sx is exhausted and gave its step back; zip never finished sy
+        sy.close()
+        assert not model.graphs.leased
+
+
+def test_a_closed_stream_returns_its_step():
+    model = fastgpt2.GPT2.from_config(CFG)
+    s = model.stream(torch.tensor([[1, 2, 3]]), 10)
+    next(s)
+    assert len(model.graphs.leased) == 1
+    s.close()
+    assert not model.graphs.leased and sum(len(v) for v in model.graphs.idle.values()) == 1
