@@ -18,6 +18,7 @@ inputs every tl.dot uses input_precision="ieee" (no tf32). Configs come from sma
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -458,11 +459,21 @@ def _heads(qkv: torch.Tensor, H: int):
     return qkv.view(B, T, 3, H, C // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _prefill_config(kind: str, D: int) -> tuple:
+    """_PREFILL_CONFIGS[(kind, D)], checked: the diagonal loop starts on a key-block edge, so
+    BLOCK_M must be a multiple of BLOCK_N (a raise, not an assert: python -O would strip that)."""
+    cfg = _PREFILL_CONFIGS[(kind, D)]
+    block_m, block_n = cfg[:2]
+    if block_m % block_n != 0:
+        raise RuntimeError(f"attention config _PREFILL_CONFIGS[{(kind, D)!r}] = {cfg}: BLOCK_M={block_m} is not a "
+                           f"multiple of BLOCK_N={block_n}, which the prefill kernel's diagonal loop needs")
+    return cfg
+
+
 def _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, out, scale, write_kv: bool) -> None:
     # q, k, v [B, H, T, D] views; k_cache, v_cache [Bmax, H, Tmax, D] (unused when not write_kv)
     B, H, T, D = q.shape
-    block_m, block_n, num_warps, num_stages = _PREFILL_CONFIGS[(_kind(q.dtype), D)]
-    assert block_m % block_n == 0, (block_m, block_n)  # the diagonal loop starts on a key-block edge
+    block_m, block_n, num_warps, num_stages = _prefill_config(_kind(q.dtype), D)
     grid = (B * H, triton.cdiv(T, block_m))
     _prefill_attn_kernel[grid](
         q, k, v, k_cache, v_cache, seq_lens, out,
@@ -529,23 +540,69 @@ def _check_decode_s(S: int) -> None:
         raise ValueError(f"decode takes S new tokens per sequence with 1 <= S <= {MAX_DECODE_TOKENS}, got S={S}")
 
 
-def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool,
-                   kv_start=None) -> None:
-    # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens, kv_start [B] int32
+def _check_cache_room(cache_lens: torch.Tensor, S: int, Tmax: int) -> None:
+    # a host read of the lengths (on CUDA a sync): the kernel itself drops new K/V past the cache end
+    for b, n in enumerate(cache_lens.tolist()):
+        if not 0 <= n <= Tmax - S:
+            raise ValueError(f"decode_attention: cache_lens[{b}] = {n} with S={S} new tokens does not fit the cache "
+                             f"(Tmax={Tmax}): expected 0 <= cache_lens[b] and cache_lens[b] + S <= Tmax")
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """The decode kernel's fp32 split partials for B sequences of S new tokens, allocated once (a
+    CUDA-graph step makes it before its capture) and reused by every layer of every step. With one
+    split the kernel writes its output directly and the three tensors are 1-element placeholders."""
+
+    num_splits: int
+    part_m: torch.Tensor  # [B*H, num_splits, S] running max, log2 units
+    part_l: torch.Tensor  # [B*H, num_splits, S] running sum
+    part_acc: torch.Tensor  # [B*H, num_splits, S, D] unnormalised output
+
+
+def _check_num_splits(num_splits) -> None:
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+
+
+def _workspace(BH: int, S: int, D: int, num_splits: int, device) -> DecodeWorkspace:
+    if num_splits == 1:
+        unused = torch.empty(1, dtype=torch.float32, device=device)
+        return DecodeWorkspace(1, unused, unused, unused)
+    return DecodeWorkspace(num_splits, torch.empty((BH, num_splits, S), dtype=torch.float32, device=device),
+                           torch.empty((BH, num_splits, S), dtype=torch.float32, device=device),
+                           torch.empty((BH, num_splits, S, D), dtype=torch.float32, device=device))
+
+
+def decode_workspace(k_cache: torch.Tensor, B: int, S: int, num_splits: int | None = None) -> DecodeWorkspace:
+    """The scratch ``decode_attention`` needs for B sequences of S new tokens over caches shaped like
+    k_cache [Bmax, H, Tmax, D]; num_splits defaults to ``default_num_splits(B, H, Tmax)``, what
+    decode_attention picks without one."""
+    _, H, Tmax, D = k_cache.shape
+    _check_decode_s(S)
+    num_splits = default_num_splits(B, H, Tmax) if num_splits is None else num_splits
+    _check_num_splits(num_splits)
+    return _workspace(B * H, S, D, num_splits, k_cache.device)
+
+
+def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool,
+                   kv_start=None, workspace: DecodeWorkspace | None = None) -> None:
+    # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens, kv_start [B] int32
+    _check_num_splits(num_splits)
     B, H, S, D = q.shape
     if B == 0:
         return
     Tmax = k_cache.shape[2]
     block_n, num_warps, num_stages = _DECODE_CONFIGS[(_kind(q.dtype), D)]
     write_out = num_splits == 1
-    if write_out:
-        part_m = part_l = part_acc = torch.empty(1, dtype=torch.float32, device=q.device)  # unused
-    else:
-        part_m = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=q.device)
-        part_l = torch.empty((B * H, num_splits, S), dtype=torch.float32, device=q.device)
-        part_acc = torch.empty((B * H, num_splits, S, D), dtype=torch.float32, device=q.device)
+    if workspace is None:
+        workspace = _workspace(B * H, S, D, num_splits, q.device)
+    elif workspace.num_splits != num_splits or (not write_out and (
+            tuple(workspace.part_acc.shape) != (B * H, num_splits, S, D) or workspace.part_m.device != q.device)):
+        raise ValueError(f"workspace holds partials {tuple(workspace.part_acc.shape)} for {workspace.num_splits} "
+                         f"split(s); this call needs {num_splits} split(s) of [B*H, splits, S, D] = "
+                         f"[{B * H}, {num_splits}, {S}, {D}] on {q.device}: make it with decode_workspace")
+    part_m, part_l, part_acc = workspace.part_m, workspace.part_l, workspace.part_acc
     _decode_attn_kernel[(B * H, num_splits)](
         q, k_new, v_new, k_cache, v_cache, cache_lens, cache_lens if kv_start is None else kv_start, out,
         part_m, part_l, part_acc,
@@ -566,13 +623,23 @@ def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, nu
         )
 
 
-def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None,
+                     check_lens: bool = False, workspace: DecodeWorkspace | None = None) -> torch.Tensor:
     """Attention of S (1..8) new tokens per sequence over the cache plus themselves; writes their K/V.
 
     qkv [B, S, 3*H*D]; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens [B] int32 on the device
     (tokens cached before this step; read only in-kernel, so the launch is CUDA-graph safe; the
     caller guarantees cache_lens[b] + S <= Tmax and updates cache_lens afterwards).
     Returns out [B, S, H*D].
+
+    check_lens: read cache_lens on the host and raise ValueError on a row with cache_lens[b] < 0
+    or cache_lens[b] + S > Tmax (the kernel would drop the writes past the cache end). Off by
+    default: on CUDA it costs a host sync and cannot run inside a CUDA-graph capture. Tensors on
+    the CPU (Triton's interpreter) are always checked.
+
+    workspace: the split partials from ``decode_workspace`` (its num_splits is used when num_splits
+    is None); without one they are allocated here, per call (never inside a CUDA-graph capture:
+    the decode step passes its own).
     """
     H, D = _check_cache("decode_attention", qkv, k_cache, v_cache)
     B, S, _ = qkv.shape
@@ -580,11 +647,13 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     _check_lens(cache_lens, "cache_lens", B)
     check_device("decode_attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "cache_lens": cache_lens,
                                       "out": out}, _decode_attn_kernel)
+    if check_lens or cache_lens.device.type == "cpu":
+        _check_cache_room(cache_lens, S, k_cache.shape[2])
     out = _check_out(out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
-        num_splits = default_num_splits(B, H, k_cache.shape[2])
+        num_splits = workspace.num_splits if workspace is not None else default_num_splits(B, H, k_cache.shape[2])
     q, k, v = _heads(qkv, H)
-    _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True)
+    _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True, workspace=workspace)
     return out
 
 
@@ -689,7 +758,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     reduce_sig = kernel_signature(_decode_reduce_kernel, p, {"part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part})
     specs = []
     for D in HEAD_DIMS:
-        bm, bn, w, st = _PREFILL_CONFIGS[(kind, D)]
+        bm, bn, w, st = _prefill_config(kind, D)
         for write_kv in (True, False):  # prefill_attention / prefill_attention_separate
             specs.append(CompileSpec(
                 name=f"attention.prefill[{dtype}{'' if write_kv else ',separate'}] D={D} BM={bm} BN={bn}",

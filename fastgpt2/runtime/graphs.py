@@ -41,15 +41,23 @@ class DecodeStep:
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)  # [B] in and out
         self.logits = None  # [B, V] of the last step (a static buffer once graphed)
         self.choose = TokenChooser(sampling, self.batch, device, seed)
+        # the attention's scratch (split partials), made here: nothing is allocated inside a capture
+        self.workspace = model.ops.decode_workspace(cache.k[0], self.batch, 1)
         self.graph = None
         self.pool = None
 
     def _body(self) -> torch.Tensor:
-        if self.use_cuda_graph:  # static: the whole cache, lengths read on the device
-            logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.cache.max_len)
+        # On CUDA, eager or graphed, the step is static: the whole cache (kv_len = max_len), lengths read
+        # on the device, no host-side shortcut; so a graph replays exactly the work of the eager step and
+        # the two agree bit for bit by construction. On the CPU the eager step slices the cache to the
+        # host's length bound (and takes the uniform-length path): the same math over fewer keys, faster.
+        if self.use_cuda_graph or self.cache.k.device.type == "cuda":
+            logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.cache.max_len,
+                                               workspace=self.workspace)
         else:
             cache = self.cache
-            logits = self.model._decode_logits(self.tokens[:, None], cache, cache.host_max_len + 1, cache.host_uniform_len)
+            logits = self.model._decode_logits(self.tokens[:, None], cache, cache.host_max_len + 1, cache.host_uniform_len,
+                                               self.workspace)
         self.choose(logits, self.tokens)
         return logits
 

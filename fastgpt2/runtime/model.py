@@ -204,22 +204,26 @@ class GPT2Network:
         length. Returns the logits of the last new token [B, V]; cache.lengths grows by S in place."""
         s = ids.shape[1]
         cache.reserve(s, ids.shape[0])
-        logits = self._decode_logits(ids, cache, cache.host_max_len + s, cache.host_uniform_len)
+        logits = self._decode_logits(ids, cache, cache.host_max_len + s, cache.host_uniform_len)  # scratch per call
         cache.advance(s)
         return logits
 
-    def _decode_logits(self, ids: torch.Tensor, cache: KVCache, kv_len: int, uniform_len: int | None = None):
+    def _decode_logits(self, ids: torch.Tensor, cache: KVCache, kv_len: int, uniform_len: int | None = None,
+                       workspace=None):
         """The device work of a decode step, no host bookkeeping and no host sync (a CUDA graph
         captures exactly this). kv_len: a host bound >= every length + S (the torch path slices the
         cache to it; a captured step passes the cache's max_len). uniform_len: every sequence's
-        length when they are known to be equal (None in a captured step)."""
+        length when they are known to be equal (None in a captured step). workspace: the attention's
+        scratch from ``ops.decode_workspace`` (a captured step allocates it before the capture; None:
+        allocated per call)."""
         b, s = ids.shape
         lengths = cache.lengths[:b]
         upcast = self.config.reorder_and_upcast_attn
         ctx = self.ops.decode_context(lengths, s, kv_len, uniform_len)  # once per step, for every layer
 
         def attend(i, scale, qkv):
-            return self.ops.decode_attention(qkv, cache.k[i], cache.v[i], lengths, scale, upcast, kv_len, ctx)
+            return self.ops.decode_attention(qkv, cache.k[i], cache.v[i], lengths, scale, upcast, kv_len, ctx,
+                                             workspace)
 
         with torch.inference_mode():
             h = self._blocks(ids, lengths, attend)  # [B*S, E], after ln_f; positions from lengths

@@ -78,12 +78,18 @@ class Ops(Protocol):
     def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None) -> DecodeContext:
         """What every layer's decode attention shares in one step, built once per step."""
 
+    def decode_workspace(self, k_cache, batch: int, s: int):
+        """The scratch decode attention needs for `batch` sequences of s new tokens over caches shaped
+        like k_cache [Bmax, H, Tmax, D] (the Triton kernel's split partials; None when none), allocated
+        once by the caller, before a CUDA-graph capture, and shared by every layer of a step."""
+
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len: int,
-                         ctx: DecodeContext = None) -> torch.Tensor:
+                         ctx: DecodeContext = None, workspace=None) -> torch.Tensor:
         """qkv [B, S, 3E], caches [Bmax, H, Tmax, D], cache_lens [B] int32 -> [B, S, E]. Writes the S new
         K/V at cache_lens[b] + s; query s sees keys 0 .. cache_lens[b] + s. kv_len (a host int >= every
         cache_lens[b] + S) lets the torch path slice the cache; the Triton kernel reads the lengths on
-        the device and ignores it. ctx: this step's ``decode_context`` (None: built per call)."""
+        the device and ignores it. ctx: this step's ``decode_context`` (None: built per call);
+        workspace: ``decode_workspace``'s (None: allocated per call)."""
 
     def prefill_attention_separate(self, q, k, v, scale, upcast) -> torch.Tensor:
         """q [B, H, S, D], k/v [B, H, T, D] (T >= S; a caller's cache, read and never written) -> [B, S, E]:
@@ -265,7 +271,10 @@ class TorchOps:
         visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
         return RaggedDecode(pos, rows, visible[:, None], kv_len)
 
-    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
+    def decode_workspace(self, k_cache, batch, s):
+        return None  # plain torch ops: no scratch of their own
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
         b, s, three_e = qkv.shape
         q, k, v = split_heads(qkv, self.n_head)  # [B, H, S, D]
         if ctx is None:
@@ -347,8 +356,11 @@ class TritonOps:
     def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
         return None  # the kernel reads the lengths on the device
 
-    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None):
-        return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale)
+    def decode_workspace(self, k_cache, batch, s):
+        return self._attention.decode_workspace(k_cache, batch, s)
+
+    def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
+        return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale, workspace=workspace)
 
     def prefill_attention_separate(self, q, k, v, scale, upcast):
         return self._attention.prefill_attention_separate(q, k, v, scale)

@@ -123,6 +123,18 @@ def test_prefill_dtypes_head_dims(dtype, D):
     _run_prefill(B=3, T=70, H=2, D=D, lens=[70, 33, 2], dtype=dtype, scale=1 / math.sqrt(D), seed=10 + D)
 
 
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_prefill_fp16_query_tiles(D):
+    # fp16 query tiles are BLOCK_M = 64 / 128 rows: T = BLOCK_M + 7 gives a second tile (keys of the
+    # first tile unmasked, its own diagonal in BLOCK_M / BLOCK_N key blocks). Lengths: T (7 rows into
+    # the second tile), BLOCK_M + 1 (one row), BLOCK_M (ends on the tile edge: the second tile is all
+    # padding), BLOCK_M - 1 (ends inside the first tile) and 3.
+    bm, bn, _, _ = A._PREFILL_CONFIGS[("half", D)]
+    T = bm + 7
+    _run_prefill(B=5, T=T, H=3, D=D, lens=[T, bm + 1, bm, bm - 1, 3], dtype=torch.float16,
+                 scale=1 / math.sqrt(D), seed=110 + D, Bmax=6, Tmax=T + 9)
+
+
 def test_prefill_allocates_out():
     qkv = _randn((2, 9, 3 * 2 * 32), torch.float32, 3)
     kc, vc = _poisoned_cache(2, 2, 9, 32, torch.float32)
@@ -442,6 +454,58 @@ def test_decode_errors():
         A.decode_attention(qkv.double(), kc.double(), vc.double(), lens, 1.0)
 
 
+@pytest.mark.parametrize("entry", [("fp32", 32), ("half", 128)])
+def test_prefill_config_block_m_must_be_a_multiple_of_block_n(monkeypatch, entry):
+    """The diagonal loop starts on a key-block edge, so a table entry with BLOCK_M % BLOCK_N != 0 would
+    attend to future keys: it is refused by a real check (not an assert, which python -O strips),
+    naming the entry, before anything is launched, and by compile_specs."""
+    bad = (32, 64, 4, 2)  # BLOCK_M 32 < BLOCK_N 64
+    monkeypatch.setitem(A._PREFILL_CONFIGS, entry, bad)
+    msg = (rf"_PREFILL_CONFIGS\[\('{entry[0]}', {entry[1]}\)\] = \(32, 64, 4, 2\): BLOCK_M=32 is not a multiple "
+           rf"of BLOCK_N=64")
+    D = entry[1]
+    dtype = torch.float32 if entry[0] == "fp32" else torch.float16
+    qkv, kc, vc, lens = _valid(D=D, dtype=dtype)
+    out = torch.full((2, 4, 2 * D), NAN, dtype=dtype, device=DEVICE)
+    with pytest.raises(RuntimeError, match=msg):
+        A.prefill_attention(qkv, kc, vc, lens, 1.0, out=out)
+    q, k, v = _split_heads(qkv, 2)
+    with pytest.raises(RuntimeError, match=msg):
+        A.prefill_attention_separate(q, k, v, 1.0, out=out)
+    assert torch.isnan(out).all(), "a kernel ran with the bad config"
+    with pytest.raises(RuntimeError, match=msg):
+        A.compile_specs("fp32" if entry[0] == "fp32" else "fp16")
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_checks_the_lengths_fit_the_cache(S):
+    """cache_lens[b] + S > Tmax: the kernel would drop the new K/V past the cache end. The lengths live
+    on the device, so decode_attention reads them on the host only on the CPU (the interpreter) or
+    with check_lens=True (on CUDA a sync), and names the row; nothing is written or launched."""
+    H, D, Tmax = 2, 32, 13
+    ok = [Tmax - S, 0, 4]  # row 0 fills the cache exactly
+    qkv = _randn((3, S, 3 * H * D), torch.float32, 120 + S)
+    kc, vc = _filled_cache(4, H, Tmax, D, torch.float32, [Tmax] * 4, 121 + S)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = torch.full((3, S, H * D), NAN, dtype=torch.float32, device=DEVICE)
+    for row, n in ((1, Tmax - S + 1), (2, Tmax), (0, -1)):
+        lens = list(ok)
+        lens[row] = n
+        msg = (rf"decode_attention: cache_lens\[{row}\] = {n} with S={S} new tokens does not fit the cache "
+               rf"\(Tmax={Tmax}\): expected 0 <= cache_lens\[b\] and cache_lens\[b\] \+ S <= Tmax")
+        with pytest.raises(ValueError, match=msg):
+            A.decode_attention(qkv, kc, vc, _lens(lens), 0.2, out=out, check_lens=True)
+        if DEVICE.type == "cpu":  # the default reads them too on the CPU (no sync to save)
+            with pytest.raises(ValueError, match=msg):
+                A.decode_attention(qkv, kc, vc, _lens(lens), 0.2, out=out, num_splits=2)
+    assert torch.isnan(out).all(), "a kernel ran with bad lengths"
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the cache was written"
+    # lengths that fit (row 0 up to the last position) pass the check
+    A.decode_attention(qkv, kc, vc, _lens(ok), 0.2, out=out, check_lens=True)
+    _check_close(out, *_decode_refs(qkv, kc0, vc0, _lens(ok), 0.2))
+    assert torch.equal(kc[0, :, Tmax - S:], _split_heads(qkv, H)[1][0])
+
+
 def test_default_num_splits_is_static():
     assert A.default_num_splits(1, 12, 1024) == 8  # GPT-2 small, batch 1: 96 programs
     assert A.default_num_splits(64, 12, 1024) == 1  # enough (b, h) programs already
@@ -485,3 +549,24 @@ def test_compile_specs_cover_every_config(dtype):
         assert bm % bn == 0
     with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
         A.compile_specs("fp8")
+
+
+def test_decode_workspace_gives_the_same_bits_and_is_checked():
+    """decode_attention with the caller's workspace (what a CUDA-graph step passes) equals the one
+    that allocates its partials per call, bit for bit; a workspace of another shape is refused."""
+    B, H, S, D, Tmax = 3, 2, 2, 64, 300
+    qkv = _randn((B, S, 3 * H * D), torch.float32, 140)
+    lens = _lens([250, 17, 101])
+    outs = []
+    for ws in (None, A.decode_workspace(_poisoned_cache(B, H, Tmax, D, torch.float32)[0], B, S)):
+        kc, vc = _poisoned_cache(B, H, Tmax, D, torch.float32)
+        kc[:, :, :250] = _randn((B, H, 250, D), torch.float32, 141)
+        vc[:, :, :250] = _randn((B, H, 250, D), torch.float32, 142)
+        outs.append(A.decode_attention(qkv, kc, vc, lens, 0.125, workspace=ws))
+    assert A.decode_workspace(kc, B, S).num_splits == A.default_num_splits(B, H, Tmax) == 3
+    assert torch.equal(outs[0], outs[1]) and torch.isfinite(outs[1]).all()
+    with pytest.raises(ValueError, match=r"workspace holds partials \(6, 3, 1, 64\) for 3 split\(s\); this call "
+                                         r"needs 3 split\(s\) of \[B\*H, splits, S, D\] = \[6, 3, 2, 64\]"):
+        A.decode_attention(qkv, kc, vc, lens, 0.125, workspace=A.decode_workspace(kc, B, 1))
+    with pytest.raises(ValueError, match=r"needs 2 split\(s\)"):
+        A.decode_attention(qkv, kc, vc, lens, 0.125, num_splits=2, workspace=A.decode_workspace(kc, B, S))

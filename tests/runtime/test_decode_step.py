@@ -123,6 +123,41 @@ def test_graphed_equals_eager_over_64_steps(backend, batch):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("max_len", [64, 512])  # one key split, and 4 with the reduce
+def test_capture_compiles_nothing_and_replay_equals_eager(max_len):
+    """Every Triton kernel of the step is compiled by the warm-up at its final shapes: none while the
+    graph is being captured (triton's jit_cache_hook runs before every compilation)."""
+    from triton import knobs
+
+    model = _gpu_model("triton")
+    ids = torch.randint(0, 1000, (3, 9), device="cuda")
+    lens = torch.full((3,), 9, dtype=torch.int32, device="cuda")
+    steps = {}
+    for graphed in (False, True):
+        cache = model.new_cache(3, max_len)
+        steps[graphed] = DecodeStep(model, cache, use_cuda_graph=graphed)
+        steps[graphed].start(model.prefill(ids, lens, cache))
+    compiled_in_capture = []
+
+    def hook(*args, **kwargs):
+        compiled_in_capture.append(torch.cuda.is_current_stream_capturing())
+        return None  # go on compiling
+
+    previous, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, hook
+    try:
+        for _ in range(12):
+            steps[True]()
+            steps[False]()
+            assert torch.equal(steps[True].logits, steps[False].logits)
+            assert torch.equal(steps[True].tokens, steps[False].tokens)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    assert not any(compiled_in_capture), "a Triton kernel compiled inside the CUDA-graph capture"
+    assert steps[True].graph is not None
+
+
+@gpu
+@pytest.mark.gpu
 def test_resizing_the_batch_rebuilds_graphs():
     model = _gpu_model()
     for batch in (1, 8, 3, 8, 1):
@@ -198,3 +233,37 @@ def test_a_closed_stream_returns_its_step():
     assert len(model.graphs.leased) == 1
     s.close()
     assert not model.graphs.leased and sum(len(v) for v in model.graphs.idle.values()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
+def test_triton_step_allocates_its_split_partials_once_before_any_step(monkeypatch):
+    """The decode step owns the attention's workspace (made at construction, before a capture would
+    run): a step allocates no partials, and equals GPT2.decode (which allocates per call)."""
+    from fastgpt2.kernels import attention as A
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=101, n_positions=300)
+    model = fastgpt2.GPT2.from_config(cfg, device=device, backend="triton", seed=8)
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(9)).to(device)
+    lens = torch.full((2,), 5, dtype=torch.int32, device=device)
+    cache, other = model.new_cache(2, 300), model.new_cache(2, 300)  # 3 key splits: partials and a reduce
+    step = DecodeStep(model, cache, use_cuda_graph=False)
+    assert step.workspace.num_splits == 3 and tuple(step.workspace.part_acc.shape) == (2 * 2, 3, 1, 32)
+    step.start(model.prefill(ids, lens, cache))
+    model.prefill(ids, lens, other)
+    made = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if args and isinstance(args[0], tuple) and args[0][:3] == (2 * 2, 3, 1):  # [B*H, splits, S(, D)]
+            made.append(args[0])
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(A.torch, "empty", empty)  # torch's own: what the attention launcher would call
+    for _ in range(3):
+        fed = step.tokens.clone()
+        step()
+        assert not made, "the step allocated attention partials"
+        assert torch.equal(step.logits, model.decode(fed[:, None], other))
+        assert len(made) == 3 and made.clear() is None  # GPT2.decode allocates its own, per call

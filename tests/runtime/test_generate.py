@@ -1,36 +1,98 @@
-"""Generation: sampling reproducibility, top-k/top-p semantics, EOS stopping, streaming, errors."""
+"""Generation: greedy tokens against a loop of full forwards, sampling reproducibility and
+distribution, top-k/top-p semantics, exact EOS stopping, streaming, errors."""
 import pytest
 import torch
 
 import fastgpt2
 from fastgpt2 import InputError
+from fastgpt2.runtime.loader import expected_shapes
 from fastgpt2.runtime.sampling import filter_logits
 
 CFG = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=48)
 
 
+def _weights(seed=1, std=0.2):
+    """Seeded random weights with ten times from_config's spread: from_config's N(0, 0.02) model
+    repeats one token under greedy decoding, which hides wrong positions and EOS handling; this one
+    changes token from step to step (top-2 logit margins >= 0.01, far above rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, shape in expected_shapes(CFG).items():
+        if key == "lm_head.weight":  # tied to wte
+            continue
+        value = torch.randn(shape, generator=gen) * std
+        if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value = 1 + value / 10
+        elif key.endswith("bias"):
+            value /= 10
+        weights[key] = value
+    return weights
+
+
 @pytest.fixture(scope="module")
 def model():
-    return fastgpt2.GPT2.from_config(CFG, seed=1)
+    return fastgpt2.GPT2(CFG, _weights())
 
 
 def _prompt(b=2, t=5, seed=0):
     return torch.randint(0, CFG.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+def _greedy_loop(model, prompt, n):
+    """The reference: n greedy steps, each a full forward over the whole sequence so far (no cache,
+    no decode step, no token chooser). prompt [T] -> its n new tokens, a list."""
+    seq = prompt[None]  # [1, T]
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, prompt.numel():].tolist()
+
+
+def _stopped(free, eos, pad):
+    """What EOS stopping makes of free-running new tokens free [B, n] (a list of rows): each row up
+    to and including its first token in eos, then pad; cut after the step where the last row
+    stopped, when every row did. Returns (rows, stop step of each row or None)."""
+    rows, stops = [], []
+    for row in free:
+        hit = next((i for i, tok in enumerate(row) if tok in eos), None)
+        stops.append(hit)
+        rows.append(row if hit is None else row[: hit + 1] + [pad] * (len(row) - hit - 1))
+    if None not in stops:
+        rows = [row[: max(stops) + 1] for row in rows]
+    return rows, stops
+
+
+def test_greedy_equals_a_loop_of_full_forwards_for_each_row_alone(model):
+    """A left-padded ragged batch (garbage under the padding): each row's new tokens are the greedy
+    loop's over that prompt alone; a second call, on the pool's reused step and cache, repeats them."""
+    lens, t, n = [7, 3, 5], 7, 14
+    ids = _prompt(3, t, seed=11)
+    mask = (torch.arange(t)[None, :] >= t - torch.tensor(lens)[:, None]).long()  # [B, T] left padding
+    out = model.generate(ids, n, attention_mask=mask)
+    assert out.shape == (3, t + n) and torch.equal(out[:, :t], ids)
+    for row, length in enumerate(lens):
+        want = _greedy_loop(model, ids[row, t - length:], n)
+        assert out[row, t:].tolist() == want, f"row {row} (prompt of {length}) differs from the greedy loop"
+        assert len(set(want)) > 3  # the reference moves (not one token repeated)
+    assert torch.equal(model.generate(ids, n, attention_mask=mask), out)
+    assert torch.equal(model.generate(ids[1:2, t - lens[1]:], n)[0, lens[1]:], out[1, t:])  # alone, unpadded
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(model):
     ids = _prompt()
     a = model.generate(ids, 20, do_sample=True, temperature=1.5, seed=123)
-    b = model.generate(ids, 20, do_sample=True, temperature=1.5, seed=123)
     c = model.generate(ids, 20, do_sample=True, temperature=1.5, seed=124)
+    b = model.generate(ids, 20, do_sample=True, temperature=1.5, seed=123)  # reseeds the reused step
+    assert torch.equal(a[:, :5], ids)
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert (a[:, 5:] != c[:, 5:]).double().mean() > 0.5, "another seed should change most tokens"
+    assert (a[:, 5:] != model.generate(ids, 20)[:, 5:]).any(), "sampling gave the greedy tokens"
 
 
-def test_top_k_1_equals_greedy(model):
+def test_top_k_1_and_a_tiny_top_p_equal_greedy(model):
     ids = _prompt(3, 4, seed=2)
     greedy = model.generate(ids, 16)
-    assert torch.equal(model.generate(ids, 16, do_sample=True, top_k=1, temperature=2.0, seed=5), greedy)
+    for warp in (dict(top_k=1), dict(top_p=1e-6)):  # one token kept: the most likely
+        assert torch.equal(model.generate(ids, 16, do_sample=True, temperature=2.0, seed=5, **warp), greedy), warp
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -57,58 +119,81 @@ def test_top_k_then_temperature():
     assert torch.allclose(out[0, 1:3], torch.tensor([2.0, 1.5]))
 
 
-def test_sampling_follows_the_distribution(model):
-    """With top_k=2 only the two most likely tokens of the first step may appear."""
+@pytest.mark.parametrize("warp", [dict(temperature=2.0, top_k=4), dict(temperature=1.5, top_p=0.5)], ids=str)
+def test_sampling_follows_the_distribution(model, warp):
+    """N copies of one prompt draw their first token independently: only the tokens the warpers keep
+    appear, each as often as softmax(logits / temperature) renormalised over the kept set says
+    (within 5 standard deviations), the logits from a full forward."""
+    n = 2000
     ids = _prompt(1, 3, seed=9)
-    with torch.no_grad():
-        first = model(ids)[0, -1]
-    allowed = set(torch.topk(first, 2).indices.tolist())
-    seen = {int(model.generate(ids, 1, do_sample=True, top_k=2, seed=s)[0, -1]) for s in range(30)}
-    assert seen <= allowed and len(seen) == 2
+    probs = (model(ids)[0, -1].double() / warp["temperature"]).softmax(-1)  # [V]
+    order = probs.argsort(descending=True).tolist()
+    if "top_k" in warp:
+        kept = order[: warp["top_k"]]
+    else:  # the smallest most-likely set with mass >= top_p
+        kept = [tok for i, tok in enumerate(order) if probs[order[:i]].sum() < warp["top_p"]]
+    assert len(kept) >= 3
+    want = probs[kept] / probs[kept].sum()  # [K]
+    tokens = model.generate(ids.expand(n, -1), 1, do_sample=True, seed=21, **warp)[:, -1]  # [N]
+    assert set(tokens.tolist()) <= set(kept)
+    freq = torch.stack([(tokens == tok).double().mean() for tok in kept])
+    sigma = (want * (1 - want) / n).sqrt()
+    assert ((freq - want).abs() <= 5 * sigma).all(), f"frequencies {freq.tolist()} vs probabilities {want.tolist()}"
 
 
 def test_eos_stops_each_row_and_pads(model):
+    """One EOS id, pad defaulting to it: a row stops at its first EOS and is padded with EOS after;
+    a row that never meets it runs all max_new_tokens steps, so nothing is cut."""
     ids = _prompt(3, 4, seed=3)
-    free = model.generate(ids, 12)
-    eos = int(free[0, 4 + 2])  # row 0's third new token
+    free = model.generate(ids, 12)[:, 4:].tolist()
+    eos = free[0][6]
+    rows, stops = _stopped(free, [eos], eos)
+    assert None in stops and any(s is not None and 0 < s < 11 for s in stops)  # both cases are tested
     out = model.generate(ids, 12, eos_token_id=eos)
-    for row in range(3):
-        new = out[row, 4:].tolist()
-        if eos in new:
-            hit = new.index(eos)
-            assert new[: hit + 1] == free[row, 4 : 4 + hit + 1].tolist()
-            assert all(tok == eos for tok in new[hit:])  # padded with eos after stopping
-        else:
-            assert new == free[row, 4 : 4 + len(new)].tolist()
-    if all(eos in out[row, 4:].tolist() for row in range(3)):
-        assert out.shape[1] < 4 + 12 or eos in free[:, -1].tolist()
+    assert torch.equal(out, torch.cat([ids, torch.tensor(rows)], 1)), f"stops {stops}"
 
 
 def test_generation_stops_early_when_every_row_is_done(model):
-    ids = _prompt(1, 4, seed=4)
-    free = model.generate(ids, 10)
-    eos = int(free[0, 4 + 3])
-    first_hit = free[0, 4:].tolist().index(eos)
-    out = model.generate(ids, 10, eos_token_id=eos, pad_token_id=0)
-    assert out.shape == (1, 4 + first_hit + 1)
+    """Several EOS ids and a pad token of its own: every row stops (at different steps), the
+    output ends at the step where the last row stopped, whichever stop_check_every, and the
+    stream yields exactly that many steps."""
+    ids = _prompt(3, 4, seed=3)
+    free = model.generate(ids, 12)[:, 4:].tolist()
+    eos, pad = [free[0][3], free[1][6], free[2][4]], 0
+    assert pad not in eos
+    rows, stops = _stopped(free, eos, pad)
+    assert len(set(stops)) == 3 and max(stops) < 11  # rows stop at different steps, before the end
+    want = torch.cat([ids, torch.tensor(rows)], 1)  # [B, 4 + max(stops) + 1]
+    for every in (1, 4):
+        out = model.generate(ids, 12, eos_token_id=eos, pad_token_id=pad, stop_check_every=every)
+        assert torch.equal(out, want), f"stop_check_every={every}, stops {stops}"
+    assert len(list(model.stream(ids, 12, eos_token_id=eos, pad_token_id=pad))) == max(stops) + 1
 
 
 def test_streamer_and_stream_see_every_step(model):
     ids = _prompt(2, 6, seed=6)
     seen = []
     out = model.generate(ids, 9, streamer=seen.append)
+    assert len(seen) == 9 and all(tokens.shape == (2,) for tokens in seen)
     assert torch.equal(torch.stack(seen, 1), out[:, 6:])
-    assert torch.equal(torch.stack(list(model.stream(ids, 9)), 1), out[:, 6:])
+    assert len({tokens.data_ptr() for tokens in seen}) == 9, "each step must get its own copy, not the step's buffer"
+    steps = model.stream(ids, 9)
+    first = next(steps)  # step by step
+    assert torch.equal(first, out[:, 6])
+    assert torch.equal(torch.stack([first, *steps], 1), out[:, 6:])
 
 
 def test_max_new_tokens_zero_returns_the_prompt(model):
     ids = _prompt()
-    assert torch.equal(model.generate(ids, 0), ids)
+    out = model.generate(ids, 0)
+    assert torch.equal(out, ids) and out is not ids
+    assert list(model.stream(ids, 0)) == []
 
 
 def test_one_dimensional_prompt(model):
     ids = _prompt(1, 5)
-    assert torch.equal(model.generate(ids[0], 4), model.generate(ids, 4))
+    out = model.generate(ids[0], 4)
+    assert out.shape == (1, 9) and torch.equal(out, model.generate(ids, 4))
 
 
 @pytest.mark.parametrize("kwargs, message", [
