@@ -268,7 +268,7 @@ def _decode_attn_kernel(
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    L = tl.minimum(tl.load(cache_lens_ptr + b), Tmax)  # scalar int32, read on the device
+    L = tl.minimum(tl.maximum(tl.load(cache_lens_ptr + b), 0), Tmax)  # scalar int32 in [0, Tmax], read on the device
 
     offs_s = tl.arange(0, BLOCK_S)  # [BS] query rows (and new-key rows)
     offs_n = tl.arange(0, BLOCK_N)  # [BN]

@@ -570,3 +570,22 @@ def test_decode_workspace_gives_the_same_bits_and_is_checked():
         A.decode_attention(qkv, kc, vc, lens, 0.125, workspace=A.decode_workspace(kc, B, 1))
     with pytest.raises(ValueError, match=r"needs 2 split\(s\)"):
         A.decode_attention(qkv, kc, vc, lens, 0.125, num_splits=2, workspace=A.decode_workspace(kc, B, S))
+
+
+def test_decode_kernel_clamps_a_negative_length_to_zero():
+    """On CUDA the lengths are not read on the host: the kernel itself keeps a bad (negative) length
+    inside the row, writing the new K/V at positions 0.. and nothing before the row (another head,
+    layer or sequence). Driven through the launcher's internals, past the host check."""
+    B, H, S, D, Tmax = 2, 2, 2, 32, 16
+    full_k = torch.full((3, B, H, Tmax, D), NAN, device=DEVICE)
+    full_v = torch.full((3, B, H, Tmax, D), NAN, device=DEVICE)
+    kc, vc = full_k[1], full_v[1]
+    qkv = _randn((B, S, 3 * H * D), torch.float32, 150)
+    q, k, v = _split_heads(qkv, H)
+    out = torch.full((B, S, H * D), NAN, device=DEVICE)
+    A._launch_decode(q, k, v, kc, vc, _lens([-3, 0]), out, 0.2, 1, write_kv=True)
+    assert torch.equal(kc[:, :, :S], k) and torch.equal(vc[:, :, :S], v)  # written at 0 .. S-1 of each row
+    assert torch.isnan(full_k[0]).all() and torch.isnan(full_k[2]).all() and torch.isnan(kc[:, :, S:]).all()
+    assert torch.isfinite(out).all()  # no NaN (unwritten cache) was read
+    ref = A.decode_attention_ref(qkv, kc, vc, _lens([0, 0]), 0.2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
