@@ -27,6 +27,19 @@ model (max |Δlogits| <= 1e-4). The float16 / bfloat16 bounds are first estimate
 alone (checked on CPU with tests-made checkpoints, not yet on GPT-2 weights on a GPU); they are
 loose enough that a small weight error can hide under them: check a suspect model in float32.
 
+The half-precision gate (fastgpt2 in float16 or bfloat16 only; the way flash-attention checks its
+kernels): with err(x) = max |logits_x - logits of transformers in float32|, fastgpt2 must reach
+
+  err(fastgpt2) <= HALF_FACTOR (2) * err(transformers in fastgpt2's dtype) + HALF_ATOL[dtype]
+
+that is, be no more than twice as far from the exact model as transformers itself is in the same
+dtype. It is checked twice: on the prompts' logits (prefill: the forward above, and model.prefill's
+last-position logits) and on decode logits (fastgpt2's greedy continuation fed back one token at a
+time through its own cache, model.prefill then model.decode; not measured with --new-tokens 0);
+both against transformers' full forward over prompt + continuation at the same positions. For it,
+transformers runs in float32 and in fastgpt2's dtype (a second load besides --reference-dtype's
+model, which keeps its meaning for every other figure). A float32 run has no gate.
+
 When a figure is past its tolerance the result fails (the command exits 1) and names the failing
 figures, the first layer whose hidden state is past the hidden-state tolerance and the layer where the discrepancy
 jumps the most (where it is introduced).
@@ -57,6 +70,15 @@ TOLERANCES = {
     "bfloat16": dict(max_abs_logits=2.0, kl_mean=1e-2, kl_max=1e-1, top1=0.9, greedy=None, ppl_rel=5e-2,
                      hidden_rel=5e-2),
 }
+# The half-precision gate (module docstring): err(fastgpt2) <= HALF_FACTOR * err(transformers in
+# fastgpt2's dtype) + HALF_ATOL[dtype], err against transformers in float32.
+# atol is a floor for where transformers' own error happens to be small: fastgpt2 returns its logits
+# in the half dtype, so their final rounding alone costs up to half an ulp at the logits' magnitude
+# whatever transformers does; HALF_ATOL is that half ulp for |logits| in [2, 4) (tests-made
+# checkpoints' logits are below 4): 2^-10 in float16, 2^-7 in bfloat16. On GPT-2's weights (logits
+# of magnitude ~100) it is far below 2 * err(transformers), so the factor is the bound.
+HALF_FACTOR = 2.0
+HALF_ATOL = {"float16": 1e-3, "bfloat16": 8e-3}
 # name -> (label, comparison): "<=" the value must not exceed the tolerance, ">=" must reach it
 FIGURES = {
     "max_abs_logits": ("max |Δlogits|", "<="),
@@ -70,7 +92,11 @@ FIGURES = {
     "ppl_fastgpt2": ("perplexity, fastgpt2", None),
     "ppl_rel": ("perplexity relative gap", "<="),
     "hidden_rel": ("hidden states, worst layer (rel)", "<="),
+    # the half-precision gate (float16 / bfloat16): err(fastgpt2) vs its bound 2 * err(transformers) + atol
+    "half_prefill": ("half gate: prefill err vs float32", "<="),
+    "half_decode": ("half gate: decode err vs float32", "<="),
 }
+_HALF_FIGURES = {"prefill": "half_prefill", "decode": "half_decode"}
 
 PROMPTS = [
     "Hello, I'm a language model,",
@@ -104,11 +130,19 @@ def _epilog() -> str:
              ("  " + f"{'figure':<32}" + "".join(f"{d:<12}" for d in dtypes)).rstrip()]
     for key, label in rows:
         lines.append(("  " + f"{label:<32}" + "".join(f"{_tol_text(key, TOLERANCES[d][key]):<12}" for d in dtypes)).rstrip())
+    atol = ", ".join(f"{d} {a:g}" for d, a in HALF_ATOL.items())
     lines += [
         "hidden states rel = max |Δ| / max |reference| of the residual stream after each layer.",
         "Override one with --tol NAME=VALUE, NAME one of: " + " ".join(TOLERANCES["float32"]) + ".",
         "(--tol greedy=none only shows it.) Exit status: 0 every figure within tolerance, 1 a figure past",
         "it, 2 an error. The float16/bfloat16 bounds are first estimates for rounding alone.",
+        "",
+        "half-precision gate (fastgpt2 in float16 or bfloat16; none in float32), as flash-attention checks",
+        "its kernels: with err = max |logits - logits of transformers in float32|, a run fails when",
+        f"  err(fastgpt2) > {HALF_FACTOR:g} * err(transformers in fastgpt2's dtype) + atol   (atol: {atol})",
+        "on the prompts' logits (prefill) or on the greedy continuation fed back one token at a time",
+        "through fastgpt2's cache (decode; not measured with --new-tokens 0). For it transformers is also",
+        "loaded in float32 and in fastgpt2's dtype; --reference-dtype's model gives the other figures.",
     ]
     return "\n".join(lines)
 
@@ -137,11 +171,15 @@ class Figures:
     ppl_fastgpt2: float | None
     ppl_rel: float | None
     hidden_rel: float | None = None  # None: the forward exposed no per-layer hidden states
+    half_prefill: float | None = None  # the half-precision gate's err(fastgpt2); None: no gate (float32)
+    half_decode: float | None = None  # None: no gate, or no decode (new_tokens 0)
 
     def items(self) -> list[tuple[str, float | int | None]]:
-        """(name, value) in FIGURES' order; hidden_rel only when measured, as in the JSON."""
+        """(name, value) in FIGURES' order; hidden_rel and the half gate's only when measured, as in
+        the JSON."""
+        optional = ("hidden_rel", "half_prefill", "half_decode")
         return [(f.name, getattr(self, f.name)) for f in fields(self)
-                if f.name != "hidden_rel" or self.hidden_rel is not None]
+                if f.name not in optional or getattr(self, f.name) is not None]
 
 
 @dataclass(frozen=True)
@@ -164,6 +202,28 @@ class LayerDiff:
     max_abs_diff: float
     max_abs_reference: float
     rel: float  # max_abs_diff / max_abs_reference
+
+
+@dataclass(frozen=True)
+class GatePhase:
+    """The half-precision gate on one phase's logits, every prompt's positions together."""
+
+    phase: str  # "prefill" (the prompts' positions) or "decode" (the continuation through the cache)
+    positions: int
+    err_fastgpt2: float  # max |fastgpt2 - transformers in float32|
+    err_transformers: float  # max |transformers in fastgpt2's dtype - transformers in float32|
+    bound: float  # HALF_FACTOR * err_transformers + atol
+    ok: bool
+
+
+@dataclass(frozen=True)
+class HalfPrecisionGate:
+    """err(fastgpt2) <= factor * err(transformers in `dtype`) + atol, both against float32 transformers."""
+
+    dtype: str  # fastgpt2's (float16 or bfloat16), and the second transformers model's
+    factor: float
+    atol: float
+    phases: tuple[GatePhase, ...]  # prefill, then decode (absent with new_tokens 0)
 
 
 @dataclass(frozen=True)
@@ -199,6 +259,7 @@ class ParityResult:
     worst_figure: str | None  # the failed figure furthest past its tolerance
     failed: tuple[str, ...]  # names of the failed figures
     passed: bool
+    half_precision: HalfPrecisionGate | None = None  # None: fastgpt2 in float32 (no gate)
     info: RunInfo | None = None
 
     def to_dict(self) -> dict:
@@ -213,6 +274,9 @@ class ParityResult:
             "failed": list(self.failed),
             "passed": self.passed,
         }
+        if self.half_precision is not None:  # absent in float32, whose output is as it always was
+            out["half_precision"] = asdict(self.half_precision)
+            out["half_precision"]["phases"] = [asdict(p) for p in self.half_precision.phases]
         if self.info is not None:
             out.update(asdict(self.info))
             out["transformers_tested"] = list(self.info.transformers_tested)
@@ -371,12 +435,68 @@ def _reference_greedy(reference, ids, n):
     return out_tokens
 
 
+def _fastgpt2_through_cache(model, ids_list, tokens):
+    """fastgpt2's logits through its own cache: model.prefill over the prompt (its last position),
+    then `tokens` fed one at a time with model.decode -> [1 + len(tokens), V] float32, positions
+    T-1 .. T-1+len(tokens)."""
+    device = model.device
+    cache = model.new_cache(1, len(ids_list) + len(tokens))
+    seq_lens = torch.tensor([len(ids_list)], dtype=torch.int32, device=device)
+    out = [model.prefill(torch.tensor([ids_list], device=device), seq_lens, cache)]
+    for token in tokens:
+        out.append(model.decode(torch.tensor([[token]], device=device), cache))
+    return torch.cat(out).float()
+
+
+def _gate_errors(model, half_references, ids_list, forward_logits, continuation) -> dict:
+    """{phase: (err fastgpt2, err transformers in the half dtype, positions)} of one prompt for the
+    half-precision gate; every logit against transformers in float32 over prompt + continuation."""
+    exact_model, half_model = half_references
+    seq = torch.tensor([ids_list + continuation], device=model.device)
+    with torch.no_grad():
+        exact = exact_model(seq).logits[0].float()  # [T + n, V]
+        half = half_model(seq).logits[0].float()
+    t = len(ids_list)
+    cached = _fastgpt2_through_cache(model, ids_list, continuation)  # [1 + n, V]: positions t-1 ..
+    phases = {  # phase -> (fastgpt2, float32 reference, half reference, positions)
+        "prefill": (torch.cat([forward_logits, cached[:1]]), torch.cat([exact[:t], exact[t - 1 : t]]),
+                    torch.cat([half[:t], half[t - 1 : t]]), t),  # position t-1 twice: forward and prefill
+        "decode": (cached[1:], exact[t:], half[t:], len(continuation)),
+    }
+    return {phase: (float((ours - ref).abs().max()), float((hf - ref).abs().max()), n)
+            for phase, (ours, ref, hf, n) in phases.items() if n > 0}
+
+
+def _worst(a: float, b: float) -> float:
+    """The larger of a and b; NaN when either is (max() would drop a NaN, and it must fail)."""
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
+
+
+def _half_gate(dtype_name: str, atol: float, errors: dict) -> HalfPrecisionGate:
+    phases = []
+    for phase in ("prefill", "decode"):
+        if phase not in errors:
+            continue
+        ours, hf, positions = errors[phase]
+        bound = HALF_FACTOR * hf + atol
+        phases.append(GatePhase(phase=phase, positions=positions, err_fastgpt2=ours, err_transformers=hf,
+                                bound=bound, ok=math.isfinite(ours) and math.isfinite(bound) and ours <= bound))
+    return HalfPrecisionGate(dtype=dtype_name, factor=HALF_FACTOR, atol=atol, phases=tuple(phases))
+
+
 # -- the comparison ------------------------------------------------------------------------------
-def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: dict) -> ParityResult:
+def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: dict,
+            half_references=None, half_atol: float | None = None) -> ParityResult:
     """All figures, per-layer differences and the verdict of fastgpt2 `model` against transformers
     `reference` on token-id `prompts` (each alone, batch 1), greedy continuations of `new_tokens`,
-    with the tolerances `tol` (TOLERANCES' names; greedy "all": every token)."""
+    with the tolerances `tol` (TOLERANCES' names; greedy "all": every token).
+
+    half_references: (transformers in float32, transformers in fastgpt2's dtype) for the
+    half-precision gate (None: no gate, as for float32); half_atol: its atol (default
+    HALF_ATOL[fastgpt2's dtype])."""
     device = model.device
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    gate_errors = {}  # phase -> [err fastgpt2, err transformers, positions], worst over the prompts
     n_layer = model.config.n_layer
     names = ["embeddings"] + [f"layer {i}" for i in range(n_layer)] + ["ln_f"]
     layer_diff = [0.0] * len(names)
@@ -414,6 +534,7 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
                 a = a.reshape(b.shape)
                 layer_diff[k] = max(layer_diff[k], float((a - b).abs().max()))
                 layer_ref[k] = max(layer_ref[k], float(b.abs().max()))
+        ours_new = []
         if new_tokens > 0:
             ours_new = model.generate(ids, max_new_tokens=new_tokens)[0, len(ids_list):].tolist()
             ref_new = _reference_greedy(reference, ids, new_tokens)
@@ -421,6 +542,10 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
             while same < new_tokens and ours_new[same] == ref_new[same]:
                 same += 1
             greedy.append(same)
+        if half_references is not None:
+            for phase, (e_ours, e_hf, n) in _gate_errors(model, half_references, ids_list, ours, ours_new).items():
+                worst = gate_errors.setdefault(phase, [0.0, 0.0, 0])
+                worst[0], worst[1], worst[2] = _worst(worst[0], e_ours), _worst(worst[1], e_hf), worst[2] + n
 
     layers = ()
     if have_layers:
@@ -440,6 +565,11 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         ppl_rel=abs(ppl_ours - ppl_ref) / ppl_ref if n_nll else None,
         hidden_rel=max(x.rel for x in layers) if layers else None,
     )
+    gate = None
+    if half_references is not None:
+        gate = _half_gate(dtype_name, HALF_ATOL[dtype_name] if half_atol is None else half_atol, gate_errors)
+        by_phase = {p.phase: p.err_fastgpt2 for p in gate.phases}
+        figures = replace(figures, half_prefill=by_phase.get("prefill"), half_decode=by_phase.get("decode"))
 
     checks = []
     for key, value in figures.items():
@@ -453,6 +583,10 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         if not math.isfinite(value):
             ok = False
         checks.append(Check(figure=key, label=label, value=value, op=op, tolerance=limit, ok=ok))
+    for p in gate.phases if gate is not None else ():  # each phase's err against its own bound
+        key = _HALF_FIGURES[p.phase]
+        checks.append(Check(figure=key, label=FIGURES[key][0], value=p.err_fastgpt2, op="<=", tolerance=p.bound,
+                            ok=p.ok))
 
     first = jump = None
     if layers:
@@ -485,6 +619,7 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         worst_figure=worst,
         failed=tuple(c.figure for c in failed),
         passed=not failed,
+        half_precision=gate,
     )
 
 
@@ -501,12 +636,16 @@ def run(
     random_prompts: int = 6,
     seed: int = 0,
     tol_overrides: Mapping[str, float | int | str | None] | None = None,
+    half_atol: float | None = None,
 ) -> ParityResult:
     """Load `model` in fastgpt2 (device / dtype / backend: None picks as GPT2.from_pretrained does) and
     `reference` (default: the same checkpoint) in transformers, in `reference_dtype` ("same": fastgpt2's),
     and compare() them on the prompts: `prompts_file` (one per line), else the built-in English ones
     through the checkpoint's tokenizer, else `random_prompts` seeded random-id prompts. The tolerances
-    are TOLERANCES[fastgpt2's dtype] with `tol_overrides` by name. The result carries the run's `info`."""
+    are TOLERANCES[fastgpt2's dtype] with `tol_overrides` by name. fastgpt2 in float16 / bfloat16 also
+    runs the half-precision gate: `reference` in transformers in float32 and in fastgpt2's dtype (the
+    `reference_dtype` model where it is one of them), atol `half_atol` (default HALF_ATOL[dtype]).
+    The result carries the run's `info`."""
     import transformers
 
     try:
@@ -532,9 +671,13 @@ def run(
                     f"--reference {reference_source} is not the same architecture as --model {model}: "
                     f"vocab {ref_model.config.vocab_size} vs {ours.config.vocab_size}, layers "
                     f"{ref_model.config.n_layer} vs {ours.config.n_layer}")
+            half_references = None
+            if dtype != torch.float32:  # the half-precision gate: transformers in float32 and in fastgpt2's dtype
+                half_references = tuple(ref_model if ref_dtype == d else _load_reference(reference_source, device, d)[0]
+                                        for d in (torch.float32, dtype))
             prompts, prompt_note = _prompt_ids(ours, [ours.source_dir, ref_dir], prompts_file, new_tokens,
                                                random_prompts, seed)
-            result = compare(ours, ref_model, prompts, new_tokens, tol)
+            result = compare(ours, ref_model, prompts, new_tokens, tol, half_references, half_atol)
     finally:
         transformers.logging.set_verbosity(level)
     info = RunInfo(
@@ -594,6 +737,16 @@ def format_report(r: ParityResult) -> str:
             tol_text = f"{c.op} {_fmt(key, c.tolerance)}"
             status = "ok" if c.ok else "FAIL"
         lines.append(f"  {label:<42} {_fmt(key, value):>12}   {tol_text:<14} {status}".rstrip())
+    g = r.half_precision
+    if g is not None:
+        lines += ["", f"  half-precision gate ({g.dtype}): err = max |logits - transformers float32 logits|; "
+                      f"bound = {g.factor:g} * err(transformers {g.dtype}) + {g.atol:g}",
+                  f"    {'phase':<9} {'positions':>9}  {'fastgpt2':>10}  {'transformers':>12}  {'bound':>10}  status"]
+        for p in g.phases:
+            lines.append(f"    {p.phase:<9} {p.positions:>9}  {p.err_fastgpt2:>10.3e}  {p.err_transformers:>12.3e}  "
+                         f"{p.bound:>10.3e}  {'ok' if p.ok else 'FAIL'}")
+        if all(p.phase != "decode" for p in g.phases):
+            lines.append("    decode    not measured (no greedy continuation: --new-tokens 0)")
     if r.layers:
         lines += ["", "  per-layer hidden states (max |Δ|, max |reference|, relative):"]
         hidden = checks.get("hidden_rel")  # absent when its tolerance is None: shown only
@@ -621,6 +774,12 @@ def format_report(r: ParityResult) -> str:
         if r.first_divergent_layer is not None:
             lines.append(f"  the discrepancy starts at: {r.first_divergent_layer}"
                          + (f"; it jumps most at: {r.worst_layer} (worst layer)" if r.worst_layer else ""))
+        elif r.failed == ("half_decode",):  # the hidden states are the forward's: they do not see decode
+            lines.append("  only the decode logits fail (the prompts' are within the gate): the difference is in "
+                         "the decode path (the cache, decode attention, decode positions)")
+        elif set(r.failed) <= set(_HALF_FIGURES.values()):
+            lines.append("  only the half-precision gate fails; every hidden state is within its own (looser) "
+                         "tolerance: a float32 run (--dtype float32) names the layer")
         elif r.layers:
             lines.append("  every layer's hidden state is within tolerance: the difference is in the head (lm_head)")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """`fastgpt2 parity`: passes on a tests-made checkpoint (table, valid JSON, exit 0) and fails, naming
-the layer, when one weight of fastgpt2's copy is altered after saving (transformers reads the original)."""
+the layer, when one weight of fastgpt2's copy is altered after saving (transformers reads the original).
+In bfloat16 the half-precision gate (2 * transformers' own bfloat16 error + atol) passes a correct
+model and fails a broken one whose errors pass every other bfloat16 tolerance."""
 import json
 import shutil
 import subprocess
@@ -10,6 +12,8 @@ import torch
 from hf_reference import hf_model
 
 from fastgpt2.cli import main
+from fastgpt2.parity import HALF_ATOL
+from fastgpt2.runtime import model as network
 
 TEXT = ["Hello, I'm a language model, and I like to write about the weather.",
         "The quick brown fox jumps over the lazy dog. Paris is the capital of France."] * 10
@@ -44,6 +48,7 @@ def test_help_documents_the_tolerances():
     assert out.returncode == 0 and "usage: fastgpt2 parity" in out.stdout
     assert "max |Δlogits|" in out.stdout and "<= 1e-4" in out.stdout and "bfloat16" in out.stdout
     assert "--reference" in out.stdout and "--new-tokens" in out.stdout
+    assert "half-precision gate" in out.stdout and "err(fastgpt2) > 2 * err(transformers in fastgpt2's dtype)" in out.stdout
 
 
 def test_a_correct_checkpoint_passes(checkpoints, tmp_path, capsys):
@@ -63,6 +68,7 @@ def test_a_correct_checkpoint_passes(checkpoints, tmp_path, capsys):
     assert all(x["rel"] <= 1e-5 and x["max_abs_reference"] > 0 for x in r["layers"])
     assert r["prompts"] == 8 and r["positions"] > 8
     assert r["first_divergent_layer"] is None and r["worst_layer"] is None
+    assert "half_precision" not in r and "half_prefill" not in f and "half gate" not in out  # float32: no gate
 
 
 def test_one_altered_weight_fails_and_names_the_layer(checkpoints, tmp_path, capsys):
@@ -105,3 +111,78 @@ def test_prompts_file_and_a_tolerance_override(checkpoints, tmp_path, capsys):
     assert r["prompts"] == 2 and "prompts.txt" in r["prompt_source"] and r["figures"]["max_abs_logits"] > 1e-3
     assert main(["parity", "--model", str(good), "--tol", "nonsense=1"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def _gate(r):
+    return {p["phase"]: p for p in r["half_precision"]["phases"]}
+
+
+def test_bfloat16_passes_the_half_precision_gate(checkpoints, tmp_path, capsys):
+    good, _, _ = checkpoints
+    report = tmp_path / "parity.json"
+    assert main(["parity", "--model", str(good), "--dtype", "bfloat16", "--new-tokens", "12",
+                 "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "half-precision gate (bfloat16)" in out and "bound = 2 * err(transformers bfloat16)" in out
+    r = json.loads(report.read_text())
+    assert r["passed"] is True and r["dtype"] == "bfloat16" and r["reference_dtype"] == "float32"
+    g = r["half_precision"]
+    assert g["dtype"] == "bfloat16" and g["factor"] == 2 and g["atol"] == HALF_ATOL["bfloat16"]
+    phases = _gate(r)
+    assert list(phases) == ["prefill", "decode"]
+    assert phases["prefill"]["positions"] == r["positions"] and phases["decode"]["positions"] == 12 * r["prompts"]
+    checks = {c["figure"]: c for c in r["checks"]}
+    for phase, p in phases.items():
+        # bfloat16 rounding shows (transformers' own error is not 0), fastgpt2 is within its bound
+        assert 1e-3 < p["err_transformers"] < 0.1 and 0 < p["err_fastgpt2"] <= p["bound"] and p["ok"] is True
+        assert p["bound"] == pytest.approx(2 * p["err_transformers"] + HALF_ATOL["bfloat16"])
+        assert r["figures"]["half_" + phase] == p["err_fastgpt2"]
+        assert checks["half_" + phase]["tolerance"] == p["bound"] and checks["half_" + phase]["ok"] is True
+    # the prefill phase covers the max |Δlogits| figure's positions (the same forward, float32 reference)
+    assert phases["prefill"]["err_fastgpt2"] >= r["figures"]["max_abs_logits"] - 1e-5
+    # --reference-dtype same: the other figures against transformers in bfloat16; the gate as before
+    assert main(["parity", "--model", str(good), "--dtype", "bfloat16", "--new-tokens", "12",
+                 "--reference-dtype", "same", "--json", str(report)]) == 0
+    same = json.loads(report.read_text())
+    assert same["reference_dtype"] == "bfloat16" and same["figures"]["max_abs_logits"] != r["figures"]["max_abs_logits"]
+    for phase, p in _gate(same).items():
+        assert p["ok"] is True and p["err_fastgpt2"] == pytest.approx(phases[phase]["err_fastgpt2"], rel=1e-3)
+        assert p["err_transformers"] == pytest.approx(phases[phase]["err_transformers"], rel=1e-3)
+
+
+def _wrong_decode_positions(monkeypatch):
+    """A decode-only bug: decode steps take the position embedding one past their own position."""
+    blocks = network.GPT2Network._blocks
+    monkeypatch.setattr(network.GPT2Network, "_blocks",
+                        lambda self, ids, start, attend: blocks(self, ids, None if start is None else start + 1, attend))
+
+
+def _one_weight_5_percent_off(monkeypatch):
+    """fastgpt2's copy of one weight matrix 5% too large (transformers reads the checkpoint's)."""
+    init = network.GPT2Network.__init__
+
+    def broken(self, cfg, weights, *args, **kwargs):
+        weights = dict(weights, **{"h.1.mlp.c_fc.weight": weights["h.1.mlp.c_fc.weight"] * 1.05})
+        init(self, cfg, weights, *args, **kwargs)
+
+    monkeypatch.setattr(network.GPT2Network, "__init__", broken)
+
+
+@pytest.mark.parametrize("bug, failing", [(_wrong_decode_positions, ["half_decode"]),
+                                          (_one_weight_5_percent_off, ["half_prefill", "half_decode"])],
+                         ids=["wrong decode positions", "one weight 5% off"])
+def test_bfloat16_half_precision_gate_fails_a_broken_model(checkpoints, tmp_path, capsys, monkeypatch, bug, failing):
+    good, _, _ = checkpoints
+    bug(monkeypatch)
+    report = tmp_path / "parity.json"
+    assert main(["parity", "--model", str(good), "--dtype", "bfloat16", "--new-tokens", "12",
+                 "--json", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: half gate:" in out and "half-precision gate (bfloat16)" in out
+    assert ("the difference is in the decode path" in out) is (failing == ["half_decode"])
+    assert ("a float32 run (--dtype float32) names the layer" in out) is (failing != ["half_decode"])
+    r = json.loads(report.read_text())
+    assert r["passed"] is False and r["failed"] == failing and r["worst_figure"] in failing  # only the gate fails
+    for phase, p in _gate(r).items():
+        assert p["ok"] is ("half_" + phase not in failing)
+        assert p["ok"] or p["err_fastgpt2"] > p["bound"] > 2 * p["err_transformers"]
