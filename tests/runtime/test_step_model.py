@@ -1,0 +1,150 @@
+"""tools/step_model.py: its byte accounting against config.py's byte counts, its program counts
+against the grids the launchers really launch (captured at ``kernel[grid]`` in Triton's
+interpreter), and its CLI. Structure only: nothing here asserts a GPU timing."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.jit import KernelInterface
+
+from fastgpt2.kernels.attention import decode_attention, default_num_splits
+from fastgpt2.kernels.layernorm import add_layer_norm
+from fastgpt2.kernels.linear import linear, pick_config
+from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("step_model", ROOT / "tools" / "step_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIGS = [
+    GPT2Config.from_name("gpt2"),
+    GPT2Config.from_name("gpt2-large"),
+    GPT2Config(n_layer=3, n_embd=48, n_head=4, n_inner=80, vocab_size=100, n_positions=40),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["gpt2", "gpt2-large", "tiny-n_inner"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_weight_and_kv_bytes_match_config(tool, cfg, batch, dtype):
+    context = min(20, cfg.n_positions - 2)
+    kernels = tool.step_kernels(cfg, batch, dtype, context, cfg.n_positions)
+    e, v, n, size = cfg.n_embd, cfg.vocab_size, cfg.n_layer, dtype.itemsize
+    # The four GEMM kernels (weights + biases, once per layer) read exactly decode_weight_bytes minus
+    # the lm_head's V*E, the embedding rows' 2*B*E and the layernorm gains/biases (ln_1, ln_2 per
+    # layer: 4E; ln_f: 2E), all in the dtype: itemsize * L * (4E^2 + 2EI + 5E + I).
+    gemm = sum(k["weight_bytes"] * k["count"] for k in kernels if "GEMM" in k["kernel"] and k["kind"] == "triton")
+    layernorms = size * (n * 4 * e + 2 * e)
+    assert gemm == decode_weight_bytes(cfg, batch, dtype) - size * (v * e + 2 * batch * e) - layernorms
+    i = cfg.inner_dim
+    assert gemm == size * n * (4 * e * e + 2 * e * i + 5 * e + i)
+    # every weight of the step is read once: the per-kernel weight shares sum to decode_weight_bytes
+    assert sum(k["weight_bytes"] * k["count"] for k in kernels) == decode_weight_bytes(cfg, batch, dtype)
+    # the K/V cache read (context positions) and written (the new token) = kv_read_bytes over context + 1
+    assert sum(k["kv_bytes"] * k["count"] for k in kernels) == kv_read_bytes(cfg, batch, context + 1, dtype)
+    for k in kernels:
+        assert k["bytes"] >= k["weight_bytes"] + k["kv_bytes"] and k["count"] in (1, n)
+
+
+def _capture_grids(monkeypatch):
+    """Record (kernel name, grid) at every ``kernel[grid](...)`` launch (as step_count.count_ops does)."""
+    grids = []
+    original = KernelInterface.__getitem__
+
+    def recording(kernel, grid):
+        grids.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        return original(kernel, grid)
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", recording)
+    return grids
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 32, 320), (3, 48, 192), (20, 32, 130)])
+def test_gemm_programs_are_the_launched_grid(tool, monkeypatch, m, k, n):
+    grids = _capture_grids(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    linear(torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen), torch.randn(n, generator=gen))
+    assert [g for name, g in grids if name == "_linear_kernel"] == [
+        (math.ceil(m / pick_config(m).block_m), math.ceil(n / pick_config(m).block_n))]
+    (grid,) = [g for name, g in grids if name == "_linear_kernel"]
+    assert tool.gemm_programs(m, n) == grid[0] * grid[1]
+
+
+def test_gemm_programs_of_gpt2_at_batch_1(tool):
+    # decode tiles are 16 x 64: every gpt2 projection launches fewer programs than an H200 has SMs
+    assert [tool.gemm_programs(1, n) for n in (3 * 768, 768, 4 * 768, 768)] == [36, 12, 48, 12]
+    assert all(p < tool.GPUS["H200"]["sms"] for p in (36, 12, 48, 12))
+
+
+@pytest.mark.parametrize("batch,heads,tmax", [(2, 2, 256), (1, 2, 64), (3, 1, 512)])
+def test_attention_programs_are_the_launched_grids(tool, monkeypatch, batch, heads, tmax):
+    d = 32
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, 1, 3 * heads * d, generator=gen)
+    k_cache = torch.randn(batch, heads, tmax, d, generator=gen)
+    v_cache = torch.randn(batch, heads, tmax, d, generator=gen)
+    lens = torch.full((batch,), 5, dtype=torch.int32)
+    grids = _capture_grids(monkeypatch)
+    decode_attention(qkv, k_cache, v_cache, lens, d**-0.5)
+    splits, programs, reduce_programs = tool.decode_grids(batch, heads, tmax)
+    assert splits == default_num_splits(batch, heads, tmax)
+    launched = dict(grids)
+    assert launched["_decode_attn_kernel"] == (batch * heads, splits)
+    assert programs == batch * heads * splits
+    if splits > 1:
+        assert launched["_decode_reduce_kernel"] == (reduce_programs,) == (batch * heads,)
+    else:
+        assert "_decode_reduce_kernel" not in launched and reduce_programs == 0
+
+
+def test_layernorm_programs_are_the_launched_grid(tool, monkeypatch):
+    grids = _capture_grids(monkeypatch)
+    x = torch.randn(3, 48)
+    add_layer_norm(x, torch.randn(3, 48), torch.ones(48), torch.zeros(48), 1e-5)
+    assert grids == [("_add_layernorm_kernel", (tool.layernorm_programs(3),))]
+
+
+def test_prediction_formula(tool):
+    r = tool.model_step("gpt2", 1, "H200", torch.float16, context=128)
+    gpu = tool.GPUS["H200"]
+    bw = tool.ACHIEVABLE_BW_FRACTION * gpu["hbm_gbps"] * 1e9
+    for k in r["kernels"]:
+        programs = k["programs"] if k["programs"] is not None else gpu["sms"]
+        expect = max(k["bytes"] / (bw * min(1, programs / gpu["sms"])) * 1e6, tool.KERNEL_FLOOR_US)
+        assert k["us"] == pytest.approx(expect)
+        assert k["waves"] == math.ceil(programs / (gpu["sms"] * tool.RESIDENT_PROGRAMS_PER_SM))
+    assert r["step_us"] == pytest.approx(sum(k["us"] * k["count"] for k in r["kernels"]))
+    assert r["tokens_per_s"] == pytest.approx(1 / (r["step_us"] * 1e-6))
+    roof = decode_weight_bytes(GPT2Config.from_name("gpt2"), 1, torch.float16) / (gpu["hbm_gbps"] * 1e9) * 1e6
+    assert r["pct_roofline"] == pytest.approx(100 * roof / r["step_us"])
+    assert r["step_us"] > roof  # a model can never beat the roofline
+    # per step: embed + 7 or 8 kernels per layer + lm_head, argmax, length update
+    per_layer = 8 if r["cache_len"] > 128 else 7
+    assert r["launches_per_step"] == 1 + 12 * per_layer + 3
+    assert tool.GPUS["H100"]["hbm_gbps"] == 3350 and tool.GPUS["A100"]["sms"] == 108
+
+
+def test_cli_prints_tables_and_summary(tool, capsys, tmp_path):
+    out_json = tmp_path / "step.json"
+    assert tool.main(["--gpu", "A100", "--model", "gpt2", "--batch", "1,2", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "### gpt2, batch 1, float16, A100 SXM 80GB" in text and "### gpt2, batch 2" in text
+    assert "## Summary (A100 SXM 80GB" in text
+    for model, batch in (("gpt2", 1), ("gpt2", 8), ("gpt2-large", 1), ("gpt2-large", 8)):
+        assert f"| {model} | {batch} |" in text
+    assert "| c_proj GEMM (mlp.c_proj) | 12 | 12 | 1 |" in text
+    data = json.loads(out_json.read_text())
+    assert [(s["model"], s["batch"]) for s in data["steps"]] == [("gpt2", 1), ("gpt2", 2)]
+    assert len(data["summary"]) == 4 and data["assumptions"]["KERNEL_FLOOR_US"] == tool.KERNEL_FLOOR_US
+    with pytest.raises(SystemExit):
+        tool.main(["--batch", "0"])

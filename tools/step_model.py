@@ -1,0 +1,270 @@
+"""A step-time model of fastgpt2's Triton decode step (one new token per sequence, batch B), no GPU.
+
+    python tools/step_model.py [--gpu H200|H100|A100] [--model gpt2 ...] [--batch 1,8]
+                               [--dtype float16] [--context 128] [--cache-len N] [--json FILE]
+
+For every kernel the step launches (the op sequence of ``fastgpt2.runtime.model``'s docstring, with
+the fusions of ``fastgpt2.runtime.step_count.FUSIONS``) this lists the bytes it moves (weights,
+activations, KV cache read and written, in the model dtype; split partials in fp32), the programs
+it launches (the grid its launcher computes, from the launchers' own helpers: ``pick_config``,
+``default_num_splits``, one layernorm program per row), the waves, and a predicted time
+
+    t = max(bytes / (ACHIEVABLE_BW_FRACTION * HBM * min(1, programs / SMs)), KERNEL_FLOOR_US)
+
+i.e. a kernel that launches fewer programs than the GPU has SMs is taken to reach only that share
+of the bandwidth (one resident program streams from one SM), and no kernel takes less than a
+fixed launch/latency floor. The step is the sum. Reported: tokens/s = B / step, and % of the HBM
+roofline = (decode_weight_bytes / HBM) / step (the bound tools/roofline.py prints).
+
+This is a model, not a measurement: the constants below are assumptions to calibrate against a
+GPU run (``fastgpt2 bench``, the bench/ suite). Left out: compute time (decode GEMMs at B <= 64 are
+far from the tensor-core limit), L2 hits (the next layer's activations are L2-resident, so the
+activation bytes here are an upper bound on DRAM traffic), tail effects within a wave, the lm_head's
+and argmax's real cuBLAS / torch grids (taken to fill the GPU), and sampling (greedy only).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from fastgpt2.kernels import attention as _attention
+from fastgpt2.kernels.linear import pick_config
+from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.graphs import graph_cache_len
+
+
+def _load_roofline():
+    """tools/roofline.py (not a package module), loaded by path as tests/runtime/test_bench.py does."""
+    spec = importlib.util.spec_from_file_location("roofline", Path(__file__).resolve().parent / "roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ROOFLINE = _load_roofline()
+
+# --- assumptions, to be calibrated by a GPU run --------------------------------------------------
+# Share of the HBM datasheet bandwidth a well-fed streaming kernel reaches (H200: 0.9 * 4.8 = 4.32
+# TB/s, about its measured device-to-device copy rate). ASSUMPTION.
+ACHIEVABLE_BW_FRACTION = 0.9
+# Least time of one kernel inside a CUDA graph (launch, ramp-up, drain, the dependency on the
+# previous kernel), in µs. ASSUMPTION.
+KERNEL_FLOOR_US = 3.0
+# Programs of one kernel resident on one SM at once. 1: the model takes one program per SM (a decode
+# GEMM program, 4 warps with ~60 KiB of shared memory in flight, could fit 2-3 per SM on sm_90, but
+# whether that raises the bandwidth of one SM is what a GPU run has to show). ASSUMPTION.
+RESIDENT_PROGRAMS_PER_SM = 1
+# Programs assumed for the kernels whose grid the code does not choose (cuBLAS lm_head, torch's
+# max/add): they are taken to fill the GPU (None -> SM count). ASSUMPTION.
+LIBRARY_PROGRAMS = None
+
+# --- GPUs: SM count and HBM GB/s (1e9 bytes/s); bandwidths from tools/roofline.py's table where it
+# has the GPU, the datasheet figure otherwise ---------------------------------------------------
+_H200_GBPS = 4800  # H200 SXM datasheet (tools/roofline.py has no H200 row); ~4.3 TB/s measured copy
+GPUS = {
+    "H200": {"name": "H200 SXM", "sms": 132, "hbm_gbps": _H200_GBPS},
+    "H100": {"name": "H100 SXM", "sms": 132, "hbm_gbps": _ROOFLINE.GPUS["H100 SXM"]},
+    "A100": {"name": "A100 SXM 80GB", "sms": 108, "hbm_gbps": _ROOFLINE.GPUS["A100 SXM 80GB"]},
+}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_CONTEXT = 128  # cached positions each sequence attends over (before the new token)
+SUMMARY_MODELS = ("gpt2", "gpt2-large")
+SUMMARY_BATCHES = (1, 8)
+
+
+def _kernel(name, count, programs, nbytes, weight_bytes=0, kv_bytes=0, kind="triton"):
+    return {"kernel": name, "count": count, "programs": programs, "bytes": nbytes,
+            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "kind": kind}
+
+
+def gemm_programs(m: int, n: int) -> int:
+    """linear()'s grid for x [M, K] @ w [K, N]: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) of pick_config(M)."""
+    cfg = pick_config(m)
+    return triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+
+
+def layernorm_programs(rows: int) -> int:
+    """add_layer_norm / embed_layer_norm launch one program per row: grid (M,)."""
+    return rows
+
+
+def decode_grids(batch: int, n_head: int, cache_len: int, s: int = 1) -> tuple[int, int, int]:
+    """-> (num_splits, decode programs, reduce programs (0 when num_splits == 1)), as _launch_decode:
+    decode grid (B*H, num_splits), reduce grid (B*H*S,) only when num_splits > 1."""
+    splits = _attention.default_num_splits(batch, n_head, cache_len)
+    return splits, batch * n_head * splits, (batch * n_head * s if splits > 1 else 0)
+
+
+def step_kernels(cfg: GPT2Config, batch: int, dtype: torch.dtype, context: int, cache_len: int) -> list[dict]:
+    """The kernels of one greedy decode step, one row per distinct kernel with its count per step.
+    Bytes are per launch; weight_bytes the share of them that is weights (as decode_weight_bytes
+    counts them), kv_bytes the K/V cache share (read and written)."""
+    i, b, e, v, n, h = dtype.itemsize, batch, cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_head
+    inner, d = cfg.inner_dim, cfg.head_dim
+    f32, idx = 4, 8  # fp32 partials, int64 token ids
+    splits, dec_programs, red_programs = decode_grids(b, h, cache_len)
+    ln_rows = layernorm_programs(b)
+    # gathers 1 row of wte and of wpe per sequence + ln_1 of layer 0; reads ids and lengths, writes a, h
+    embed_w = (2 * b * e + 2 * e) * i
+    out = [_kernel("embed + ln_1 (embed_layer_norm)", 1, ln_rows, embed_w + b * (idx + 4) + 2 * b * e * i, embed_w)]
+
+    def gemm(name, k_dim, n_dim, extra_in=0):
+        w = (k_dim * n_dim + n_dim) * i
+        act = (b * k_dim + b * n_dim + extra_in) * i
+        return _kernel(name, n, gemm_programs(b, n_dim), w + act, w)
+
+    out.append(gemm("QKV GEMM (c_attn)", e, 3 * e))
+    # q, k_new, v_new from qkv; the cached K/V of `context` positions; the new K/V written; lengths
+    kv = 2 * b * context * e * i + 2 * b * e * i
+    attn_out = b * e * i if splits == 1 else b * h * splits * (d + 2) * f32  # out, or the split partials
+    out.append(_kernel(f"decode attention ({splits} split{'s' if splits > 1 else ''})", n, dec_programs,
+                       3 * b * e * i + kv + b * 4 + attn_out, kv_bytes=kv))
+    if splits > 1:
+        out.append(_kernel("decode attention reduce", n, red_programs, b * h * splits * (d + 2) * f32 + b * e * i))
+    out.append(gemm("attn-out GEMM + residual (attn.c_proj)", e, e, extra_in=b * e))
+    ln_w = 2 * e * i
+    out.append(_kernel("ln_2 (add_layer_norm, no residual)", n, ln_rows, ln_w + 2 * b * e * i, ln_w))
+    out.append(gemm("c_fc GEMM + gelu", e, inner))
+    out.append(gemm("c_proj GEMM (mlp.c_proj)", inner, e))
+    # the MLP residual add + the next layer's ln_1 (ln_f after the last layer): reads p, h; writes a, h
+    out.append(_kernel("residual + next ln_1 / ln_f (add_layer_norm)", n, ln_rows, ln_w + 4 * b * e * i, ln_w))
+    head_w = v * e * i
+    out.append(_kernel("lm_head (cuBLAS GEMM, bandwidth-bound V*E read)", 1, LIBRARY_PROGRAMS,
+                       head_w + b * e * i + b * v * i, head_w, kind="torch"))
+    out.append(_kernel("argmax (torch.max over V)", 1, LIBRARY_PROGRAMS, b * v * i + b * (i + idx), kind="torch"))
+    out.append(_kernel("length update (lengths += 1)", 1, LIBRARY_PROGRAMS, 2 * b * 4, kind="torch"))
+    return out
+
+
+def predict(kernels: list[dict], gpu: dict) -> list[dict]:
+    """Adds waves and predicted µs (per launch and per step) to each kernel row, in place."""
+    bw = ACHIEVABLE_BW_FRACTION * gpu["hbm_gbps"] * 1e9  # bytes/s
+    sms = gpu["sms"]
+    for k in kernels:
+        programs = k["programs"] if k["programs"] is not None else sms
+        k["waves"] = math.ceil(programs / (sms * RESIDENT_PROGRAMS_PER_SM))
+        k["sm_share"] = min(1.0, programs / sms)
+        k["bandwidth_us"] = k["bytes"] / (bw * k["sm_share"]) * 1e6
+        k["us"] = max(k["bandwidth_us"], KERNEL_FLOOR_US)
+        k["floor_bound"] = k["bandwidth_us"] < KERNEL_FLOOR_US
+        k["us_per_step"] = k["us"] * k["count"]
+    return kernels
+
+
+def model_step(model: str, batch: int, gpu_key: str = "H200", dtype: torch.dtype = torch.float16,
+               context: int = DEFAULT_CONTEXT, cache_len: int | None = None) -> dict:
+    cfg = GPT2Config.from_name(model)
+    if cache_len is None:  # a graphed step's cache: the next power of two >= context + 1, <= n_positions
+        cache_len = graph_cache_len(context + 1, cfg.n_positions)
+    if not 0 <= context < cache_len:
+        raise ValueError(f"context {context} must be in [0, cache_len {cache_len})")
+    gpu = GPUS[gpu_key]
+    kernels = predict(step_kernels(cfg, batch, dtype, context, cache_len), gpu)
+    step_us = sum(k["us_per_step"] for k in kernels)
+    weight_bytes = decode_weight_bytes(cfg, batch, dtype)
+    roofline_us = weight_bytes / (gpu["hbm_gbps"] * 1e9) * 1e6
+    return {
+        "model": model, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu["name"],
+        "sms": gpu["sms"], "hbm_gbps": gpu["hbm_gbps"], "context": context, "cache_len": cache_len,
+        "kernels": kernels,
+        "launches_per_step": sum(k["count"] for k in kernels),
+        "bytes_per_step": sum(k["bytes"] * k["count"] for k in kernels),
+        "weight_bytes_per_step": weight_bytes,
+        "kv_bytes_per_step": kv_read_bytes(cfg, batch, context + 1, dtype),
+        "step_us": step_us,
+        "tokens_per_s": batch / (step_us * 1e-6),
+        "roofline_us": roofline_us,
+        "pct_roofline": 100.0 * roofline_us / step_us,
+        "floor_us_per_step": sum(k["count"] * KERNEL_FLOOR_US for k in kernels if k["floor_bound"]),
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:,.3f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
+
+
+def format_step(r: dict) -> str:
+    lines = [
+        f"### {r['model']}, batch {r['batch']}, {r['dtype']}, {r['gpu']} ({r['sms']} SMs, {r['hbm_gbps']:,} GB/s), "
+        f"context {r['context']}, cache_len {r['cache_len']}",
+        "",
+        "| kernel | count/step | programs | waves | bytes/launch | µs/launch | µs/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in r["kernels"]:
+        programs = k["programs"] if k["programs"] is not None else f"({r['sms']})"
+        bound = " (floor)" if k["floor_bound"] else ""
+        lines.append(f"| {k['kernel']} | {k['count']} | {programs} | {k['waves']} | {_fmt_bytes(k['bytes'])} | "
+                     f"{k['us']:.2f}{bound} | {k['us_per_step']:.1f} |")
+    lines += ["", f"Summary: {r['model']} batch {r['batch']}: predicted step {r['step_us']:.1f} µs, "
+                  f"{r['tokens_per_s']:,.0f} tok/s, {r['pct_roofline']:.1f}% of the HBM roofline "
+                  f"({r['roofline_us']:.1f} µs); {r['launches_per_step']} launches, "
+                  f"{r['floor_us_per_step']:.1f} µs of it at the per-kernel floor; "
+                  f"{r['bytes_per_step'] / 1e6:,.1f} MB moved ({r['weight_bytes_per_step'] / 1e6:,.1f} MB weights, "
+                  f"{r['kv_bytes_per_step'] / 1e6:,.1f} MB KV)."]
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[dict]) -> str:
+    gpu = rows[0]["gpu"] if rows else ""
+    lines = [f"## Summary ({gpu}, predicted, uncalibrated)", "",
+             "| model | batch | predicted step µs | tok/s | roofline µs | % roofline |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['step_us']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['roofline_us']:.1f} | {r['pct_roofline']:.1f}% |")
+    lines += ["", f"Assumptions (to calibrate on a GPU): achievable bandwidth = {ACHIEVABLE_BW_FRACTION} x HBM, "
+                  f"scaled by min(1, programs / SMs); {KERNEL_FLOOR_US} µs floor per kernel (CUDA graph); "
+                  f"{RESIDENT_PROGRAMS_PER_SM} resident program per SM; cuBLAS/torch kernels fill the GPU."]
+    return "\n".join(lines)
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"--batch values must be >= 1, got {text!r}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", default="H200", choices=sorted(GPUS))
+    p.add_argument("--model", nargs="+", default=list(SUMMARY_MODELS), choices=list(_ROOFLINE.MODELS))
+    p.add_argument("--batch", type=_batches, default=list(SUMMARY_BATCHES), help="comma-separated, e.g. 1,8")
+    p.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="cached positions per sequence")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="the cache's max_len (Tmax; sets num_splits); default: the graphed step's bucket")
+    p.add_argument("--json", default=None, help="write every row and the summary to this file")
+    args = p.parse_args(argv)
+    dtype = _DTYPES[args.dtype]
+    try:
+        rows = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len) for m in args.model for b in args.batch]
+        summary = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len)
+                   for m in SUMMARY_MODELS for b in SUMMARY_BATCHES]
+    except ValueError as exc:
+        p.error(str(exc))
+    for r in rows:
+        print(format_step(r))
+        print()
+    print(format_summary(summary))
+    if args.json:
+        constants = {"ACHIEVABLE_BW_FRACTION": ACHIEVABLE_BW_FRACTION, "KERNEL_FLOOR_US": KERNEL_FLOOR_US,
+                     "RESIDENT_PROGRAMS_PER_SM": RESIDENT_PROGRAMS_PER_SM}
+        Path(args.json).write_text(json.dumps({"assumptions": constants, "gpu": GPUS[args.gpu], "steps": rows,
+                                               "summary": summary}, indent=2))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
