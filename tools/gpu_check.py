@@ -308,58 +308,55 @@ def _env_summary(path: Path) -> Callable[[str, str], str]:
     return summary
 
 
-def _parity_summary(path: Path) -> Callable[[str, str], str]:
+def _json_summary(path: Path, describe: Callable[[dict], str | None]) -> Callable[[str, str], str]:
+    """A stage's summary from the JSON it wrote at `path`: describe(d), or the stage's last stdout line
+    when it wrote none (or describe finds nothing to say)."""
     def summary(stdout, stderr):
         d = _load_json(path)
-        if d is None:
-            return _last_line(stdout)
-        worst = d.get("worst_figure")
-        figs = d.get("figures") or {}
-        head = "passed" if d.get("passed") else f"FAILED {d.get('failed')}"
-        parts = [head]
-        if worst is not None:
-            parts.append(f"worst figure {worst}" + (f" = {figs[worst]:.3g}" if isinstance(figs.get(worst), (int, float))
-                                                     else ""))
-        if "max_abs_logits" in figs:
-            parts.append(f"max|dlogits| {figs['max_abs_logits']:.3g}")
-        for ph in (d.get("half_precision") or {}).get("phases", []):
-            parts.append(f"{ph.get('phase')} err {ph.get('err_fastgpt2', 0):.3g} vs hf {ph.get('err_transformers', 0):.3g}"
-                         f" (bound {ph.get('bound', 0):.3g})")
-        return "; ".join(parts)
+        line = describe(d) if d is not None else None
+        return _last_line(stdout) if line is None else line
     return summary
 
 
-def _bench_summary(path: Path) -> Callable[[str, str], str]:
-    def summary(stdout, stderr):
-        d = _load_json(path)
-        if d is None:
-            return _last_line(stdout)
-        rows = d.get("rows") or []
-        fast = [r for r in rows if str(r.get("engine", "")).startswith("fastgpt2")]
-        if not fast:
-            return f"{len(rows)} rows"
-        best = max(fast, key=lambda r: r.get("batch", 0))
-        line = (f"{best['engine']} b{best['batch']}: {best.get('decode_tok_s', 0):,.0f} decode tok/s, "
-                f"{best.get('ms_per_token', 0):.3g} ms/token")
-        if best.get("roofline_pct") is not None:
-            line += f", {best['roofline_pct']:.0f}% roofline"
-        if best.get("speedup_decode") is not None:
-            line += f", {best['speedup_decode']:.2f}x transformers"
-        b1 = [r for r in fast if r.get("batch") == 1]
-        if b1 and b1[0] is not best:
-            line += f"; b1 {b1[0].get('ms_per_token', 0):.3g} ms/token"
-        return line
-    return summary
+def _describe_parity(d: dict) -> str:
+    worst = d.get("worst_figure")
+    figs = d.get("figures") or {}
+    head = "passed" if d.get("passed") else f"FAILED {d.get('failed')}"
+    parts = [head]
+    if worst is not None:
+        parts.append(f"worst figure {worst}" + (f" = {figs[worst]:.3g}" if isinstance(figs.get(worst), (int, float))
+                                                 else ""))
+    if "max_abs_logits" in figs:
+        parts.append(f"max|dlogits| {figs['max_abs_logits']:.3g}")
+    for ph in (d.get("half_precision") or {}).get("phases", []):
+        parts.append(f"{ph.get('phase')} err {ph.get('err_fastgpt2', 0):.3g} vs hf {ph.get('err_transformers', 0):.3g}"
+                     f" (bound {ph.get('bound', 0):.3g})")
+    return "; ".join(parts)
 
 
-def _step_model_summary(path: Path) -> Callable[[str, str], str]:
-    def summary(stdout, stderr):
-        d = _load_json(path)
-        if not d or not isinstance(d.get("summary"), list):
-            return _last_line(stdout)
-        return "predicted: " + ", ".join(
-            f"{r.get('model')} b{r.get('batch')} {r.get('step_us', 0):.0f} us/step" for r in d["summary"][:4])
-    return summary
+def _describe_bench(d: dict) -> str:
+    rows = d.get("rows") or []
+    fast = [r for r in rows if str(r.get("engine", "")).startswith("fastgpt2")]
+    if not fast:
+        return f"{len(rows)} rows"
+    best = max(fast, key=lambda r: r.get("batch", 0))
+    line = (f"{best['engine']} b{best['batch']}: {best.get('decode_tok_s', 0):,.0f} decode tok/s, "
+            f"{best.get('ms_per_token', 0):.3g} ms/token")
+    if best.get("roofline_pct") is not None:
+        line += f", {best['roofline_pct']:.0f}% roofline"
+    if best.get("speedup_decode") is not None:
+        line += f", {best['speedup_decode']:.2f}x transformers"
+    b1 = [r for r in fast if r.get("batch") == 1]
+    if b1 and b1[0] is not best:
+        line += f"; b1 {b1[0].get('ms_per_token', 0):.3g} ms/token"
+    return line
+
+
+def _describe_step_model(d: dict) -> str | None:
+    if not isinstance(d.get("summary"), list):
+        return None
+    return "predicted: " + ", ".join(
+        f"{r.get('model')} b{r.get('batch')} {r.get('step_us', 0):.0f} us/step" for r in d["summary"][:4])
 
 
 def predicted_vs_measured(out: Path) -> list[dict]:
@@ -420,7 +417,7 @@ def _bench(model: str, dtype: str, file: str, step_count: bool, new_tokens: int 
             cmd = [PY, "-m", "fastgpt2", "bench", "--model", model, "--batch", "1,8,32", "--dtype", dtype,
                    "--prompt-len", "32", "--new-tokens", str(new_tokens), "--runs", "2", "--warmup", "1", "--quiet",
                    "--json", str(path)] + ([] if step_count else ["--no-step-count"])
-        summary = _bench_summary(path)
+        summary = _json_summary(path, _describe_bench)
         if ctx.dry:  # one decode step of a 1-layer toy on the CPU: the path is exercised, the figures mean nothing
             return cmd, lambda o, e: "dry (tiny CPU config, figures not meaningful): " + summary(o, e)
         return cmd, summary
@@ -435,7 +432,7 @@ def _parity(dtype: str):
         path = ctx.out / f"parity_{dtype}.json"
         cmd = [PY, "-m", "fastgpt2", "parity", "--model", str(ckpt), "--dtype", dtype, "--device", "cuda",
                "--json", str(path)]
-        return cmd, _parity_summary(path)
+        return cmd, _json_summary(path, _describe_parity)
     return build
 
 
@@ -444,7 +441,7 @@ def _step_model(ctx: Context):
     if not script.exists():
         return "tools/step_model.py not present"
     path = ctx.out / "step_model.json"
-    return [PY, str(script), "--gpu", "H200", "--json", str(path)], _step_model_summary(path)
+    return [PY, str(script), "--gpu", "H200", "--json", str(path)], _json_summary(path, _describe_step_model)
 
 
 STAGES = [
