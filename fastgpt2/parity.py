@@ -513,13 +513,13 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         ours, our_states = _fastgpt2_forward(model, ids)
         ref, ref_states = _reference_forward(reference, ids)
         diff = (ours - ref).abs()
-        max_abs = max(max_abs, float(diff.max()))
+        max_abs = _worst(max_abs, float(diff.max()))
         sum_abs += float(diff.double().sum())
         n_values += diff.numel()
         lp_ref, lp_ours = ref.double().log_softmax(-1), ours.double().log_softmax(-1)
         kl = (lp_ref.exp() * (lp_ref - lp_ours)).sum(-1).clamp_min(0)  # [T]
         kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(kl.max()))
+        kl_max = _worst(kl_max, float(kl.max()))
         agree += int((ref.argmax(-1) == ours.argmax(-1)).sum())
         n_pos += ref.shape[0]
         if len(ids_list) > 1:
@@ -532,8 +532,8 @@ def compare(model, reference, prompts: list[list[int]], new_tokens: int, tol: di
         else:
             for k, (a, b) in enumerate(zip(our_states, ref_states)):
                 a = a.reshape(b.shape)
-                layer_diff[k] = max(layer_diff[k], float((a - b).abs().max()))
-                layer_ref[k] = max(layer_ref[k], float(b.abs().max()))
+                layer_diff[k] = _worst(layer_diff[k], float((a - b).abs().max()))
+                layer_ref[k] = _worst(layer_ref[k], float(b.abs().max()))
         ours_new = []
         if new_tokens > 0:
             ours_new = model.generate(ids, max_new_tokens=new_tokens)[0, len(ids_list):].tolist()

@@ -186,3 +186,24 @@ def test_bfloat16_half_precision_gate_fails_a_broken_model(checkpoints, tmp_path
     for phase, p in _gate(r).items():
         assert p["ok"] is ("half_" + phase not in failing)
         assert p["ok"] or p["err_fastgpt2"] > p["bound"] > 2 * p["err_transformers"]
+
+
+def test_a_nan_weight_shows_as_nan_in_every_worst_figure(checkpoints, tmp_path, capsys, monkeypatch):
+    """A NaN in fastgpt2's logits is the worst value, never dropped by max(): max |Δlogits|, KL max and the
+    layers' differences read nan (the JSON writes it as a string) and fail."""
+    good, _, _ = checkpoints
+    original = network.GPT2Network.__init__
+
+    def broken(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.layers[1].fc_b[3] = float("nan")  # layer 1's c_fc bias, after preparation
+
+    monkeypatch.setattr(network.GPT2Network, "__init__", broken)
+    report = tmp_path / "nan.json"
+    assert main(["parity", "--model", str(good), "--json", str(report), "--new-tokens", "0"]) == 1
+    r = json.loads(report.read_text())
+    assert r["figures"]["max_abs_logits"] == r["figures"]["kl_max"] == "nan"
+    assert {"max_abs_logits", "kl_max"} <= set(r["failed"])
+    diffs = [x["max_abs_diff"] for x in r["layers"]]  # embeddings, layer 0, layer 1, layer 2, ln_f
+    assert diffs[0] <= 1e-5 and diffs[1] <= 1e-5 and diffs[2:] == ["nan"] * 3
+    capsys.readouterr()
