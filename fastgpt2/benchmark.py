@@ -347,7 +347,8 @@ def run(options: BenchOptions) -> BenchResult:
         raise BenchError("--prompt-len must be >= 1")
     batches = list(o.batches) if o.batches is not None else ([1, 8, 32] if device.type == "cuda" else [1, 8])
     if not batches or min(batches) < 1:
-        raise BenchError(f"--batch takes positive integers (e.g. 1,8,32), got {','.join(map(str, batches))!r}")
+        raise BenchError(f"--batch takes comma-separated positive integers (e.g. 1,8,32), "
+                         f"got {','.join(map(str, batches))!r}")
     backends = [o.backend] if o.backend else (["torch"] if device.type == "cpu" else ["triton", "torch"])
     if o.config:
         try:
