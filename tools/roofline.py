@@ -16,6 +16,7 @@ import argparse
 
 import torch
 
+from fastgpt2.kernels.contract import DTYPE_NAMES
 from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes
 
 MODELS = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -26,7 +27,7 @@ GPUS = {
     "H100 SXM": 3350,
     "H100 PCIe": 2000,
 }
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # names of kernels.contract.DTYPE_NAMES
 
 
 def roofline(dtype: torch.dtype = torch.float16, batch: int = 1) -> list[dict]:
@@ -68,12 +69,12 @@ def format_markdown(rows: list[dict], dtype: torch.dtype = torch.float16, batch:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float16", choices=_DTYPE_CHOICES)
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     print(format_markdown(roofline(dtype, args.batch), dtype, args.batch))
     return 0
 

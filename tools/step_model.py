@@ -35,6 +35,7 @@ import torch
 import triton
 
 from fastgpt2.kernels import attention as _attention
+from fastgpt2.kernels.contract import DTYPE_NAMES
 from fastgpt2.kernels.linear import pick_config
 from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
 from fastgpt2.runtime.graphs import graph_cache_len
@@ -73,7 +74,7 @@ GPUS = {
     "H100": {"name": "H100 SXM", "sms": 132, "hbm_gbps": _ROOFLINE.GPUS["H100 SXM"]},
     "A100": {"name": "A100 SXM 80GB", "sms": 108, "hbm_gbps": _ROOFLINE.GPUS["A100 SXM 80GB"]},
 }
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # names of kernels.contract.DTYPE_NAMES
 DEFAULT_CONTEXT = 128  # cached positions each sequence attends over (before the new token)
 SUMMARY_MODELS = ("gpt2", "gpt2-large")
 SUMMARY_BATCHES = (1, 8)
@@ -240,13 +241,13 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default="H200", choices=sorted(GPUS))
     p.add_argument("--model", nargs="+", default=list(SUMMARY_MODELS), choices=list(_ROOFLINE.MODELS))
     p.add_argument("--batch", type=_batches, default=list(SUMMARY_BATCHES), help="comma-separated, e.g. 1,8")
-    p.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float16", choices=_DTYPE_CHOICES)
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="cached positions per sequence")
     p.add_argument("--cache-len", type=int, default=None,
                    help="the cache's max_len (Tmax; sets num_splits); default: the graphed step's bucket")
     p.add_argument("--json", default=None, help="write every row and the summary to this file")
     args = p.parse_args(argv)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     try:
         rows = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len) for m in args.model for b in args.batch]
         summary = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len)
