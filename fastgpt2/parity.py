@@ -381,8 +381,7 @@ class _RecordingOps:
             self._keep(0, h)
         return y, h
 
-    def layer_norm(self, x, residual, weight, bias, eps):
-        y, s = self._inner.layer_norm(x, residual, weight, bias, eps)
+    def _record(self, weight, y, s):
         key = id(weight)
         if key in self._ln1:
             self._keep(self._ln1[key], s)  # the stream entering layer j
@@ -390,6 +389,13 @@ class _RecordingOps:
             self._keep(self.n_layer, s)  # the last layer's output
             self._keep(self.n_layer + 1, y)
         return y, s
+
+    def layer_norm(self, x, residual, weight, bias, eps):
+        return self._record(weight, *self._inner.layer_norm(x, residual, weight, bias, eps))
+
+    def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
+        # the MLP down projection + residual + the next layernorm (layer j's ln_1 or ln_f): one op
+        return self._record(weight, *self._inner.linear_norm(x, w, b, residual, weight, bias, eps, workspace))
 
 
 def _fastgpt2_forward(model, ids):

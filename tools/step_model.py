@@ -6,8 +6,9 @@
 For every kernel the step launches (the op sequence of ``fastgpt2.runtime.model``'s docstring, with
 the fusions of ``fastgpt2.runtime.step_count.FUSIONS``) this lists the bytes it moves (weights,
 activations, KV cache read and written, in the model dtype; split partials in fp32), the programs
-it launches (the grid its launcher computes, from the launchers' own helpers: ``pick_config``,
-``default_num_splits``, one layernorm program per row), the waves, and a predicted time
+it launches (the grid its launcher computes, from the launchers' own helpers: the GEMMs' ``plan``
+for the GPU's SM count, ``default_num_splits``, one layernorm program per row), the waves, and a
+predicted time
 
     t = max(bytes / (ACHIEVABLE_BW_FRACTION * HBM * min(1, programs / SMs)), KERNEL_FLOOR_US)
 
@@ -18,9 +19,10 @@ roofline = (decode_weight_bytes / HBM) / step (the bound tools/roofline.py print
 
 This is a model, not a measurement: the constants below are assumptions to calibrate against a
 GPU run (``fastgpt2 bench``, the bench/ suite). Left out: compute time (decode GEMMs at B <= 64 are
-far from the tensor-core limit), L2 hits (the next layer's activations are L2-resident, so the
-activation bytes here are an upper bound on DRAM traffic), tail effects within a wave, the lm_head's
-and argmax's real cuBLAS / torch grids (taken to fill the GPU), and sampling (greedy only).
+far from the tensor-core limit), L2 hits (the next layer's activations and the split partials are
+L2-resident, so the activation bytes here are an upper bound on DRAM traffic), tail effects within
+a wave (the last program of a tile or row block to arrive also reduces it), the argmax's and length
+update's real torch grids (taken to fill the GPU), and sampling (greedy only).
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 from fastgpt2.kernels import attention as _attention
 from fastgpt2.kernels.contract import DTYPE_NAMES
-from fastgpt2.kernels.linear import pick_config
+from fastgpt2.kernels.contract import DTYPES
+from fastgpt2.kernels.linear import plan
 from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
 from fastgpt2.runtime.graphs import graph_cache_len
 
@@ -62,8 +64,8 @@ KERNEL_FLOOR_US = 3.0
 # GEMM program, 4 warps with ~60 KiB of shared memory in flight, could fit 2-3 per SM on sm_90, but
 # whether that raises the bandwidth of one SM is what a GPU run has to show). ASSUMPTION.
 RESIDENT_PROGRAMS_PER_SM = 1
-# Programs assumed for the kernels whose grid the code does not choose (cuBLAS lm_head, torch's
-# max/add): they are taken to fill the GPU (None -> SM count). ASSUMPTION.
+# Programs assumed for the kernels whose grid the code does not choose (torch's max and add): they
+# are taken to fill the GPU (None -> SM count). ASSUMPTION.
 LIBRARY_PROGRAMS = None
 
 # --- GPUs: SM count and HBM GB/s (1e9 bytes/s); bandwidths from tools/roofline.py's table where it
@@ -85,10 +87,14 @@ def _kernel(name, count, programs, nbytes, weight_bytes=0, kv_bytes=0, kind="tri
             "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "kind": kind}
 
 
-def gemm_programs(m: int, n: int) -> int:
-    """linear()'s grid for x [M, K] @ w [K, N]: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) of pick_config(M)."""
-    cfg = pick_config(m)
-    return triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+def gemm_plan(m: int, n: int, k: int, dtype: torch.dtype, sms: int):
+    """linear()'s launch for x [M, K] @ w [K, N] on a GPU of `sms` SMs: kernels.linear.plan."""
+    return plan(m, n, k, DTYPES[dtype], sms)
+
+
+def gemm_programs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> int:
+    """Programs of that launch: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) * split_k."""
+    return gemm_plan(m, n, k, dtype, sms).programs(m, n)
 
 
 def layernorm_programs(rows: int) -> int:
@@ -96,49 +102,50 @@ def layernorm_programs(rows: int) -> int:
     return rows
 
 
-def decode_grids(batch: int, n_head: int, cache_len: int, s: int = 1) -> tuple[int, int, int]:
-    """-> (num_splits, decode programs, reduce programs (0 when num_splits == 1)), as _launch_decode:
-    decode grid (B*H, num_splits), reduce grid (B*H*S,) only when num_splits > 1."""
+def decode_grids(batch: int, n_head: int, cache_len: int) -> tuple[int, int]:
+    """-> (num_splits, decode programs), as _launch_decode: grid (B*H, num_splits); the last split of
+    each (b, h) to finish combines the splits in the same kernel."""
     splits = _attention.default_num_splits(batch, n_head, cache_len)
-    return splits, batch * n_head * splits, (batch * n_head * s if splits > 1 else 0)
+    return splits, batch * n_head * splits
 
 
-def step_kernels(cfg: GPT2Config, batch: int, dtype: torch.dtype, context: int, cache_len: int) -> list[dict]:
+def step_kernels(cfg: GPT2Config, batch: int, dtype: torch.dtype, context: int, cache_len: int,
+                 sms: int = 132) -> list[dict]:
     """The kernels of one greedy decode step, one row per distinct kernel with its count per step.
     Bytes are per launch; weight_bytes the share of them that is weights (as decode_weight_bytes
     counts them), kv_bytes the K/V cache share (read and written)."""
     i, b, e, v, n, h = dtype.itemsize, batch, cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_head
     inner, d = cfg.inner_dim, cfg.head_dim
     f32, idx = 4, 8  # fp32 partials, int64 token ids
-    splits, dec_programs, red_programs = decode_grids(b, h, cache_len)
+    splits, dec_programs = decode_grids(b, h, cache_len)
     ln_rows = layernorm_programs(b)
     # gathers 1 row of wte and of wpe per sequence + ln_1 of layer 0; reads ids and lengths, writes a, h
     embed_w = (2 * b * e + 2 * e) * i
     out = [_kernel("embed + ln_1 (embed_layer_norm)", 1, ln_rows, embed_w + b * (idx + 4) + 2 * b * e * i, embed_w)]
 
-    def gemm(name, k_dim, n_dim, extra_in=0):
-        w = (k_dim * n_dim + n_dim) * i
-        act = (b * k_dim + b * n_dim + extra_in) * i
-        return _kernel(name, n, gemm_programs(b, n_dim), w + act, w)
+    def gemm(name, k_dim, n_dim, count=n, bias=True, extra_io=0, norm=False):
+        """x [b, k] @ w [k, n] (+ bias): weights, x, y; split-K partials (fp32, written and read back);
+        extra_io: further activations (residual in, the stream out); norm: layernorm weights, y read
+        back (from L2) and the normalised rows written."""
+        p = gemm_plan(b, n_dim, k_dim, dtype, sms)
+        w = (k_dim * n_dim + (n_dim if bias else 0) + (2 * n_dim if norm else 0)) * i
+        act = (b * k_dim + b * n_dim + extra_io + (2 * b * n_dim if norm else 0)) * i
+        partials = 2 * p.split_k * b * n_dim * f32 if p.split_k > 1 else 0
+        label = f"{name} [BN={p.block_n}" + (f", split-K {p.split_k}]" if p.split_k > 1 else "]")
+        return _kernel(label, count, p.programs(b, n_dim), w + act + partials, w)
 
     out.append(gemm("QKV GEMM (c_attn)", e, 3 * e))
-    # q, k_new, v_new from qkv; the cached K/V of `context` positions; the new K/V written; lengths
+    # q, k_new, v_new from qkv; the cached K/V of `context` positions; the new K/V written; lengths;
+    # with splits, the fp32 partials written and read back by the combining program, then out
     kv = 2 * b * context * e * i + 2 * b * e * i
-    attn_out = b * e * i if splits == 1 else b * h * splits * (d + 2) * f32  # out, or the split partials
-    out.append(_kernel(f"decode attention ({splits} split{'s' if splits > 1 else ''})", n, dec_programs,
-                       3 * b * e * i + kv + b * 4 + attn_out, kv_bytes=kv))
-    if splits > 1:
-        out.append(_kernel("decode attention reduce", n, red_programs, b * h * splits * (d + 2) * f32 + b * e * i))
-    out.append(gemm("attn-out GEMM + residual (attn.c_proj)", e, e, extra_in=b * e))
-    ln_w = 2 * e * i
-    out.append(_kernel("ln_2 (add_layer_norm, no residual)", n, ln_rows, ln_w + 2 * b * e * i, ln_w))
+    partials = 2 * b * h * splits * (d + 2) * f32 if splits > 1 else 0
+    out.append(_kernel(f"decode attention ({splits} split{'s combined in-kernel' if splits > 1 else ''})", n,
+                       dec_programs, 3 * b * e * i + kv + b * 4 + partials + b * e * i, kv_bytes=kv))
+    out.append(gemm("attn-out GEMM + residual + ln_2 (linear_norm)", e, e, extra_io=b * e, norm=True))
     out.append(gemm("c_fc GEMM + gelu", e, inner))
-    out.append(gemm("c_proj GEMM (mlp.c_proj)", inner, e))
-    # the MLP residual add + the next layer's ln_1 (ln_f after the last layer): reads p, h; writes a, h
-    out.append(_kernel("residual + next ln_1 / ln_f (add_layer_norm)", n, ln_rows, ln_w + 4 * b * e * i, ln_w))
-    head_w = v * e * i
-    out.append(_kernel("lm_head (cuBLAS GEMM, bandwidth-bound V*E read)", 1, LIBRARY_PROGRAMS,
-                       head_w + b * e * i + b * v * i, head_w, kind="torch"))
+    # the MLP residual add + the next layer's ln_1 (ln_f after the last layer) in the epilogue
+    out.append(gemm("c_proj GEMM + residual + next ln_1 / ln_f (linear_norm)", inner, e, extra_io=b * e, norm=True))
+    out.append(gemm("lm_head GEMM (the [V, E] table as it is)", e, v, count=1, bias=False))
     out.append(_kernel("argmax (torch.max over V)", 1, LIBRARY_PROGRAMS, b * v * i + b * (i + idx), kind="torch"))
     out.append(_kernel("length update (lengths += 1)", 1, LIBRARY_PROGRAMS, 2 * b * 4, kind="torch"))
     return out
@@ -167,7 +174,7 @@ def model_step(model: str, batch: int, gpu_key: str = "H200", dtype: torch.dtype
     if not 0 <= context < cache_len:
         raise ValueError(f"context {context} must be in [0, cache_len {cache_len})")
     gpu = GPUS[gpu_key]
-    kernels = predict(step_kernels(cfg, batch, dtype, context, cache_len), gpu)
+    kernels = predict(step_kernels(cfg, batch, dtype, context, cache_len, gpu["sms"]), gpu)
     step_us = sum(k["us_per_step"] for k in kernels)
     weight_bytes = decode_weight_bytes(cfg, batch, dtype)
     roofline_us = weight_bytes / (gpu["hbm_gbps"] * 1e9) * 1e6
@@ -222,7 +229,7 @@ def format_summary(rows: list[dict]) -> str:
                      f"{r['roofline_us']:.1f} | {r['pct_roofline']:.1f}% |")
     lines += ["", f"Assumptions (to calibrate on a GPU): achievable bandwidth = {ACHIEVABLE_BW_FRACTION} x HBM, "
                   f"scaled by min(1, programs / SMs); {KERNEL_FLOOR_US} µs floor per kernel (CUDA graph); "
-                  f"{RESIDENT_PROGRAMS_PER_SM} resident program per SM; cuBLAS/torch kernels fill the GPU."]
+                  f"{RESIDENT_PROGRAMS_PER_SM} resident program per SM; torch's argmax / add fill the GPU."]
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
 """Causal self-attention over a preallocated KV cache: prefill (flash-attention style) and decode
-(flash-decoding: the key axis split over programs, then a small reduce).
+(flash-decoding: the key axis split over programs; the last split of a head to finish combines them).
 
 Layouts (per layer):
   qkv      [B, T or S, 3*H*D]  output of the fused QKV GEMM, contiguous; columns [0,HD) = q,
@@ -54,8 +54,6 @@ _DECODE_CONFIGS = {
     ("fp32", 64): (32, 8, 2),
     ("fp32", 128): (32, 8, 2),
 }
-# decode reduce kernel: (num_warps, num_stages), by head_dim only (fp32 partials in, any dtype out)
-_REDUCE_CONFIGS = {32: (1, 1), 64: (1, 1), 128: (2, 1)}
 
 # num_splits heuristic: aim for about this many decode programs, but keep at least
 # _MIN_KEYS_PER_SPLIT cache positions (of Tmax) per split, and at most _MAX_SPLITS splits.
@@ -230,6 +228,7 @@ def _decode_attn_kernel(
     part_m_ptr,  # [B*H, num_splits, S]     fp32 running max, log2 units (when not WRITE_OUT)
     part_l_ptr,  # [B*H, num_splits, S]     fp32 running sum
     part_acc_ptr,  # [B*H, num_splits, S, D]  fp32 unnormalised output
+    count_ptr,  # [B*H] int32 arrival counters, zero before and after every launch (when not WRITE_OUT)
     scale: "tl.float32",
     S: "tl.int32",
     H: "tl.int32",
@@ -327,44 +326,41 @@ def _decode_attn_kernel(
         tl.store(part_l_ptr + row0 + offs_s, l_i, mask=s_ok)
         acc_base = tl.multiple_of(part_acc_ptr + row0 * HEAD_DIM, 16)
         tl.store(acc_base + _tile_offsets(offs_s, HEAD_DIM, HEAD_DIM), acc, mask=s_ok[:, None])
+        # the last split of (b, h) to arrive combines all of them (flash-decoding's reduce, no extra
+        # kernel), in split order whichever arrives last
+        tl.debug_barrier()  # every thread's partials are stored before the release below
+        arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.store(count_ptr + pid_bh, 0)  # zero again for the next launch
+            _combine_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, pid_bh.to(tl.int64) * num_splits * S,
+                            b * stride_o_b + h * HEAD_DIM, S, num_splits, stride_o_s, HEAD_DIM, BLOCK_S)
 
 
-@_jit_exact
-def _decode_reduce_kernel(
-    part_m_ptr,  # [B*H, num_splits, S] fp32
-    part_l_ptr,  # [B*H, num_splits, S] fp32
-    part_acc_ptr,  # [B*H, num_splits, S, D] fp32
-    out_ptr,  # [B, S, H*D]
-    S: "tl.int32",
-    H: "tl.int32",
-    num_splits: "tl.int32",
-    stride_o_b: "tl.int64",
-    stride_o_s: "tl.int64",
-    HEAD_DIM: tl.constexpr,
-):
-    # grid: (B*H*S,), one program per (b, h, s) output row.
-    pid = tl.program_id(0)
-    s = (pid % S).to(tl.int64)
-    bh = (pid // S).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, HEAD_DIM)  # [D]
-    row0 = bh * num_splits * S + s  # split sp's row is row0 + sp*S
-    # global max first: the last split always holds the new keys, so it is finite; empty splits
-    # (m = -inf) then get weight exactly 0.
-    m_max = tl.load(part_m_ptr + row0)
-    for sp in range(1, num_splits):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + row0 + sp * S))
-    l_sum = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)  # [D]
+@triton.jit
+def _combine_splits(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, bh_row0, out_off, S, num_splits, stride_o_s,
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    # the num_splits partials of one (b, h) (rows bh_row0 + sp*S + s) -> out rows s at out_off + s*stride_o_s.
+    # The global max first: the last split always holds the new keys, so it is finite; empty splits
+    # (m = -inf) then get weight exactly 0. Loads are .cg: other programs wrote them (L2, never L1).
+    offs_s = tl.arange(0, BLOCK_S)  # [BS]
+    s_ok = offs_s < S
+    m_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)  # [BS]
     for sp in range(0, num_splits):
-        r = row0 + sp * S
-        w = tl.math.exp2(tl.load(part_m_ptr + r) - m_max)
-        l_sum += w * tl.load(part_l_ptr + r)
-        acc += w * tl.load(tl.multiple_of(part_acc_ptr + r * HEAD_DIM, 16) + offs_d)
-    o = acc / l_sum
-    o_base = tl.multiple_of(out_ptr + b * stride_o_b + s * stride_o_s + h * HEAD_DIM, 16)
-    tl.store(o_base + offs_d, o.to(out_ptr.dtype.element_ty))
+        m = tl.load(part_m_ptr + bh_row0 + sp * S + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m)
+    m_max = tl.where(s_ok, m_max, 0.0)  # padding rows: no -inf - -inf
+    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, HEAD_DIM], dtype=tl.float32)  # [BS, D]
+    for sp in range(0, num_splits):
+        r = bh_row0 + sp * S
+        w = tl.math.exp2(tl.load(part_m_ptr + r + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg") - m_max)
+        l_sum += w * tl.load(part_l_ptr + r + offs_s, mask=s_ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(tl.multiple_of(part_acc_ptr + r * HEAD_DIM, 16) + _tile_offsets(offs_s, HEAD_DIM, HEAD_DIM),
+                    mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * a
+    o = acc / tl.where(s_ok, l_sum, 1.0)[:, None]
+    o_base = tl.multiple_of(out_ptr + out_off, 16)
+    tl.store(o_base + _tile_offsets(offs_s, stride_o_s, HEAD_DIM), o.to(out_ptr.dtype.element_ty), mask=s_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +554,7 @@ class DecodeWorkspace:
     part_m: torch.Tensor  # [B*H, num_splits, S] running max, log2 units
     part_l: torch.Tensor  # [B*H, num_splits, S] running sum
     part_acc: torch.Tensor  # [B*H, num_splits, S, D] unnormalised output
+    counters: torch.Tensor  # [B*H] int32 arrivals per (b, h), zero between launches (made zero once)
 
 
 def _check_num_splits(num_splits) -> None:
@@ -568,10 +565,11 @@ def _check_num_splits(num_splits) -> None:
 def _workspace(BH: int, S: int, D: int, num_splits: int, device) -> DecodeWorkspace:
     if num_splits == 1:
         unused = torch.empty(1, dtype=torch.float32, device=device)
-        return DecodeWorkspace(1, unused, unused, unused)
+        return DecodeWorkspace(1, unused, unused, unused, torch.empty(1, dtype=torch.int32, device=device))
     return DecodeWorkspace(num_splits, torch.empty((BH, num_splits, S), dtype=torch.float32, device=device),
                            torch.empty((BH, num_splits, S), dtype=torch.float32, device=device),
-                           torch.empty((BH, num_splits, S, D), dtype=torch.float32, device=device))
+                           torch.empty((BH, num_splits, S, D), dtype=torch.float32, device=device),
+                           torch.zeros(BH, dtype=torch.int32, device=device))
 
 
 def decode_workspace(k_cache: torch.Tensor, B: int, S: int, num_splits: int | None = None) -> DecodeWorkspace:
@@ -605,7 +603,7 @@ def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, nu
     part_m, part_l, part_acc = workspace.part_m, workspace.part_l, workspace.part_acc
     _decode_attn_kernel[(B * H, num_splits)](
         q, k_new, v_new, k_cache, v_cache, cache_lens, cache_lens if kv_start is None else kv_start, out,
-        part_m, part_l, part_acc,
+        part_m, part_l, part_acc, workspace.counters,
         float(scale), S, H, Tmax, num_splits,
         *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3],
@@ -614,13 +612,7 @@ def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, nu
         HAS_KV_START=kv_start is not None, FP32_IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not write_out:
-        r_warps, r_stages = _REDUCE_CONFIGS[D]
-        _decode_reduce_kernel[(B * H * S,)](
-            part_m, part_l, part_acc, out,
-            S, H, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, num_warps=r_warps, num_stages=r_stages,
-        )
+
 
 
 def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None,
@@ -754,8 +746,8 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
     lens, part = "*i32", "*fp32"  # [B] int32 lengths; fp32 split partials
     prefill_sig = kernel_signature(_prefill_attn_kernel, p, {"seq_lens_ptr": lens})
     decode_sig = kernel_signature(_decode_attn_kernel, p, {
-        "cache_lens_ptr": lens, "kv_start_ptr": lens, "part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part})
-    reduce_sig = kernel_signature(_decode_reduce_kernel, p, {"part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part})
+        "cache_lens_ptr": lens, "kv_start_ptr": lens, "part_m_ptr": part, "part_l_ptr": part, "part_acc_ptr": part,
+        "count_ptr": "*i32"})
     specs = []
     for D in HEAD_DIMS:
         bm, bn, w, st = _prefill_config(kind, D)
@@ -780,8 +772,4 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
                                 "FP32_IEEE": ieee},
                     num_warps=w, num_stages=st, uses_dot=not ieee))
 
-        w, st = _REDUCE_CONFIGS[D]
-        specs.append(CompileSpec(
-            name=f"attention.decode_reduce[{dtype}] D={D}", fn=_decode_reduce_kernel, signature=dict(reduce_sig),
-            constexprs={"HEAD_DIM": D}, num_warps=w, num_stages=st, uses_dot=False))
     return specs

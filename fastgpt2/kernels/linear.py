@@ -1,22 +1,31 @@
-"""GEMM + fused epilogue: ``y = act(x @ w + b) (+ residual)``, one kernel for every linear of GPT-2.
+"""GEMM + fused epilogue: ``y = act(x @ w + b) (+ residual)``, optionally followed by a layernorm of
+the result, one kernel for every linear of GPT-2.
 
-Weights are in GPT-2's Conv1D layout: ``w`` is ``[K, N] = (in, out)``, row-major, so ``y = x @ w + b``.
-The same kernel serves the QKV projection (no activation), the attention output projection and the
-MLP down projection (residual epilogue) and the MLP up projection (gelu epilogue).
+Weights are in GPT-2's Conv1D layout, ``w`` [K, N] = (in, out) row-major, so ``y = x @ w + b``; the
+lm_head reads the embedding table [V, E] = [N, K] as it is (``w_layout="nk"``, no bias). The same
+kernel serves the QKV projection (no activation), the MLP up projection (activation epilogue), the
+attention output and MLP down projections (residual epilogue, then the layernorm that follows them:
+``linear_norm``) and the lm_head.
 
 Accumulation is fp32; bias, activation and residual are applied in fp32 and the result is rounded
-once to the output dtype. fp32 inputs use ``input_precision="ieee"`` (never tf32).
+once to the output dtype; ``linear_norm``'s layernorm reads that rounded result (fp32 statistics).
+fp32 inputs use ``input_precision="ieee"`` (never tf32).
 
-Tile configs come from a fixed table chosen by M (no autotuning), so the compile check can
-enumerate every one:
+Tiles and splits come from a fixed plan (``plan``: no autotuning, so the compile check can enumerate
+every config and a CUDA graph replays exactly what was checked):
 
-- decode (M = batch, a handful of rows): the weight read dominates, so a small BLOCK_M and many
-  programs over N, each streaming a [K, BLOCK_N] slab of the weight with a deep pipeline;
-- prefill (M = tokens): 64x128 output tiles.
+- decode (M = batch, a handful of rows): the weight read dominates, so 16-row tiles, and the grid is
+  made at least ``2 x`` the GPU's SM count (``MIN_WAVES``) by narrowing BLOCK_N (64, then 32) and
+  splitting K (split-K). Each split writes an fp32 partial; the last program of a tile to finish
+  (an atomic counter per tile) sums the partials in a fixed order and runs the epilogue, so the
+  reduction is no extra kernel. With a layernorm, the last tile of a row block to finish normalises
+  the block's rows (a second counter), so ``linear_norm`` is one kernel as well.
+- prefill (M = tokens): 64x128 output tiles, no split.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -25,6 +34,10 @@ import triton.language as tl
 from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype, kernel_signature
 from .launch_checks import check_device, check_dtype
 
+# SM counts of the targets the decode plan is built for; a CUDA device's own count is read from it
+TARGET_SMS = {"sm_90": 132, "sm_80": 108}  # H100 / H200 SXM, A100
+MIN_WAVES = 2  # a decode GEMM launches at least MIN_WAVES x SMs programs where K allows it
+NORM_CHUNK = 256  # columns per step of linear_norm's layernorm epilogue
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,7 @@ class GemmConfig:
     name: str
     max_m: int | None  # the config serves M <= max_m (None: any M)
     block_m: int
-    block_n: int
+    block_ns: tuple  # BLOCK_N candidates, widest first (the plan narrows until the grid is full)
     block_k: int  # fp16 / bf16
     num_warps: int
     num_stages: int  # fp16 / bf16
@@ -40,6 +53,7 @@ class GemmConfig:
     # keep registers and shared memory in bounds (a 64x128x64 fp32 tile spills on sm_80)
     block_k_fp32: int
     num_stages_fp32: int
+    splits: bool  # whether the plan may split K
 
     def tiles(self, dtype: str) -> tuple[int, int]:
         """-> (BLOCK_K, num_stages) for "fp32", "fp16" or "bf16"."""
@@ -47,17 +61,17 @@ class GemmConfig:
 
 
 # Picked by M, first match. Shared memory per stage (16-bit) = (BM*BK + BK*BN) * 2 bytes; Triton
-# keeps num_stages - 1 stages in flight (decode: 3 * 20 KiB, prefill: 2 * 24 KiB).
+# keeps num_stages - 1 stages in flight.
 CONFIGS = (
-    # M = batch (1..64): 16-row tiles, N split into 64-wide slabs so N/64 programs stream the weight,
-    # BK=128 and 4 stages keep ~60 KiB of weight loads in flight per program. M in 17..64 runs
-    # ceil(M/16) row blocks side by side (axis 0), which re-read each weight slab from L2, not DRAM.
-    GemmConfig("decode", max_m=64, block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4,
-               block_k_fp32=128, num_stages_fp32=2),
+    # M = batch (1..64): 16-row tiles; 64- or 32-wide N slabs and split-K fill the GPU (see plan). BK=64
+    # so that K=768 still splits 12 ways. M in 17..64 runs ceil(M/16) row blocks side by side
+    # (axis 0), which re-read each weight slab from L2, not DRAM.
+    GemmConfig("decode", max_m=64, block_m=16, block_ns=(64, 32), block_k=64, num_warps=4, num_stages=4,
+               block_k_fp32=64, num_stages_fp32=2, splits=True),
     # M = tokens: 64x128 tiles; 8 warps keep the fp32 accumulator plus the residual tile out of
     # local memory when the operands are not 16-byte aligned (4 warps spill there)
-    GemmConfig("prefill", max_m=None, block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3,
-               block_k_fp32=32, num_stages_fp32=3),
+    GemmConfig("prefill", max_m=None, block_m=64, block_ns=(128,), block_k=64, num_warps=8, num_stages=3,
+               block_k_fp32=32, num_stages_fp32=3, splits=False),
 )
 
 
@@ -66,6 +80,87 @@ def pick_config(m: int) -> GemmConfig:
         if cfg.max_m is None or m <= cfg.max_m:
             return cfg
     raise AssertionError("the last config takes any M")
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one GEMM [M, K] @ [K, N] is launched: its config, BLOCK_N, BLOCK_K and K split."""
+
+    config: GemmConfig
+    block_n: int
+    block_k: int
+    num_stages: int
+    split_k: int
+    k_per_split: int  # a multiple of block_k; split s covers K columns [s*k_per_split, (s+1)*k_per_split)
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        return (triton.cdiv(m, self.config.block_m), triton.cdiv(n, self.block_n), self.split_k)
+
+    def programs(self, m: int, n: int) -> int:
+        gm, gn, gk = self.grid(m, n)
+        return gm * gn * gk
+
+    def counters(self, m: int, n: int) -> int:
+        """int32 counters the launch uses: one per tile, then one per row block."""
+        gm, gn, _ = self.grid(m, n)
+        return gm * gn + gm
+
+
+def plan(m: int, n: int, k: int, dtype: str, sms: int) -> GemmPlan:
+    """The launch of an [M, K] @ [K, N] GEMM in dtype ("fp32" / "fp16" / "bf16") on a GPU of `sms`
+    SMs. Decode (M <= 64): the widest BLOCK_N whose tiles, split over K (at least one K tile per
+    split), reach MIN_WAVES * sms programs; if none does, the narrowest with every K tile its own
+    split (K too short to fill the GPU). Prefill: one program per output tile."""
+    cfg = pick_config(m)
+    block_k, num_stages = cfg.tiles(dtype)
+    k_tiles = max(1, triton.cdiv(k, block_k))
+    if not cfg.splits:
+        return GemmPlan(cfg, cfg.block_ns[0], block_k, num_stages, 1, k_tiles * block_k)
+    want = MIN_WAVES * sms
+    rows = triton.cdiv(m, cfg.block_m)
+    for block_n in cfg.block_ns:
+        splits_wanted = triton.cdiv(want, rows * triton.cdiv(n, block_n))
+        if splits_wanted <= k_tiles:
+            break
+    splits_wanted = min(splits_wanted, k_tiles)
+    per_split = k_tiles // splits_wanted  # K tiles per split, >= 1; every split is non-empty
+    return GemmPlan(cfg, block_n, block_k, num_stages, triton.cdiv(k_tiles, per_split), per_split * block_k)
+
+
+@lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    """SMs the plan fills on `device`: a CUDA device's own count; in the interpreter (CPU) the sm_90
+    target's, so that the CPU tests run the splits an H100 / H200 runs."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return TARGET_SMS["sm_90"]
+
+
+@dataclass(frozen=True)
+class GemmWorkspace:
+    """Scratch of the split / layernorm epilogues, allocated once (a CUDA-graph decode step makes it
+    before its capture) and shared by every GEMM of a step (they run one after another)."""
+
+    partials: torch.Tensor  # fp32, flat: [split_k, M, N] of the largest split GEMM
+    counters: torch.Tensor  # int32, flat, all zero between launches (every launch zeroes what it used)
+
+
+def gemm_workspace(shapes, dtype: torch.dtype, device) -> GemmWorkspace:
+    """The workspace for GEMMs of `shapes` [(M, N, K), ...] in `dtype` on `device`."""
+    device = torch.device(device)
+    sms = device_sms(device)
+    parts, counters = 1, 1
+    for m, n, k in shapes:
+        p = plan(m, n, k, DTYPES[dtype], sms)
+        if p.split_k > 1:
+            parts = max(parts, p.split_k * m * n)
+        counters = max(counters, p.counters(m, n))
+    return GemmWorkspace(torch.empty(parts, dtype=torch.float32, device=device),
+                         torch.zeros(counters, dtype=torch.int32, device=device))
 
 
 @triton.jit
@@ -89,40 +184,61 @@ def _activation(y, ACTIVATION: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])  # M (the batch in decode) varies; one binary for every M
 def _linear_kernel(
     x_ptr,  # [M, K], row stride stride_xm, last dim contiguous
-    w_ptr,  # [K, N], row stride stride_wk, last dim contiguous (Conv1D layout)
-    b_ptr,  # [N]
-    r_ptr,  # [M, N] residual, row stride stride_rm (unused when not HAS_RESIDUAL)
+    w_ptr,  # [K, N] (Conv1D layout, W_NK False) or [N, K] (W_NK: the lm_head / tied embedding), row stride stride_w
+    b_ptr,  # [N] (read when HAS_BIAS)
+    r_ptr,  # [M, N] residual, row stride stride_rm (read when HAS_RESIDUAL)
     y_ptr,  # [M, N] out, row stride stride_ym
+    part_ptr,  # [SPLIT_K, M, N] fp32 split-K partials, contiguous (IS_SPLIT)
+    count_ptr,  # int32 [tiles + row blocks], zero before and after every launch (IS_SPLIT or HAS_NORM)
+    nw_ptr,  # [N] layernorm weight (HAS_NORM)
+    nb_ptr,  # [N] layernorm bias (HAS_NORM)
+    ny_ptr,  # [M, N] layernorm out, row stride stride_nym (HAS_NORM)
     M: "tl.int32",
     N: "tl.int32",
     K: "tl.int32",
+    K_PER_SPLIT: "tl.int32",  # columns of K per split, a multiple of BLOCK_K (>= K without a split)
     stride_xm: "tl.int32",
-    stride_wk: "tl.int32",
+    stride_w: "tl.int32",
     stride_rm: "tl.int32",
     stride_ym: "tl.int32",
+    stride_nym: "tl.int32",
+    eps: "tl.float32",
     ACTIVATION: tl.constexpr,  # one of ACTIVATIONS
+    HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    W_NK: tl.constexpr,
+    IS_SPLIT: tl.constexpr,  # grid axis 2 splits K; the last program of a tile to finish reduces it
+    HAS_NORM: tl.constexpr,  # the last tile of a row block to finish layernorms its rows (needs N <= stride_ym)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_CHUNK: tl.constexpr,  # columns per step of the layernorm epilogue
 ):
-    # grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): axis 0 (fastest) runs over M, so programs launched
-    # together share a weight slab [K, BLOCK_N] (read once from DRAM, then from L2)
+    # grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): axis 0 (fastest) runs over M, so programs
+    # launched together share a weight slab (read once from DRAM, then from L2); axis 2 is the split
+    # of K: program (m, n, k) reduces x[:, k*K_PER_SPLIT : (k+1)*K_PER_SPLIT] @ w[that, n-tile].
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] int64
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] int64
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     mask_m = offs_m < M
     mask_n = offs_n < N
+    k_base = pid_k * K_PER_SPLIT  # int64: this split's first column of K
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]  # [BK, BN]
-    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)  # int64 step per K tile (stride_wk may be a constexpr 1)
+    stride_w64 = tl.cast(stride_w, tl.int64)  # (stride_w may be a constexpr 1)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_base + offs_k)[None, :]  # [BM, BK]
+    if W_NK:
+        w_ptrs = w_ptr + offs_n[None, :] * stride_w64 + (k_base + offs_k)[:, None]  # [BK, BN] of [N, K] storage
+        w_step = BLOCK_K
+    else:
+        w_ptrs = w_ptr + (k_base + offs_k)[:, None] * stride_w64 + offs_n[None, :]  # [BK, BN] of [K, N] storage
+        w_step = BLOCK_K * stride_w64
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0  # [BK]
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        mask_k = offs_k < K - k_base - k0  # [BK]
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
         # ieee: exact fp32 products for fp32 inputs (no tf32); fp16/bf16 products are exact anyway
@@ -130,14 +246,76 @@ def _linear_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += w_step
 
-    # epilogue, all fp32: bias, activation, residual, then one rounding
-    bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-    y = _activation(acc + bias[None, :], ACTIVATION)
     mask_mn = mask_m[:, None] & mask_n[None, :]  # [BM, BN]
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
-        y += r.to(tl.float32)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    tile = pid_m * tl.num_programs(1) + pid_n  # this tile's counter
+    if IS_SPLIT:
+        # fp32 partial of this split; the last split of the tile to arrive sums all of them in order
+        # 0..SPLIT_K-1 (the same order whichever arrives last: deterministic) and runs the epilogue
+        part_tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN] within one split's [M, N]
+        split_size = tl.cast(M, tl.int64) * N
+        tl.store(part_ptr + pid_k * split_size + part_tile, acc, mask=mask_mn)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        finish = arrived == tl.num_programs(2) - 1
+    else:
+        finish = True
+    if finish:
+        if IS_SPLIT:
+            tl.store(count_ptr + tile, 0)  # zero again for the next launch (no other program touches it now)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sp in range(0, tl.num_programs(2)):
+                # .cg: from L2, where the other programs' partials are (never a stale L1 line)
+                acc += tl.load(part_ptr + sp * split_size + part_tile, mask=mask_mn, other=0.0, cache_modifier=".cg")
+        # epilogue, all fp32: bias, activation, residual, then one rounding
+        y = acc
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y = _activation(y, ACTIVATION)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask_mn, other=0.0)
+            y += r.to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask_mn)
+        if HAS_NORM:
+            # the last tile of this row block to be stored layernorms the block's rows from the stored
+            # (rounded) y, as PyTorch's layer_norm(x + residual) does
+            tl.debug_barrier()
+            row_counter = count_ptr + tl.num_programs(0) * tl.num_programs(1) + pid_m
+            done = tl.atomic_add(row_counter, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                tl.store(row_counter, 0)
+                _norm_rows(y_ptr, nw_ptr, nb_ptr, ny_ptr, pid_m * BLOCK_M, M, N, stride_ym, stride_nym, eps,
+                           BLOCK_M, NORM_CHUNK)
+
+
+@triton.jit
+def _norm_rows(y_ptr, nw_ptr, nb_ptr, ny_ptr, row0, M, N, stride_ym, stride_nym, eps,
+               BLOCK_M: tl.constexpr, NORM_CHUNK: tl.constexpr):
+    # rows row0 .. row0+BLOCK_M-1 (< M) of y [M, N]: ny = (y - mean) * rstd * weight + bias; fp32
+    # statistics in three passes over the row (mean, biased variance, normalise), read from L2
+    cols = tl.arange(0, NORM_CHUNK)  # [NC]
+    for i in range(0, BLOCK_M):
+        row = row0 + i
+        n_row = tl.where(row < M, N, 0)  # columns to touch: none past the last row
+        y_row = y_ptr + row * stride_ym
+        total = tl.zeros([NORM_CHUNK], dtype=tl.float32)
+        for c0 in range(0, N, NORM_CHUNK):
+            mask = c0 + cols < n_row
+            total += tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        mean = tl.sum(total, axis=0) / N
+        sq = tl.zeros([NORM_CHUNK], dtype=tl.float32)
+        for c0 in range(0, N, NORM_CHUNK):
+            mask = c0 + cols < n_row
+            v = tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            d = tl.where(mask, v - mean, 0.0)
+            sq += d * d
+        rstd = tl.rsqrt(tl.sum(sq, axis=0) / N + eps)
+        for c0 in range(0, N, NORM_CHUNK):
+            mask = c0 + cols < n_row
+            v = tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            w = tl.load(nw_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(nb_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            out = (v - mean) * rstd * w + b
+            tl.store(ny_ptr + row * stride_nym + c0 + cols, out.to(ny_ptr.dtype.element_ty), mask=mask)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -153,97 +331,193 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a0 < b1 and b0 < a1
 
 
-def linear(x, w, b, *, activation="none", residual=None, out=None):
-    """y = act(x @ w + b) (+ residual) -> out [M, N].
+def _check_2d(op, name, t, shape, dtype):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(getattr(t, 'shape', ()))}, expected {shape}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} is {t.dtype}, x is {dtype}; mixed dtypes are not supported")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dim (strides {t.stride()})")
 
-    x: [M, K]; w: [K, N] (Conv1D layout); b: [N]; residual, out: [M, N]. One dtype (fp32, fp16,
-    bf16) and one device for all; last dims contiguous. out may be the residual tensor itself
-    (an in-place residual add) but must not overlap x or w.
-    """
+
+def _check_workspace(op, workspace, p: GemmPlan, m, n, device):
+    if workspace is None:
+        return
+    need_parts = p.split_k * m * n if p.split_k > 1 else 0
+    if (workspace.partials.numel() < need_parts or workspace.counters.numel() < p.counters(m, n)
+            or workspace.partials.device != device or workspace.counters.device != device):
+        raise ValueError(f"{op}: the workspace holds {workspace.partials.numel()} partials and "
+                         f"{workspace.counters.numel()} counters on {workspace.partials.device}; this call needs "
+                         f"{need_parts} and {p.counters(m, n)} on {device}: make it with gemm_workspace for this shape")
+
+
+def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace, sms):
+    """Checks and launches _linear_kernel. norm: (weight, bias, eps, norm_out) or None. -> out [M, N]."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"linear: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-    for name, t, dim in (("x", x, 2), ("w", w, 2), ("b", b, 1)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dim:
-            raise ValueError(f"linear: {name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
-    check_dtype("linear", "x", x)
+        raise ValueError(f"{op}: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+    if w_layout not in ("kn", "nk"):
+        raise ValueError(f"{op}: w_layout must be 'kn' (Conv1D [K, N]) or 'nk' ([N, K]), got {w_layout!r}")
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
+    check_dtype(op, "x", x)
     m, k = x.shape
-    if w.shape[0] != k:
-        raise ValueError(f"linear: w has shape {tuple(w.shape)}, expected [K={k}, N] (Conv1D layout, x is {tuple(x.shape)})")
-    n = w.shape[1]
-    if tuple(b.shape) != (n,):
-        raise ValueError(f"linear: b has shape {tuple(b.shape)}, expected ({n},)")
-    tensors = {"x": x, "w": w, "b": b}
+    n = w.shape[1] if w_layout == "kn" else w.shape[0]
+    if (w.shape[0] if w_layout == "kn" else w.shape[1]) != k:
+        layout = f"[K={k}, N] (Conv1D layout" if w_layout == "kn" else f"[N, K={k}] (w_layout='nk'"
+        raise ValueError(f"{op}: w has shape {tuple(w.shape)}, expected {layout}, x is {tuple(x.shape)})")
+    tensors = {"x": x, "w": w}
+    _check_2d(op, "x", x, (m, k), x.dtype)
+    if w.dtype != x.dtype:
+        raise ValueError(f"{op}: w is {w.dtype}, x is {x.dtype}; mixed dtypes are not supported")
+    if w.shape[-1] > 1 and w.stride(-1) != 1:
+        raise ValueError(f"{op}: w must have a contiguous last dim (strides {w.stride()})")
+    if b is not None:
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (n,):
+            raise ValueError(f"{op}: b has shape {tuple(getattr(b, 'shape', ()))}, expected ({n},)")
+        if b.dtype != x.dtype:
+            raise ValueError(f"{op}: b is {b.dtype}, x is {x.dtype}; mixed dtypes are not supported")
+        if n > 1 and b.stride(0) != 1:
+            raise ValueError(f"{op}: b must be contiguous")
+        tensors["b"] = b
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (m, n):
-            raise ValueError(f"linear: residual has shape {tuple(getattr(residual, 'shape', ()))}, expected ({m}, {n})")
+        _check_2d(op, "residual", residual, (m, n), x.dtype)
         tensors["residual"] = residual
     if out is not None:
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (m, n):
-            raise ValueError(f"linear: out has shape {tuple(getattr(out, 'shape', ()))}, expected ({m}, {n})")
+        _check_2d(op, "out", out, (m, n), x.dtype)
         tensors["out"] = out
-    for name, t in tensors.items():
-        if t.dtype != x.dtype:
-            raise ValueError(f"linear: {name} is {t.dtype}, x is {x.dtype}; mixed dtypes are not supported")
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"linear: {name} must have a contiguous last dim (strides {t.stride()})")
-    check_device("linear", tensors, _linear_kernel)
+    if norm is not None:
+        nw, nb, eps, norm_out = norm
+        for name, t in (("norm_weight", nw), ("norm_bias", nb)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.dtype != x.dtype or (n > 1 and t.stride(0) != 1):
+                raise ValueError(f"{op}: {name} must be a contiguous ({n},) {x.dtype} vector, got "
+                                 f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', '')}")
+        _check_2d(op, "norm_out", norm_out, (m, n), x.dtype)
+        tensors.update(norm_weight=nw, norm_bias=nb, norm_out=norm_out)
+    device = check_device(op, tensors, _linear_kernel)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif _overlap(out, x) or _overlap(out, w):
-        raise ValueError("linear: out overlaps x or w (other programs still read them)")
+        raise ValueError(f"{op}: out overlaps x or w (other programs still read them)")
+    if norm is not None and any(_overlap(norm[3], t) for t in (x, w, out) + ((residual,) if residual is not None else ())):
+        raise ValueError(f"{op}: norm_out overlaps x, w, residual or out")
     if m == 0 or n == 0:
         return out
 
-    cfg = pick_config(m)
-    block_k, num_stages = cfg.tiles(DTYPES[x.dtype])
+    p = plan(m, n, k, DTYPES[x.dtype], device_sms(device) if sms is None else sms)
+    _check_workspace(op, workspace, p, m, n, device)
+    if p.split_k > 1 or norm is not None:
+        if workspace is None:  # eager calls: per call (a CUDA-graph step passes its own, made before capture)
+            workspace = GemmWorkspace(torch.empty(max(1, p.split_k * m * n if p.split_k > 1 else 1),
+                                                  dtype=torch.float32, device=device),
+                                      torch.zeros(p.counters(m, n), dtype=torch.int32, device=device))
+        parts = workspace.partials if p.split_k > 1 else out  # out: a placeholder, never touched without IS_SPLIT
+        counters = workspace.counters
+    else:
+        parts, counters = out, out  # placeholders, never touched without IS_SPLIT / HAS_NORM
     r = residual if residual is not None else out  # placeholder, never read without HAS_RESIDUAL
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    _linear_kernel[grid](
-        x, w, b, r, out,
-        m, n, k,
-        x.stride(0), w.stride(0), r.stride(0), out.stride(0),
+    nw, nb, eps, ny = norm if norm is not None else (out, out, 0.0, out)
+    _linear_kernel[p.grid(m, n)](
+        x, w, b if b is not None else out, r, out, parts, counters, nw, nb, ny,
+        m, n, k, p.k_per_split,
+        x.stride(0), w.stride(0), r.stride(0), out.stride(0), ny.stride(0), float(eps),
         ACTIVATION=activation,
+        HAS_BIAS=b is not None,
         HAS_RESIDUAL=residual is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=block_k,
-        num_warps=cfg.num_warps,
-        num_stages=num_stages,
+        W_NK=w_layout == "nk",
+        IS_SPLIT=p.split_k > 1,
+        HAS_NORM=norm is not None,
+        BLOCK_M=p.config.block_m,
+        BLOCK_N=p.block_n,
+        BLOCK_K=p.block_k,
+        NORM_CHUNK=NORM_CHUNK,
+        num_warps=p.config.num_warps,
+        num_stages=p.num_stages,
     )
     return out
 
 
-def linear_ref(x, w, b, *, activation="none", residual=None):
-    """Plain PyTorch in the input dtype: act(x @ w + b) (+ residual)."""
+def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn", workspace=None, sms=None):
+    """y = act(x @ w + b) (+ residual) -> out [M, N].
+
+    x: [M, K]; w: [K, N] (Conv1D layout, w_layout="kn") or [N, K] (w_layout="nk", e.g. the lm_head's
+    [V, E] table); b: [N] or None; residual, out: [M, N]. One dtype (fp32, fp16, bf16) and one device
+    for all; last dims contiguous. out may be the residual tensor itself (an in-place residual add)
+    but must not overlap x or w. workspace: ``gemm_workspace``'s, for the split-K partials (None:
+    allocated per call when the plan splits). sms: the SM count the plan fills (default: the device's;
+    tests use it to pick splits).
+    """
+    return _launch("linear", x, w, b, activation=activation, residual=residual, out=out, w_layout=w_layout,
+                   norm=None, workspace=workspace, sms=sms)
+
+
+def linear_norm(x, w, b, residual, norm_weight, norm_bias, eps, *, out=None, norm_out=None, workspace=None, sms=None):
+    """s = x @ w + b + residual, y = layer_norm(s) with norm_weight, norm_bias, eps -> (y, s), both [M, N].
+
+    One kernel: GPT-2's attention output and MLP down projections with the residual add and the
+    layernorm that follows them. x [M, K]; w [K, N] (Conv1D); b, norm_weight, norm_bias [N];
+    residual, out, norm_out [M, N]; s is rounded to the dtype once and y computed from the rounded s.
+    out may be the residual itself. workspace / sms: as ``linear``.
+    """
+    m, n = x.shape[0], w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+    if residual is None:
+        raise ValueError("linear_norm: residual is required (s = x @ w + b + residual)")
+    if norm_out is None and isinstance(x, torch.Tensor):
+        norm_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    s = _launch("linear_norm", x, w, b, activation="none", residual=residual, out=out, w_layout="kn",
+                norm=(norm_weight, norm_bias, eps, norm_out), workspace=workspace, sms=sms)
+    return norm_out, s
+
+
+def linear_ref(x, w, b, *, activation="none", residual=None, w_layout="kn"):
+    """Plain PyTorch in the input dtype: act(x @ w + b) (+ residual); w [N, K] when w_layout="nk"."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear_ref: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
-    y = ACTIVATIONS[activation](x @ w + b)
+    y = x @ (w if w_layout == "kn" else w.t())
+    y = ACTIVATIONS[activation](y if b is None else y + b)
     return y if residual is None else y + residual
 
 
+def linear_norm_ref(x, w, b, residual, norm_weight, norm_bias, eps):
+    """Plain PyTorch in the input dtype: (layer_norm(s), s), s = x @ w + b + residual."""
+    s = x @ w + b + residual
+    return torch.nn.functional.layer_norm(s, s.shape[-1:], norm_weight, norm_bias, eps), s
+
+
+# the epilogues the launchers produce: (label, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, W_NK, HAS_NORM)
+def _epilogues():
+    for activation in ACTIVATIONS:
+        for has_res in (False, True):
+            yield activation + ("+residual" if has_res else ""), activation, True, has_res, False, False
+    yield "residual+layernorm", "none", True, True, False, True  # linear_norm
+    yield "nk, no bias", "none", False, False, True, False  # the lm_head
+
+
 def compile_specs(dtype: str) -> list[CompileSpec]:
-    """Every (config, ACTIVATION, HAS_RESIDUAL) the launcher can produce, for dtype "fp16" or "bf16"
+    """Every (config, BLOCK_N, split, epilogue) the launchers can produce, for dtype "fp16" or "bf16"
     ("fp32" also works: the fp32 stage counts, and no tensor cores since the dot is ieee)."""
     check_spec_dtype(dtype)
-    signature = kernel_signature(_linear_kernel, f"*{dtype}")
     specs = []
     for cfg in CONFIGS:
         block_k, num_stages = cfg.tiles(dtype)
-        for activation in ACTIVATIONS:
-            for has_res in (False, True):
-                epilogue = activation + ("+residual" if has_res else "")
-                specs.append(
-                    CompileSpec(
-                        name=f"linear.linear[{epilogue}] {cfg.name} BM={cfg.block_m} BN={cfg.block_n} BK={block_k}",
+        for block_n in cfg.block_ns:
+            for split in ((False, True) if cfg.splits else (False,)):
+                for label, activation, has_bias, has_res, w_nk, has_norm in _epilogues():
+                    needs_scratch = split or has_norm
+                    signature = kernel_signature(_linear_kernel, f"*{dtype}", {
+                        "part_ptr": "*fp32" if split else f"*{dtype}", "count_ptr": "*i32" if needs_scratch else f"*{dtype}"})
+                    specs.append(CompileSpec(
+                        name=f"linear.linear[{label}] {cfg.name} BM={cfg.block_m} BN={block_n} BK={block_k}"
+                             + (" split-K" if split else ""),
                         fn=_linear_kernel,
-                        signature=dict(signature),
+                        signature=signature,
                         constexprs={
-                            "ACTIVATION": activation, "HAS_RESIDUAL": has_res,
-                            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k,
+                            "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
+                            "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
+                            "BLOCK_K": block_k, "NORM_CHUNK": NORM_CHUNK,
                         },
                         num_warps=cfg.num_warps,
                         num_stages=num_stages,
                         uses_dot=dtype != "fp32",
-                    )
-                )
+                    ))
     return specs

@@ -41,8 +41,8 @@ class DecodeStep:
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)  # [B] in and out
         self.logits = None  # [B, V] of the last step (a static buffer once graphed)
         self.choose = TokenChooser(sampling, self.batch, device, seed)
-        # the attention's scratch (split partials), made here: nothing is allocated inside a capture
-        self.workspace = model.ops.decode_workspace(cache.k[0], self.batch, 1)
+        # the kernels' scratch (split partials, arrival counters), made here: nothing is allocated inside a capture
+        self.workspace = model.decode_workspace(cache, self.batch, 1)
         self.graph = None
         self.pool = None
 

@@ -155,27 +155,38 @@ class GPT2Network:
         return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
 
     # -- the network ---------------------------------------------------------------------------
-    def _blocks(self, ids: torch.Tensor, start: torch.Tensor | None, attend) -> torch.Tensor:
+    def _blocks(self, ids: torch.Tensor, start: torch.Tensor | None, attend, workspace=None) -> torch.Tensor:
         """ids [B, S] -> ln_f(final residual stream) [B*S, E]. Row b's positions are start[b] + s
         (start [B] int32 on the device), or s when start is None. attend(layer, scale, qkv [B, S, 3E])
-        -> [B, S, E]."""
+        -> [B, S, E]. workspace: a decode step's ``decode_workspace`` (None: each op allocates its own).
+        Five ops per layer: QKV, attention, attention-out + residual + ln_2, MLP up + activation,
+        MLP down + residual + the next layernorm (layer i+1's ln_1, or ln_f)."""
         ops, eps, b, s = self.ops, self.config.layer_norm_epsilon, *ids.shape
         first = self.layers[0]
         a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps)  # [M, E]
         for i, lw in enumerate(self.layers):
-            qkv = ops.linear(a, lw.qkv_w, lw.qkv_b)  # [M, 3E]
+            qkv = ops.linear(a, lw.qkv_w, lw.qkv_b, workspace=workspace)  # [M, 3E]
             att = attend(i, lw.scale, qkv.view(b, s, -1)).view(b * s, -1)  # [M, E]
-            h = ops.linear(att, lw.attn_proj_w, lw.attn_proj_b, residual=h)
-            m, _ = ops.layer_norm(h, None, lw.ln_2_w, lw.ln_2_b, eps)
-            f = ops.linear(m, lw.fc_w, lw.fc_b, activation=self.config.activation)  # [M, I]
-            p = ops.linear(f, lw.mlp_proj_w, lw.mlp_proj_b)
+            m, h = ops.linear_norm(att, lw.attn_proj_w, lw.attn_proj_b, h, lw.ln_2_w, lw.ln_2_b, eps, workspace)
+            f = ops.linear(m, lw.fc_w, lw.fc_b, activation=self.config.activation, workspace=workspace)  # [M, I]
             norm_w, norm_b = self.next_norm[i]
-            a, h = ops.layer_norm(p, h, norm_w, norm_b, eps)
+            a, h = ops.linear_norm(f, lw.mlp_proj_w, lw.mlp_proj_b, h, norm_w, norm_b, eps, workspace)  # [M, E]
         return a
 
-    def _logits(self, y: torch.Tensor) -> torch.Tensor:
+    def _logits(self, y: torch.Tensor, workspace=None) -> torch.Tensor:
         """y [N, E] (after ln_f) -> logits [N, V] through the (tied) lm_head."""
-        return self.ops.lm_head(y, self.lm_head)
+        return self.ops.lm_head(y, self.lm_head, workspace)
+
+    def decode_gemm_shapes(self, batch: int, s: int) -> list[tuple[int, int, int]]:
+        """(M, N, K) of every GEMM of a decode step of `batch` sequences of s new tokens: QKV, attention
+        out, MLP up, MLP down (M = batch * s rows), the lm_head (the last token of each sequence)."""
+        c, m = self.config, batch * s
+        e, inner = c.n_embd, c.inner_dim
+        return [(m, 3 * e, e), (m, e, e), (m, inner, e), (m, e, inner), (batch, c.vocab_size, e)]
+
+    def decode_workspace(self, cache: KVCache, batch: int, s: int):
+        """The scratch of a decode step (``ops.decode_workspace``), made once, before a capture."""
+        return self.ops.decode_workspace(cache.k[0], batch, s, self.decode_gemm_shapes(batch, s))
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, seq_lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -214,7 +225,7 @@ class GPT2Network:
         captures exactly this). kv_len: a host bound >= every length + S (the torch path slices the
         cache to it; a captured step passes the cache's max_len). uniform_len: every sequence's
         length when they are known to be equal (None in a captured step). workspace: the attention's
-        scratch from ``ops.decode_workspace`` (a captured step allocates it before the capture; None:
+        scratch from ``decode_workspace`` (a captured step allocates it before the capture; None:
         allocated per call)."""
         b, s = ids.shape
         lengths = cache.lengths[:b]
@@ -226,9 +237,9 @@ class GPT2Network:
                                              workspace)
 
         with torch.inference_mode():
-            h = self._blocks(ids, lengths, attend)  # [B*S, E], after ln_f; positions from lengths
+            h = self._blocks(ids, lengths, attend, workspace)  # [B*S, E], after ln_f; positions from lengths
             lengths += s
-            return self._logits(h.view(b, s, -1)[:, -1])
+            return self._logits(h.view(b, s, -1)[:, -1], workspace)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

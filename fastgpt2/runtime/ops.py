@@ -43,6 +43,14 @@ class RaggedDecode:
 DecodeContext = Union[UniformDecode, RaggedDecode, None]  # None: the op builds (or needs) none
 
 
+@dataclass(frozen=True)
+class StepScratch:
+    """The Triton decode step's scratch, made once before a capture (``TritonOps.decode_workspace``)."""
+
+    attention: object  # kernels.attention.DecodeWorkspace: split partials and counters
+    gemm: object  # kernels.linear.GemmWorkspace: split-K partials and counters of every GEMM of the step
+
+
 class Ops(Protocol):
     """What every backend implements. A backend never holds the model's state beyond prepared weights."""
 
@@ -64,11 +72,17 @@ class Ops(Protocol):
         """x [M, E], residual [M, E] | None -> (y [M, E], s [M, E]), s = x + residual, y = layernorm(s).
         With a residual, x is scratch the op may overwrite (the torch path adds into it in place)."""
 
-    def linear(self, x, w, b, activation: str = "none", residual=None) -> torch.Tensor:
+    def linear(self, x, w, b, activation: str = "none", residual=None, workspace=None) -> torch.Tensor:
         """x [M, K], w (prepared), b [N], residual [M, N] | None -> act(x @ w + b) (+ residual) [M, N];
-        activation one of kernels.contract.ACTIVATIONS."""
+        activation one of kernels.contract.ACTIVATIONS. workspace: ``decode_workspace``'s (None: the op
+        allocates what it needs)."""
 
-    def lm_head(self, y, w) -> torch.Tensor:
+    def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
+        """x [M, K], w (prepared), b [N], residual [M, N], weight/bias [N] -> (y [M, N], s [M, N]):
+        s = x @ w + b + residual, y = layernorm(s) (GPT-2's output projections and the layernorm
+        that follows each). residual is the caller's scratch the op may overwrite."""
+
+    def lm_head(self, y, w, workspace=None) -> torch.Tensor:
         """y [N, E], w [V, E] (prepared) -> logits [N, V], contiguous."""
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast) -> torch.Tensor:
@@ -78,10 +92,11 @@ class Ops(Protocol):
     def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None) -> DecodeContext:
         """What every layer's decode attention shares in one step, built once per step."""
 
-    def decode_workspace(self, k_cache, batch: int, s: int):
-        """The scratch decode attention needs for `batch` sequences of s new tokens over caches shaped
-        like k_cache [Bmax, H, Tmax, D] (the Triton kernel's split partials; None when none), allocated
-        once by the caller, before a CUDA-graph capture, and shared by every layer of a step."""
+    def decode_workspace(self, k_cache, batch: int, s: int, gemm_shapes):
+        """The scratch a decode step needs for `batch` sequences of s new tokens over caches shaped
+        like k_cache [Bmax, H, Tmax, D], whose GEMMs are gemm_shapes [(M, N, K), ...] (the Triton
+        kernels' split partials and arrival counters, a ``StepScratch``; None when none), allocated
+        once by the caller, before a CUDA-graph capture, and shared by every op of a step."""
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len: int,
                          ctx: DecodeContext = None, workspace=None) -> torch.Tensor:
@@ -212,7 +227,7 @@ class TorchOps:
         s = x if residual is None else x.add_(residual)  # in place: x is the caller's scratch (see the contract)
         return torch.layer_norm(s, s.shape[-1:], weight, bias, eps), s
 
-    def linear(self, x, w, b, activation="none", residual=None):
+    def linear(self, x, w, b, activation="none", residual=None, workspace=None):
         if self.packed:
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
         elif self.lazy_packed is not None and x.shape[0] >= self.PACK_FROM_ROWS:
@@ -225,6 +240,9 @@ class TorchOps:
             y += residual
         return y
 
+    def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
+        return self.layer_norm(self.linear(x, w, b), residual, weight, bias, eps)  # s = (x @ w + b) + residual
+
     def _lazily_packed(self, w, w_is_kn: bool):
         """oneDNN's packed form of the float32 weight w ([K, N] when w_is_kn, else [N, K]), made on
         its first use and kept; keyed by the tensor itself (held, so its id stays its own) and made
@@ -235,7 +253,7 @@ class TorchOps:
                                                 cpu_paths.onednn_pack((w.t() if w_is_kn else w).contiguous()))
         return entry[2]
 
-    def lm_head(self, y, w):
+    def lm_head(self, y, w, workspace=None):
         """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class): y @ w^T
         where the path's head says so, else a GEMV for one row; from PACK_FROM_ROWS rows the float32
         packed copy of w, else w @ y^T up to 64 rows."""
@@ -271,7 +289,7 @@ class TorchOps:
         visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
         return RaggedDecode(pos, rows, visible[:, None], kv_len)
 
-    def decode_workspace(self, k_cache, batch, s):
+    def decode_workspace(self, k_cache, batch, s, gemm_shapes):
         return None  # plain torch ops: no scratch of their own
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
@@ -343,11 +361,18 @@ class TritonOps:
         CPU float32 torch model is copied once, here)."""
         return w.contiguous()
 
-    def linear(self, x, w, b, activation="none", residual=None):
-        return self._linear.linear(x, w, b, activation=activation, residual=residual)
+    def linear(self, x, w, b, activation="none", residual=None, workspace=None):
+        return self._linear.linear(x, w, b, activation=activation, residual=residual,
+                                   workspace=workspace.gemm if workspace is not None else None)
 
-    def lm_head(self, y, w):
-        return y @ w.t()  # [N, V]; a cuBLAS GEMM (DESIGN: the lm_head may stay a torch op)
+    def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
+        # one kernel: the GEMM, its residual epilogue, then the layernorm of the rows (linear.linear_norm)
+        return self._linear.linear_norm(x, w, b, residual, weight, bias, eps,
+                                        workspace=workspace.gemm if workspace is not None else None)
+
+    def lm_head(self, y, w, workspace=None):
+        # [N, V]: the GEMM kernel reads the [V, E] table as it is ([N, K] layout, no bias)
+        return self._linear.linear(y, w, None, w_layout="nk", workspace=workspace.gemm if workspace is not None else None)
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         # scores and softmax are always fp32 in the kernel, which is what upcast asks for
@@ -356,11 +381,13 @@ class TritonOps:
     def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
         return None  # the kernel reads the lengths on the device
 
-    def decode_workspace(self, k_cache, batch, s):
-        return self._attention.decode_workspace(k_cache, batch, s)
+    def decode_workspace(self, k_cache, batch, s, gemm_shapes):
+        return StepScratch(self._attention.decode_workspace(k_cache, batch, s),
+                           self._linear.gemm_workspace(gemm_shapes, k_cache.dtype, k_cache.device))
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
-        return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale, workspace=workspace)
+        return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale,
+                                                workspace=workspace.attention if workspace is not None else None)
 
     def prefill_attention_separate(self, q, k, v, scale, upcast):
         return self._attention.prefill_attention_separate(q, k, v, scale)

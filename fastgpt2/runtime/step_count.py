@@ -35,11 +35,14 @@ _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_f
 FUSIONS = {
     "triton": [
         "token + position embedding gather fused into layer 0's ln_1 (embed_layer_norm)",
-        "attention-output residual add fused into its GEMM's epilogue",
-        "MLP-output residual add fused into the next layernorm (ln_f after the last layer)",
+        "attention-output residual add and ln_2 fused into its GEMM's epilogue (linear_norm)",
+        "MLP-output residual add and the next layernorm (ln_f after the last layer) fused into the "
+        "MLP down GEMM's epilogue (linear_norm)",
         "bias + activation fused into the c_fc GEMM epilogue",
+        "split-K partials (fp32) reduced by the last program of each tile, inside the GEMM (no reduce pass)",
         "K/V cache write fused into the attention kernels (prefill and decode)",
-        "flash-decoding's reduce skipped when one split covers the cache (short caches only)",
+        "flash-decoding's split combine done by the last split of each head, inside the attention kernel",
+        "lm_head on fastgpt2's GEMM kernel, reading the [V, E] table as it is",
     ],
     "torch": [],
 }

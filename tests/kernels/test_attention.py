@@ -519,12 +519,12 @@ def test_default_num_splits_is_static():
 def test_compile_specs_cover_every_config(dtype):
     specs = A.compile_specs(dtype)
     # per head_dim: prefill (cache-writing + separate), decode (direct/split x cache-writing/separate/
-    # separate with kv_start), reduce
-    assert len(specs) == 3 * 9
+    # separate with kv_start); the split variants combine in-kernel (no reduce kernel)
+    assert len(specs) == 3 * 8
     assert len({s.name for s in specs}) == len(specs)
     # pointers that are not of the I/O dtype: the [B] int32 lengths and the fp32 split partials
     other_ptrs = {"seq_lens_ptr": "*i32", "cache_lens_ptr": "*i32", "kv_start_ptr": "*i32",
-                  "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"}
+                  "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "count_ptr": "*i32"}
     for s in specs:
         params = list(s.fn.arg_names)
         assert list(s.signature) == params, s.name  # every parameter, in the kernel's order
@@ -537,7 +537,7 @@ def test_compile_specs_cover_every_config(dtype):
                 assert ty == "i64", (s.name, p, ty)
             elif ty != "constexpr":
                 assert ty == {"scale": "fp32"}.get(p, "i32"), (s.name, p, ty)
-        assert s.uses_dot == ("reduce" not in s.name)
+        assert s.uses_dot
         if "WRITE_KV" in s.constexprs:
             assert s.constexprs["WRITE_KV"] == ("separate" not in s.name), s.name
         if "HAS_KV_START" in s.constexprs:

@@ -154,7 +154,8 @@ def _wrong_decode_positions(monkeypatch):
     """A decode-only bug: decode steps take the position embedding one past their own position."""
     blocks = network.GPT2Network._blocks
     monkeypatch.setattr(network.GPT2Network, "_blocks",
-                        lambda self, ids, start, attend: blocks(self, ids, None if start is None else start + 1, attend))
+                        lambda self, ids, start, attend, workspace=None:
+                        blocks(self, ids, None if start is None else start + 1, attend, workspace))
 
 
 def _one_weight_5_percent_off(monkeypatch):

@@ -238,32 +238,40 @@ def test_a_closed_stream_returns_its_step():
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
 def test_triton_step_allocates_its_split_partials_once_before_any_step(monkeypatch):
-    """The decode step owns the attention's workspace (made at construction, before a capture would
-    run): a step allocates no partials, and equals GPT2.decode (which allocates per call)."""
-    from fastgpt2.kernels import attention as A
-
+    """The decode step owns the kernels' scratch (made at construction, before a capture would run):
+    the attention's split partials and the arrival counters of the attention and of the split-K /
+    layernorm GEMMs. A step allocates none of it, and equals GPT2.decode (which allocates per call)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=101, n_positions=300)
     model = fastgpt2.GPT2.from_config(cfg, device=device, backend="triton", seed=8)
     ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(9)).to(device)
     lens = torch.full((2,), 5, dtype=torch.int32, device=device)
-    cache, other = model.new_cache(2, 300), model.new_cache(2, 300)  # 3 key splits: partials and a reduce
+    cache, other = model.new_cache(2, 300), model.new_cache(2, 300)  # 3 key splits: partials, combined in-kernel
     step = DecodeStep(model, cache, use_cuda_graph=False)
-    assert step.workspace.num_splits == 3 and tuple(step.workspace.part_acc.shape) == (2 * 2, 3, 1, 32)
+    attention, gemm = step.workspace.attention, step.workspace.gemm
+    assert attention.num_splits == 3 and tuple(attention.part_acc.shape) == (2 * 2, 3, 1, 32)
+    assert gemm.counters.dtype == torch.int32 and gemm.partials.numel() > 1  # the MLP down projection splits K
     step.start(model.prefill(ids, lens, cache))
     model.prefill(ids, lens, other)
     made = []
-    real_empty = torch.empty
+    real_empty, real_zeros = torch.empty, torch.zeros
 
     def empty(*args, **kwargs):
         if args and isinstance(args[0], tuple) and args[0][:3] == (2 * 2, 3, 1):  # [B*H, splits, S(, D)]
             made.append(args[0])
         return real_empty(*args, **kwargs)
 
-    monkeypatch.setattr(A.torch, "empty", empty)  # torch's own: what the attention launcher would call
+    def zeros(*args, **kwargs):
+        if kwargs.get("dtype") == torch.int32:  # arrival counters (attention and GEMMs)
+            made.append(("counters", args))
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)  # what the launchers would call
+    monkeypatch.setattr(torch, "zeros", zeros)
     for _ in range(3):
         fed = step.tokens.clone()
         step()
-        assert not made, "the step allocated attention partials"
+        assert not made, f"the step allocated kernel scratch: {made}"
         assert torch.equal(step.logits, model.decode(fed[:, None], other))
-        assert len(made) == 3 and made.clear() is None  # GPT2.decode allocates its own, per call
+        assert len(made) > 3 and made.clear() is None  # GPT2.decode allocates its own, per call
+    assert not attention.counters.any() and not gemm.counters.any()  # every launch left its counters at zero

@@ -12,7 +12,7 @@ from triton.runtime.jit import KernelInterface
 
 from fastgpt2.kernels.attention import decode_attention, default_num_splits
 from fastgpt2.kernels.layernorm import add_layer_norm
-from fastgpt2.kernels.linear import linear, pick_config
+from fastgpt2.kernels.linear import linear, plan
 from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,14 +40,15 @@ def test_weight_and_kv_bytes_match_config(tool, cfg, batch, dtype):
     context = min(20, cfg.n_positions - 2)
     kernels = tool.step_kernels(cfg, batch, dtype, context, cfg.n_positions)
     e, v, n, size = cfg.n_embd, cfg.vocab_size, cfg.n_layer, dtype.itemsize
-    # The four GEMM kernels (weights + biases, once per layer) read exactly decode_weight_bytes minus
-    # the lm_head's V*E, the embedding rows' 2*B*E and the layernorm gains/biases (ln_1, ln_2 per
-    # layer: 4E; ln_f: 2E), all in the dtype: itemsize * L * (4E^2 + 2EI + 5E + I).
-    gemm = sum(k["weight_bytes"] * k["count"] for k in kernels if "GEMM" in k["kernel"] and k["kind"] == "triton")
-    layernorms = size * (n * 4 * e + 2 * e)
-    assert gemm == decode_weight_bytes(cfg, batch, dtype) - size * (v * e + 2 * batch * e) - layernorms
+    # The GEMM kernels read exactly decode_weight_bytes minus the embedding rows' 2*B*E and layer 0's
+    # ln_1 (2E; both in the embedding kernel): per layer the four weights + biases and two layernorms
+    # (ln_2 in the attention-out epilogue, the next ln_1 or ln_f in the MLP-down one), and the V*E head.
+    layer_gemms = [k for k in kernels if "GEMM" in k["kernel"] and k["count"] == n]
+    gemm = sum(k["weight_bytes"] * k["count"] for k in kernels if "GEMM" in k["kernel"])
+    assert gemm == decode_weight_bytes(cfg, batch, dtype) - size * (2 * batch * e + 2 * e)
     i = cfg.inner_dim
-    assert gemm == size * n * (4 * e * e + 2 * e * i + 5 * e + i)
+    assert sum(k["weight_bytes"] * n for k in layer_gemms) == size * n * (4 * e * e + 2 * e * i + 9 * e + i)
+    assert len(layer_gemms) == 4 and all(k["kind"] == "triton" for k in kernels if "GEMM" in k["kernel"])
     # every weight of the step is read once: the per-kernel weight shares sum to decode_weight_bytes
     assert sum(k["weight_bytes"] * k["count"] for k in kernels) == decode_weight_bytes(cfg, batch, dtype)
     # the K/V cache read (context positions) and written (the new token) = kv_read_bytes over context + 1
@@ -69,21 +70,23 @@ def _capture_grids(monkeypatch):
     return grids
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 32, 320), (3, 48, 192), (20, 32, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 32, 320), (3, 200, 192), (20, 32, 130), (70, 48, 200)])
 def test_gemm_programs_are_the_launched_grid(tool, monkeypatch, m, k, n):
     grids = _capture_grids(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     linear(torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen), torch.randn(n, generator=gen))
-    assert [g for name, g in grids if name == "_linear_kernel"] == [
-        (math.ceil(m / pick_config(m).block_m), math.ceil(n / pick_config(m).block_n))]
-    (grid,) = [g for name, g in grids if name == "_linear_kernel"]
-    assert tool.gemm_programs(m, n) == grid[0] * grid[1]
+    (grid,) = [g for name, g in grids if name == "_linear_kernel"]  # in the interpreter: sm_90's 132 SMs
+    p = plan(m, n, k, "fp32", 132)
+    assert grid == (math.ceil(m / p.config.block_m), math.ceil(n / p.block_n), p.split_k)
+    assert tool.gemm_programs(m, n, k, torch.float32, 132) == grid[0] * grid[1] * grid[2]
 
 
 def test_gemm_programs_of_gpt2_at_batch_1(tool):
-    # decode tiles are 16 x 64: every gpt2 projection launches fewer programs than an H200 has SMs
-    assert [tool.gemm_programs(1, n) for n in (3 * 768, 768, 4 * 768, 768)] == [36, 12, 48, 12]
-    assert all(p < tool.GPUS["H200"]["sms"] for p in (36, 12, 48, 12))
+    # every gpt2 projection fills an H200 twice over: split-K and 32-wide tiles where N is short
+    programs = [tool.gemm_programs(1, n, k, torch.float16, 132) for n, k in
+                ((3 * 768, 768), (768, 768), (4 * 768, 768), (768, 4 * 768), (50257, 768))]
+    assert programs == [432, 288, 288, 288, 786]
+    assert min(programs) >= 2 * tool.GPUS["H200"]["sms"]
 
 
 @pytest.mark.parametrize("batch,heads,tmax", [(2, 2, 256), (1, 2, 64), (3, 1, 512)])
@@ -96,15 +99,10 @@ def test_attention_programs_are_the_launched_grids(tool, monkeypatch, batch, hea
     lens = torch.full((batch,), 5, dtype=torch.int32)
     grids = _capture_grids(monkeypatch)
     decode_attention(qkv, k_cache, v_cache, lens, d**-0.5)
-    splits, programs, reduce_programs = tool.decode_grids(batch, heads, tmax)
+    splits, programs = tool.decode_grids(batch, heads, tmax)
     assert splits == default_num_splits(batch, heads, tmax)
-    launched = dict(grids)
-    assert launched["_decode_attn_kernel"] == (batch * heads, splits)
+    assert grids == [("_decode_attn_kernel", (batch * heads, splits))]  # the splits are combined in-kernel
     assert programs == batch * heads * splits
-    if splits > 1:
-        assert launched["_decode_reduce_kernel"] == (reduce_programs,) == (batch * heads,)
-    else:
-        assert "_decode_reduce_kernel" not in launched and reduce_programs == 0
 
 
 def test_layernorm_programs_are_the_launched_grid(tool, monkeypatch):
@@ -128,9 +126,8 @@ def test_prediction_formula(tool):
     roof = decode_weight_bytes(GPT2Config.from_name("gpt2"), 1, torch.float16) / (gpu["hbm_gbps"] * 1e9) * 1e6
     assert r["pct_roofline"] == pytest.approx(100 * roof / r["step_us"])
     assert r["step_us"] > roof  # a model can never beat the roofline
-    # per step: embed + 7 or 8 kernels per layer + lm_head, argmax, length update
-    per_layer = 8 if r["cache_len"] > 128 else 7
-    assert r["launches_per_step"] == 1 + 12 * per_layer + 3
+    # per step: embed + 5 kernels per layer + lm_head, argmax, length update
+    assert r["launches_per_step"] == 1 + 12 * 5 + 3
     assert tool.GPUS["H100"]["hbm_gbps"] == 3350 and tool.GPUS["A100"]["sms"] == 108
 
 
@@ -142,7 +139,7 @@ def test_cli_prints_tables_and_summary(tool, capsys, tmp_path):
     assert "## Summary (A100 SXM 80GB" in text
     for model, batch in (("gpt2", 1), ("gpt2", 8), ("gpt2-large", 1), ("gpt2-large", 8)):
         assert f"| {model} | {batch} |" in text
-    assert "| c_proj GEMM (mlp.c_proj) | 12 | 12 | 1 |" in text
+    assert "| c_proj GEMM + residual + next ln_1 / ln_f (linear_norm) [BN=64, split-K 24] | 12 | 288 | 3 |" in text
     data = json.loads(out_json.read_text())
     assert [(s["model"], s["batch"]) for s in data["steps"]] == [("gpt2", 1), ("gpt2", 2)]
     assert len(data["summary"]) == 4 and data["assumptions"]["KERNEL_FLOOR_US"] == tool.KERNEL_FLOOR_US
