@@ -37,7 +37,6 @@ from .launch_checks import check_device, check_dtype
 # SM counts of the targets the decode plan is built for; a CUDA device's own count is read from it
 TARGET_SMS = {"sm_90": 132, "sm_80": 108}  # H100 / H200 SXM, A100
 MIN_WAVES = 2  # a decode GEMM launches at least MIN_WAVES x SMs programs where K allows it
-NORM_CHUNK = 256  # columns per step of linear_norm's layernorm epilogue
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,7 @@ class GemmConfig:
     block_k_fp32: int
     num_stages_fp32: int
     splits: bool  # whether the plan may split K
+    norm_chunk: int  # columns per step of linear_norm's layernorm epilogue ([BLOCK_M, norm_chunk] tiles)
 
     def tiles(self, dtype: str) -> tuple[int, int]:
         """-> (BLOCK_K, num_stages) for "fp32", "fp16" or "bf16"."""
@@ -67,11 +67,11 @@ CONFIGS = (
     # so that K=768 still splits 12 ways. M in 17..64 runs ceil(M/16) row blocks side by side
     # (axis 0), which re-read each weight slab from L2, not DRAM.
     GemmConfig("decode", max_m=64, block_m=16, block_ns=(64, 32), block_k=64, num_warps=4, num_stages=4,
-               block_k_fp32=64, num_stages_fp32=2, splits=True),
+               block_k_fp32=64, num_stages_fp32=2, splits=True, norm_chunk=64),
     # M = tokens: 64x128 tiles; 8 warps keep the fp32 accumulator plus the residual tile out of
     # local memory when the operands are not 16-byte aligned (4 warps spill there)
     GemmConfig("prefill", max_m=None, block_m=64, block_ns=(128,), block_k=64, num_warps=8, num_stages=3,
-               block_k_fp32=32, num_stages_fp32=3, splits=False),
+               block_k_fp32=32, num_stages_fp32=3, splits=False, norm_chunk=32),
 )
 
 
@@ -225,19 +225,25 @@ def _linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_base = pid_k * K_PER_SPLIT  # int64: this split's first column of K
-
     stride_w64 = tl.cast(stride_w, tl.int64)  # (stride_w may be a constexpr 1)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_base + offs_k)[None, :]  # [BM, BK]
+    if IS_SPLIT:
+        k_base = pid_k * K_PER_SPLIT  # int64: this split's first column of K, added to the scalar bases
+    else:
+        k_base = 0
+    x_ptrs = (x_ptr + k_base) + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     if W_NK:
-        w_ptrs = w_ptr + offs_n[None, :] * stride_w64 + (k_base + offs_k)[:, None]  # [BK, BN] of [N, K] storage
+        w_ptrs = (w_ptr + k_base) + offs_n[None, :] * stride_w64 + offs_k[:, None]  # [BK, BN] of [N, K]
         w_step = BLOCK_K
     else:
-        w_ptrs = w_ptr + (k_base + offs_k)[:, None] * stride_w64 + offs_n[None, :]  # [BK, BN] of [K, N] storage
+        w_ptrs = (w_ptr + k_base * stride_w64) + offs_k.to(tl.int64)[:, None] * stride_w64 + offs_n[None, :]  # of [K, N]
         w_step = BLOCK_K * stride_w64
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    if IS_SPLIT:
+        k_len = K_PER_SPLIT  # the last split runs past K, masked
+    else:
+        k_len = K
+    for k0 in range(0, k_len, BLOCK_K):
         mask_k = offs_k < K - k_base - k0  # [BK]
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
@@ -247,8 +253,8 @@ def _linear_kernel(
         w_ptrs += w_step
 
     mask_mn = mask_m[:, None] & mask_n[None, :]  # [BM, BN]
-    tile = pid_m * tl.num_programs(1) + pid_n  # this tile's counter
     if IS_SPLIT:
+        tile = pid_m * tl.num_programs(1) + pid_n  # this tile's counter
         # fp32 partial of this split; the last split of the tile to arrive sums all of them in order
         # 0..SPLIT_K-1 (the same order whichever arrives last: deterministic) and runs the epilogue
         part_tile = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN] within one split's [M, N]
@@ -291,31 +297,32 @@ def _linear_kernel(
 def _norm_rows(y_ptr, nw_ptr, nb_ptr, ny_ptr, row0, M, N, stride_ym, stride_nym, eps,
                BLOCK_M: tl.constexpr, NORM_CHUNK: tl.constexpr):
     # rows row0 .. row0+BLOCK_M-1 (< M) of y [M, N]: ny = (y - mean) * rstd * weight + bias; fp32
-    # statistics in three passes over the row (mean, biased variance, normalise), read from L2
+    # statistics in three passes over [BLOCK_M, NORM_CHUNK] tiles (mean, biased variance, normalise),
+    # read from L2 (.cg: other programs stored most of these rows)
+    rows = row0 + tl.arange(0, BLOCK_M)  # [BM] int64
+    row_ok = rows < M
     cols = tl.arange(0, NORM_CHUNK)  # [NC]
-    for i in range(0, BLOCK_M):
-        row = row0 + i
-        n_row = tl.where(row < M, N, 0)  # columns to touch: none past the last row
-        y_row = y_ptr + row * stride_ym
-        total = tl.zeros([NORM_CHUNK], dtype=tl.float32)
-        for c0 in range(0, N, NORM_CHUNK):
-            mask = c0 + cols < n_row
-            total += tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        mean = tl.sum(total, axis=0) / N
-        sq = tl.zeros([NORM_CHUNK], dtype=tl.float32)
-        for c0 in range(0, N, NORM_CHUNK):
-            mask = c0 + cols < n_row
-            v = tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            d = tl.where(mask, v - mean, 0.0)
-            sq += d * d
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / N + eps)
-        for c0 in range(0, N, NORM_CHUNK):
-            mask = c0 + cols < n_row
-            v = tl.load(y_row + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            w = tl.load(nw_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(nb_ptr + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            out = (v - mean) * rstd * w + b
-            tl.store(ny_ptr + row * stride_nym + c0 + cols, out.to(ny_ptr.dtype.element_ty), mask=mask)
+    y_rows = y_ptr + rows[:, None] * stride_ym  # [BM, 1]
+    total = tl.zeros([BLOCK_M, NORM_CHUNK], dtype=tl.float32)
+    for c0 in range(0, N, NORM_CHUNK):
+        mask = row_ok[:, None] & (c0 + cols < N)[None, :]  # [BM, NC]
+        total += tl.load(y_rows + (c0 + cols)[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    mean = tl.sum(total, axis=1) / N  # [BM]
+    sq = tl.zeros([BLOCK_M, NORM_CHUNK], dtype=tl.float32)
+    for c0 in range(0, N, NORM_CHUNK):
+        mask = row_ok[:, None] & (c0 + cols < N)[None, :]
+        v = tl.load(y_rows + (c0 + cols)[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        d = tl.where(mask, v - mean[:, None], 0.0)
+        sq += d * d
+    rstd = tl.rsqrt(tl.sum(sq, axis=1) / N + eps)  # [BM]
+    for c0 in range(0, N, NORM_CHUNK):
+        col_ok = c0 + cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(y_rows + (c0 + cols)[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        w = tl.load(nw_ptr + c0 + cols, mask=col_ok, other=0.0).to(tl.float32)  # [NC]
+        b = tl.load(nb_ptr + c0 + cols, mask=col_ok, other=0.0).to(tl.float32)
+        out = (v - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(ny_ptr + rows[:, None] * stride_nym + (c0 + cols)[None, :], out.to(ny_ptr.dtype.element_ty), mask=mask)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -430,7 +437,7 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         BLOCK_M=p.config.block_m,
         BLOCK_N=p.block_n,
         BLOCK_K=p.block_k,
-        NORM_CHUNK=NORM_CHUNK,
+        NORM_CHUNK=p.config.norm_chunk,
         num_warps=p.config.num_warps,
         num_stages=p.num_stages,
     )
@@ -514,7 +521,7 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
                         constexprs={
                             "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
                             "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
-                            "BLOCK_K": block_k, "NORM_CHUNK": NORM_CHUNK,
+                            "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk,
                         },
                         num_warps=cfg.num_warps,
                         num_stages=num_stages,

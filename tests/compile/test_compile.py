@@ -156,3 +156,42 @@ def test_checker_catches_spills_smem_and_missing_tensor_cores(tmp_path):
     assert any("probe.smem sm_90" in f and "shared memory" in f and "> sm_90 limit 232448" in f for f in fails), fails
     assert any("fg2_compile_probe.broken: import failed" in f for f in fails), fails  # present but broken: not skipped
     assert "absent: fg2_compile_probe.absent" in proc.stdout  # missing: reported, not a failure
+
+
+HANDOFF_SCRIPT = textwrap.dedent('''
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastgpt2.kernels import attention, linear
+
+    # every spec whose programs hand work to the last one to arrive: split-K, the layernorm epilogue,
+    # the attention's split combine
+    for module, handoff in ((linear, lambda s: s.constexprs["IS_SPLIT"] or s.constexprs["HAS_NORM"]),
+                            (attention, lambda s: s.constexprs.get("WRITE_OUT") is False)):
+        for spec in module.compile_specs("fp16"):
+            if not handoff(spec):
+                continue
+            for cc in (80, 90):
+                ptx = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
+                                     target=GPUTarget("cuda", cc, 32),
+                                     options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}).asm["ptx"]
+                atoms = set(re.findall(r"atom[.][a-z0-9_.]+", ptx))
+                assert atoms == {"atom.global.gpu.acq_rel.add.u32"}, (spec.name, cc, atoms)
+                assert "bar.sync" in ptx and "ld.global.cg" in ptx, (spec.name, cc)
+            print("ok", spec.name)
+''')
+
+
+def test_last_arriver_handoff_is_ordered_in_the_ptx():
+    """The cross-program handoffs (a GEMM tile's split-K sum, linear_norm's row normalisation, the
+    attention's split combine) rely on: a CTA barrier after the partial stores, one gpu-scope
+    acquire-release atomic add on the counter, and L2 (.cg) loads of the other programs' partials.
+    The interpreter runs programs one by one and cannot show an ordering bug; the PTX can show the
+    instructions are there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", HANDOFF_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ok linear.linear[residual+layernorm] prefill" in proc.stdout and "split-K" in proc.stdout
+    assert "ok attention.decode[fp16,split] D=64" in proc.stdout

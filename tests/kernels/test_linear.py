@@ -153,26 +153,136 @@ def test_errors():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_compile_specs_cover_every_config(dtype):
     specs = L.compile_specs(dtype)
-    assert len(specs) == len(L.CONFIGS) * len(ACTIVATIONS) * 2  # x (without / with residual)
+    epilogues = len(ACTIVATIONS) * 2 + 2  # activation x residual, residual+layernorm, the nk lm_head
+    assert len(specs) == sum(len(c.block_ns) * (2 if c.splits else 1) * epilogues for c in L.CONFIGS)
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert s.name.startswith("linear.linear["), s.name  # the module's name, as the compile report shows it
         params = list(s.fn.arg_names)
         assert list(s.signature) == params, s.name  # every parameter, in the kernel's order
         assert sorted(s.constexprs) == sorted(p for p in params if s.signature[p] == "constexpr"), s.name
+        c = s.constexprs
         for p, ty in s.signature.items():
-            if p.endswith("_ptr"):
+            if p == "part_ptr":
+                assert ty == ("*fp32" if c["IS_SPLIT"] else "*" + dtype), (s.name, p, ty)
+            elif p == "count_ptr":
+                assert ty == ("*i32" if c["IS_SPLIT"] or c["HAS_NORM"] else "*" + dtype), (s.name, p, ty)
+            elif p.endswith("_ptr"):
                 assert ty == "*" + dtype, (s.name, p, ty)
             elif ty != "constexpr":
-                assert ty == "i32", (s.name, p, ty)  # M, N, K and the row strides
+                assert ty == ("fp32" if p == "eps" else "i32"), (s.name, p, ty)  # M, N, K, strides
         assert s.uses_dot == (dtype != "fp32"), s.name
+    # every (config, BLOCK_N, split) the plan can give, with every epilogue and the config's launch options
     for cfg in L.CONFIGS:
         block_k, stages = cfg.tiles(dtype)
-        for activation in ACTIVATIONS:
-            for has_res in (False, True):
-                want = {"ACTIVATION": activation, "HAS_RESIDUAL": has_res,
-                        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k}
-                assert any(s.constexprs == want and (s.num_warps, s.num_stages) == (cfg.num_warps, stages)
-                           for s in specs), want
+        for block_n in cfg.block_ns:
+            for split in ((False, True) if cfg.splits else (False,)):
+                for _, activation, has_bias, has_res, w_nk, has_norm in L._epilogues():
+                    want = {"ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
+                            "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
+                            "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk}
+                    assert any(s.constexprs == want and (s.num_warps, s.num_stages) == (cfg.num_warps, stages)
+                               for s in specs), want
     with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
         L.compile_specs("fp8")
+
+
+def _split_plan(m, n, k, dname, sms):
+    p = L.plan(m, n, k, dname, sms)
+    assert p.split_k > 1 and p.grid(m, n)[2] == p.split_k, (m, n, k, p)
+    return p
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("m, k, n, activation, with_residual", [
+    (1, 301, 77, "gelu_tanh", False),
+    (7, 1023, 130, "none", True),
+    (33, 129, 300, "gelu_erf", True),  # 3 row blocks
+])
+def test_split_k_odd_shapes(m, k, n, activation, with_residual, dname):
+    """Split-K at K and N that are multiples of no block (the last split shorter than the others), with
+    the caller's workspace and without: the same bits, every output written, the counters left at 0."""
+    dtype = DTYPES[dname]
+    p = _split_plan(m, n, k, dname, 132)
+    assert k % p.k_per_split != 0 and (p.split_k - 1) * p.k_per_split < k <= p.split_k * p.k_per_split
+    x, w, b, r = _inputs(m, k, n, dtype, case_seed("split", m, k, n, dname), residual=with_residual)
+    ws = L.gemm_workspace([(m, n, k)], dtype, "cpu")
+    outs = []
+    for workspace in (None, ws):
+        out = poisoned(m, n, dtype)
+        y = linear(x, w, b, activation=activation, residual=r, out=out, workspace=workspace, sms=132)
+        _check(y, x, w, b, r, activation, dname)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1]) and not ws.counters.any()
+
+
+def _norm_inputs(m, k, n, dtype, seed):
+    x, w, b, r = _inputs(m, k, n, dtype, seed, residual=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    nw = (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    nb = (0.2 * torch.randn(n, generator=g)).to(dtype)
+    return x, w, b, r, nw, nb
+
+
+# layernorm outputs: fp32 1e-5 relative to max|y|; fp16: y is computed in fp32 from the stored s and
+# rounded once, so within an ulp or two of |y| (2**-9 relative) plus 2**-9 absolute for values near 0
+_NORM_TOL = {"fp32": (1e-5, 1e-5), "fp16": (2.0**-9, 2.0**-9)}
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("m, k, n", [(1, 200, 300), (7, 333, 77), (33, 129, 600), (70, 100, 300)])
+def test_linear_norm(m, k, n, dname):
+    """s = x @ w + b + residual, y = layer_norm(s): decode (split-K, the layernorm by the last tile of
+    each row block) and prefill (M=70: 2 row blocks, no split); N > NORM_CHUNK loops over chunks."""
+    dtype = DTYPES[dname]
+    x, w, b, r, nw, nb = _norm_inputs(m, k, n, dtype, case_seed("norm", m, k, n, dname))
+    out, norm_out = poisoned(m, n, dtype), poisoned(m, n, dtype)
+    y, s = L.linear_norm(x, w, b, r, nw, nb, 1e-5, out=out, norm_out=norm_out, sms=132)
+    assert y is norm_out and s is out
+    _check(s, x, w, b, r, "none", dname)
+    ref = torch.nn.functional.layer_norm(s.double(), (n,), nw.double(), nb.double(), 1e-5)  # from the stored s
+    assert not torch.isnan(y).any()
+    rtol, atol = _NORM_TOL[dname]
+    assert (y.double() - ref).abs().max() <= atol + rtol * ref.abs().max()
+
+
+def test_linear_norm_in_place_and_errors():
+    x, w, b, r, nw, nb = _norm_inputs(7, 200, 96, torch.float32, case_seed("norm-inplace"))
+    ref_y, ref_s = L.linear_norm_ref(f64(x), f64(w), f64(b), f64(r), f64(nw), f64(nb), 1e-5)
+    y, s = L.linear_norm(x, w, b, r, nw, nb, 1e-5, out=r)  # the residual stream updated in place
+    assert s is r
+    assert (s.double() - ref_s).abs().max() <= 1e-5 * ref_s.abs().max()
+    assert (y.double() - ref_y).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="linear_norm: residual is required"):
+        L.linear_norm(x, w, b, None, nw, nb, 1e-5)
+    with pytest.raises(ValueError, match=r"linear_norm: norm_weight must be a contiguous \(96,\)"):
+        L.linear_norm(x, w, b, r, nw[:95], nb, 1e-5)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 7, 70])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nk_layout_lm_head(m, with_bias, dname):
+    """w_layout="nk": w [N, K] as it is (the tied embedding as the lm_head), bias optional."""
+    dtype = DTYPES[dname]
+    g = torch.Generator().manual_seed(case_seed("nk", m, with_bias, dname))
+    k, n = 96, 1001
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype) if with_bias else None
+    out = poisoned(m, n, dtype)
+    y = linear(x, w, b, w_layout="nk", out=out)
+    ref64 = linear_ref(f64(x), f64(w), f64(b), w_layout="nk")
+    check_tolerance(y, ref64, lambda: [linear_ref(x, w, b, w_layout="nk")], dname)
+
+
+def test_nk_layout_and_workspace_errors():
+    x, w, b, _ = _inputs(4, 32, 48, torch.float32, 0)
+    with pytest.raises(ValueError, match=r"w has shape \(48, 33\), expected \[N, K=32\] \(w_layout='nk'"):
+        linear(x, torch.randn(48, 33), None, w_layout="nk")
+    with pytest.raises(ValueError, match="w_layout must be 'kn'"):
+        linear(x, w, b, w_layout="t")
+    x, w, b, _ = _inputs(1, 768, 768, torch.float32, 1)
+    small = L.gemm_workspace([(1, 64, 64)], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="make it with gemm_workspace for this shape"):
+        linear(x, w, b, workspace=small, sms=132)
