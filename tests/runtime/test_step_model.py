@@ -39,7 +39,7 @@ CONFIGS = [
 def test_weight_and_kv_bytes_match_config(tool, cfg, batch, dtype):
     context = min(20, cfg.n_positions - 2)
     kernels = tool.step_kernels(cfg, batch, dtype, context, cfg.n_positions)
-    e, v, n, size = cfg.n_embd, cfg.vocab_size, cfg.n_layer, dtype.itemsize
+    e, n, size = cfg.n_embd, cfg.n_layer, dtype.itemsize
     # The GEMM kernels read exactly decode_weight_bytes minus the embedding rows' 2*B*E and layer 0's
     # ln_1 (2E; both in the embedding kernel): per layer the four weights + biases and two layernorms
     # (ln_2 in the attention-out epilogue, the next ln_1 or ln_f in the MLP-down one), and the V*E head.
