@@ -149,10 +149,11 @@ class GemmWorkspace:
     counters: torch.Tensor  # int32, flat, all zero between launches (every launch zeroes what it used)
 
 
-def gemm_workspace(shapes, dtype: torch.dtype, device) -> GemmWorkspace:
-    """The workspace for GEMMs of `shapes` [(M, N, K), ...] in `dtype` on `device`."""
+def gemm_workspace(shapes, dtype: torch.dtype, device, sms: int | None = None) -> GemmWorkspace:
+    """The workspace for GEMMs of `shapes` [(M, N, K), ...] in `dtype` on `device`, planned for `sms`
+    SMs (default: the device's, as the launchers plan)."""
     device = torch.device(device)
-    sms = device_sms(device)
+    sms = device_sms(device) if sms is None else sms
     parts, counters = 1, 1
     for m, n, k in shapes:
         p = plan(m, n, k, DTYPES[dtype], sms)
@@ -359,7 +360,8 @@ def _check_workspace(op, workspace, p: GemmPlan, m, n, device):
 
 
 def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace, sms):
-    """Checks and launches _linear_kernel. norm: (weight, bias, eps, norm_out) or None. -> out [M, N]."""
+    """Checks and launches _linear_kernel. norm: (weight, bias, eps, norm_out | None) or None.
+    -> (out [M, N], norm_out [M, N] or None without a norm); None outputs are allocated here."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
     if w_layout not in ("kn", "nk"):
@@ -395,6 +397,9 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         tensors["out"] = out
     if norm is not None:
         nw, nb, eps, norm_out = norm
+        if norm_out is None:
+            norm_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        norm = (nw, nb, eps, norm_out)
         for name, t in (("norm_weight", nw), ("norm_bias", nb)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.dtype != x.dtype or (n > 1 and t.stride(0) != 1):
                 raise ValueError(f"{op}: {name} must be a contiguous ({n},) {x.dtype} vector, got "
@@ -409,15 +414,14 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
     if norm is not None and any(_overlap(norm[3], t) for t in (x, w, out) + ((residual,) if residual is not None else ())):
         raise ValueError(f"{op}: norm_out overlaps x, w, residual or out")
     if m == 0 or n == 0:
-        return out
+        return out, (norm[3] if norm is not None else None)
 
-    p = plan(m, n, k, DTYPES[x.dtype], device_sms(device) if sms is None else sms)
+    sms = device_sms(device) if sms is None else sms
+    p = plan(m, n, k, DTYPES[x.dtype], sms)
     _check_workspace(op, workspace, p, m, n, device)
     if p.split_k > 1 or norm is not None:
         if workspace is None:  # eager calls: per call (a CUDA-graph step passes its own, made before capture)
-            workspace = GemmWorkspace(torch.empty(max(1, p.split_k * m * n if p.split_k > 1 else 1),
-                                                  dtype=torch.float32, device=device),
-                                      torch.zeros(p.counters(m, n), dtype=torch.int32, device=device))
+            workspace = gemm_workspace([(m, n, k)], x.dtype, device, sms)
         parts = workspace.partials if p.split_k > 1 else out  # out: a placeholder, never touched without IS_SPLIT
         counters = workspace.counters
     else:
@@ -441,7 +445,7 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         num_warps=p.config.num_warps,
         num_stages=p.num_stages,
     )
-    return out
+    return out, (norm[3] if norm is not None else None)
 
 
 def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn", workspace=None, sms=None):
@@ -455,7 +459,7 @@ def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn"
     tests use it to pick splits).
     """
     return _launch("linear", x, w, b, activation=activation, residual=residual, out=out, w_layout=w_layout,
-                   norm=None, workspace=workspace, sms=sms)
+                   norm=None, workspace=workspace, sms=sms)[0]
 
 
 def linear_norm(x, w, b, residual, norm_weight, norm_bias, eps, *, out=None, norm_out=None, workspace=None, sms=None):
@@ -466,14 +470,11 @@ def linear_norm(x, w, b, residual, norm_weight, norm_bias, eps, *, out=None, nor
     residual, out, norm_out [M, N]; s is rounded to the dtype once and y computed from the rounded s.
     out may be the residual itself. workspace / sms: as ``linear``.
     """
-    m, n = x.shape[0], w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
     if residual is None:
         raise ValueError("linear_norm: residual is required (s = x @ w + b + residual)")
-    if norm_out is None and isinstance(x, torch.Tensor):
-        norm_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    s = _launch("linear_norm", x, w, b, activation="none", residual=residual, out=out, w_layout="kn",
-                norm=(norm_weight, norm_bias, eps, norm_out), workspace=workspace, sms=sms)
-    return norm_out, s
+    s, y = _launch("linear_norm", x, w, b, activation="none", residual=residual, out=out, w_layout="kn",
+                   norm=(norm_weight, norm_bias, eps, norm_out), workspace=workspace, sms=sms)
+    return y, s
 
 
 def linear_ref(x, w, b, *, activation="none", residual=None, w_layout="kn"):
