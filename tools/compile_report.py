@@ -4,7 +4,8 @@
 
 For each kernel module present among ``fastgpt2.kernels.{layernorm, linear, attention}`` (a module
 that exists but fails to import, or lacks ``compile_specs``, is a failure, never skipped), every
-``CompileSpec`` from ``compile_specs(dtype)`` is compiled for cc 80 and 90 and dtype fp16 and bf16,
+``CompileSpec`` from ``compile_specs(dtype)`` is compiled for cc 80 and 90 (from its ``min_cc``: the
+programmatic-dependent-launch variants, ``launch_pdl``, for cc 90 only) and dtype fp16 and bf16,
 in two specializations of the arguments, as Triton's launcher would produce them (once, shown as
 ``any``, for a kernel that marks all its arguments ``do_not_specialize``):
 
@@ -119,6 +120,14 @@ def _inspect_cubin(cubin: bytes) -> tuple[dict, list]:
     return usage, found
 
 
+def compile_options(spec) -> dict:
+    """triton.compile's options for a spec, as its launcher passes them."""
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.launch_pdl:
+        options["launch_pdl"] = True
+    return options
+
+
 def compile_one(task: tuple) -> dict:
     """Worker: compile one (module, dtype, spec index, cc, align) and read its resources."""
     module_name, dtype, index, cc, align = task
@@ -137,7 +146,7 @@ def compile_one(task: tuple) -> dict:
     try:
         src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=_attrs(spec, align))
         kernel = triton.compile(
-            src, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            src, target=GPUTarget("cuda", cc, 32), options=compile_options(spec)
         )
     except Exception as exc:  # noqa: BLE001 - reported as this spec's failure
         lines = str(exc).strip().splitlines()
@@ -205,6 +214,8 @@ def build_tasks(present, dtypes=DTYPES, ccs=CCS, aligns=ALIGNS) -> tuple[list, l
                 # a kernel that specializes none of its arguments compiles the same both ways: once
                 variants = aligns if _attrs(spec, "16B") else ("any",)
                 for cc in ccs:
+                    if cc < spec.min_cc:  # a PDL variant: sm_90 and newer only
+                        continue
                     for align in variants:
                         tasks.append((name, dtype, index, cc, align))
     return tasks, failures

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .contract import HEAD_DIMS, CompileSpec, check_spec_dtype, kernel_signature
-from .launch_checks import check_device, check_dtype
+from .launch_checks import check_device, check_dtype, pdl_launch_options
 
 MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
@@ -258,7 +258,11 @@ def _decode_attn_kernel(
     WRITE_KV: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     FP32_IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
+    if USE_PDL:  # may start before the previous kernel ends: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
     # grid: (B*H, num_splits). Split `split` covers one chunk of the cached keys [K0, L) (K0 = 0, or
     # kv_start[b] when HAS_KV_START: a left-padded sequence's padding is never read); the last
     # split also covers the S new keys, read from k_new/v_new, and (WRITE_KV) is the only program
@@ -584,9 +588,10 @@ def decode_workspace(k_cache: torch.Tensor, B: int, S: int, num_splits: int | No
 
 
 def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv: bool,
-                   kv_start=None, workspace: DecodeWorkspace | None = None) -> None:
+                   kv_start=None, workspace: DecodeWorkspace | None = None, pdl: bool = False) -> None:
     # q, k_new, v_new [B, H, S, D] views; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens, kv_start [B] int32
     _check_num_splits(num_splits)
+    launch_options = pdl_launch_options("decode_attention", pdl, q.device, _decode_attn_kernel)
     B, H, S, D = q.shape
     if B == 0:
         return
@@ -609,14 +614,15 @@ def _launch_decode(q, k_new, v_new, k_cache, v_cache, cache_lens, out, scale, nu
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_S=_DECODE_BLOCK_S, BLOCK_N=block_n, WRITE_OUT=write_out, WRITE_KV=write_kv,
-        HAS_KV_START=kv_start is not None, FP32_IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_KV_START=kv_start is not None, FP32_IEEE=q.dtype == torch.float32, USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch_options,
     )
 
 
 
 def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_splits=None,
-                     check_lens: bool = False, workspace: DecodeWorkspace | None = None) -> torch.Tensor:
+                     check_lens: bool = False, workspace: DecodeWorkspace | None = None,
+                     pdl: bool = False) -> torch.Tensor:
     """Attention of S (1..8) new tokens per sequence over the cache plus themselves; writes their K/V.
 
     qkv [B, S, 3*H*D]; k_cache, v_cache [Bmax, H, Tmax, D]; cache_lens [B] int32 on the device
@@ -632,6 +638,9 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     workspace: the split partials from ``decode_workspace`` (its num_splits is used when num_splits
     is None); without one they are allocated here, per call (never inside a CUDA-graph capture:
     the decode step passes its own).
+
+    pdl: launch with programmatic dependent launch (CUDA, compute capability 9.0+; a ValueError
+    elsewhere), as ``linear.linear``'s pdl.
     """
     H, D = _check_cache("decode_attention", qkv, k_cache, v_cache)
     B, S, _ = qkv.shape
@@ -645,7 +654,8 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     if num_splits is None:
         num_splits = workspace.num_splits if workspace is not None else default_num_splits(B, H, k_cache.shape[2])
     q, k, v = _heads(qkv, H)
-    _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True, workspace=workspace)
+    _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True, workspace=workspace,
+                   pdl=pdl)
     return out
 
 
@@ -760,16 +770,18 @@ def compile_specs(dtype: str) -> list[CompileSpec]:
 
         bn, w, st = _DECODE_CONFIGS[(kind, D)]
         # decode_attention (writes the cache), decode_attention_separate without and with kv_start
-        for write_kv, has_start in ((True, False), (False, False), (False, True)):
+        # and decode_attention's PDL variants (the decode step's launch; sm_90 only)
+        for write_kv, has_start, pdl in ((True, False, False), (False, False, False), (False, True, False),
+                                         (True, False, True)):
             for write_out in (True, False):
                 variant = "" if write_kv else ",separate,kv_start" if has_start else ",separate"
                 specs.append(CompileSpec(
                     name=f"attention.decode[{dtype}{',direct' if write_out else ',split'}"
-                         f"{variant}] D={D} BS={_DECODE_BLOCK_S} BN={bn}",
+                         f"{variant}] D={D} BS={_DECODE_BLOCK_S} BN={bn}" + (" pdl" if pdl else ""),
                     fn=_decode_attn_kernel, signature=dict(decode_sig),
                     constexprs={"HEAD_DIM": D, "BLOCK_S": _DECODE_BLOCK_S, "BLOCK_N": bn,
                                 "WRITE_OUT": write_out, "WRITE_KV": write_kv, "HAS_KV_START": has_start,
-                                "FP32_IEEE": ieee},
-                    num_warps=w, num_stages=st, uses_dot=not ieee))
+                                "FP32_IEEE": ieee, "USE_PDL": pdl},
+                    num_warps=w, num_stages=st, uses_dot=not ieee, launch_pdl=pdl))
 
     return specs

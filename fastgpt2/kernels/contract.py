@@ -6,8 +6,8 @@ launcher can choose.
 Every kernel module exposes ``compile_specs(dtype) -> list[CompileSpec]`` for dtype "fp16" or
 "bf16" (and "fp32"): the exact (kernel, signature, constexprs, num_warps, num_stages) combinations
 its launchers can pick, each signature read off the kernel's own parameters by
-``kernel_signature``. ``tools/compile_report.py`` compiles each one for sm_80 and sm_90 without a
-GPU and reads the cubin's resource usage.
+``kernel_signature``. ``tools/compile_report.py`` compiles each one for sm_80 and sm_90 (PDL
+variants, ``launch_pdl=True``, for sm_90 only) without a GPU and reads the cubin's resource usage.
 
 This module imports no triton: the config, the torch backend and the tools read these facts
 without deciding Triton's mode (TRITON_INTERPRET is fixed when triton is first imported).
@@ -51,6 +51,12 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 2
     uses_dot: bool = False  # True: the cubin must contain tensor-core instructions
+    launch_pdl: bool = False  # launched with programmatic dependent launch (constexpr USE_PDL=True)
+
+    @property
+    def min_cc(self) -> int:
+        """The oldest target the spec is compiled for: 90 with PDL (griddepcontrol is sm_90+), else 80."""
+        return 90 if self.launch_pdl else 80
 
 
 def check_spec_dtype(dtype: str) -> None:

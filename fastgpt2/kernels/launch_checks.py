@@ -1,5 +1,5 @@
-"""Checks every launcher makes before it launches: the I/O dtype, where its tensors are and whether
-Triton can run there."""
+"""Checks every launcher makes before it launches: the I/O dtype, where its tensors are, whether
+Triton can run there, and whether programmatic dependent launch (``pdl``) can."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +33,28 @@ def check_device(op: str, tensors: dict[str, torch.Tensor | None], kernel) -> to
             f"{op}: tensors are on {first}; the Triton kernel runs on CUDA (or on the CPU only under TRITON_INTERPRET=1)"
         )
     return first
+
+
+PDL_MIN_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and newer
+
+
+def pdl_launch_options(op: str, pdl: bool, device: torch.device, kernel) -> dict:
+    """The launch options of programmatic dependent launch: {} without it; with it (pdl=True),
+    {"launch_pdl": True} once it is checked that `kernel` is compiled (not interpreted) for a CUDA
+    device of compute capability 9.0 or newer, else a ValueError naming `op` and the fix. A kernel
+    launched this way may start before the previous kernel on the stream has finished: it must
+    wait (USE_PDL's gdc_wait) before it touches memory."""
+    if not isinstance(pdl, bool):
+        raise ValueError(f"{op}: pdl must be True or False, got {pdl!r}")
+    if not pdl:
+        return {}
+    if device.type != "cuda" or interpreted(kernel):
+        where = f"{device} in Triton's interpreter" if interpreted(kernel) else str(device)
+        raise ValueError(f"{op}: pdl=True (programmatic dependent launch) needs a CUDA GPU of compute capability "
+                         f"9.0 or newer with compiled kernels; this launch is on {where}: pass pdl=False")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < PDL_MIN_CAPABILITY:
+        raise ValueError(f"{op}: pdl=True (programmatic dependent launch) needs compute capability 9.0 or newer "
+                         f"(Hopper); {torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}: "
+                         f"pass pdl=False")
+    return {"launch_pdl": True}

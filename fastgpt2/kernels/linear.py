@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype, kernel_signature
-from .launch_checks import check_device, check_dtype
+from .launch_checks import check_device, check_dtype, pdl_launch_options
 
 # SM counts of the targets the decode plan is built for; a CUDA device's own count is read from it
 TARGET_SMS = {"sm_90": 132, "sm_80": 108}  # H100 / H200 SXM, A100
@@ -214,7 +214,11 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM_CHUNK: tl.constexpr,  # columns per step of the layernorm epilogue
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
+    if USE_PDL:  # may start before the previous kernel ends: nothing is read or written before the wait
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
     # grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): axis 0 (fastest) runs over M, so programs
     # launched together share a weight slab (read once from DRAM, then from L2); axis 2 is the split
     # of K: program (m, n, k) reduces x[:, k*K_PER_SPLIT : (k+1)*K_PER_SPLIT] @ w[that, n-tile].
@@ -359,7 +363,7 @@ def _check_workspace(op, workspace, p: GemmPlan, m, n, device):
                          f"{need_parts} and {p.counters(m, n)} on {device}: make it with gemm_workspace for this shape")
 
 
-def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace, sms):
+def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace, sms, pdl):
     """Checks and launches _linear_kernel. norm: (weight, bias, eps, norm_out | None) or None.
     -> (out [M, N], norm_out [M, N] or None without a norm); None outputs are allocated here."""
     if activation not in ACTIVATIONS:
@@ -407,6 +411,7 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         _check_2d(op, "norm_out", norm_out, (m, n), x.dtype)
         tensors.update(norm_weight=nw, norm_bias=nb, norm_out=norm_out)
     device = check_device(op, tensors, _linear_kernel)
+    launch_options = pdl_launch_options(op, pdl, device, _linear_kernel)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif _overlap(out, x) or _overlap(out, w):
@@ -442,13 +447,16 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         BLOCK_N=p.block_n,
         BLOCK_K=p.block_k,
         NORM_CHUNK=p.config.norm_chunk,
+        USE_PDL=pdl,
         num_warps=p.config.num_warps,
         num_stages=p.num_stages,
+        **launch_options,
     )
     return out, (norm[3] if norm is not None else None)
 
 
-def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn", workspace=None, sms=None):
+def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn", workspace=None, sms=None,
+           pdl=False):
     """y = act(x @ w + b) (+ residual) -> out [M, N].
 
     x: [M, K]; w: [K, N] (Conv1D layout, w_layout="kn") or [N, K] (w_layout="nk", e.g. the lm_head's
@@ -456,24 +464,27 @@ def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn"
     for all; last dims contiguous. out may be the residual tensor itself (an in-place residual add)
     but must not overlap x or w. workspace: ``gemm_workspace``'s, for the split-K partials (None:
     allocated per call when the plan splits). sms: the SM count the plan fills (default: the device's;
-    tests use it to pick splits).
+    tests use it to pick splits). pdl: launch with programmatic dependent launch (CUDA, compute
+    capability 9.0+; a ValueError elsewhere): the kernel may be scheduled before the previous one on
+    the stream finishes and waits for it on the GPU (the decode step's option, ``DecodeStep(pdl=)``).
     """
     return _launch("linear", x, w, b, activation=activation, residual=residual, out=out, w_layout=w_layout,
-                   norm=None, workspace=workspace, sms=sms)[0]
+                   norm=None, workspace=workspace, sms=sms, pdl=pdl)[0]
 
 
-def linear_norm(x, w, b, residual, norm_weight, norm_bias, eps, *, out=None, norm_out=None, workspace=None, sms=None):
+def linear_norm(x, w, b, residual, norm_weight, norm_bias, eps, *, out=None, norm_out=None, workspace=None, sms=None,
+                pdl=False):
     """s = x @ w + b + residual, y = layer_norm(s) with norm_weight, norm_bias, eps -> (y, s), both [M, N].
 
     One kernel: GPT-2's attention output and MLP down projections with the residual add and the
     layernorm that follows them. x [M, K]; w [K, N] (Conv1D); b, norm_weight, norm_bias [N];
     residual, out, norm_out [M, N]; s is rounded to the dtype once and y computed from the rounded s.
-    out may be the residual itself. workspace / sms: as ``linear``.
+    out may be the residual itself. workspace / sms / pdl: as ``linear``.
     """
     if residual is None:
         raise ValueError("linear_norm: residual is required (s = x @ w + b + residual)")
     s, y = _launch("linear_norm", x, w, b, activation="none", residual=residual, out=out, w_layout="kn",
-                   norm=(norm_weight, norm_bias, eps, norm_out), workspace=workspace, sms=sms)
+                   norm=(norm_weight, norm_bias, eps, norm_out), workspace=workspace, sms=sms, pdl=pdl)
     return y, s
 
 
@@ -501,31 +512,43 @@ def _epilogues():
     yield "nk, no bias", "none", False, False, True, False  # the lm_head
 
 
+def _decode_step_epilogue(activation, has_bias, has_res, w_nk, has_norm) -> bool:
+    """Whether the decode step launches this epilogue (so its PDL variant is compiled): the QKV
+    projection (bias), the MLP up projection (bias + the model's activation), linear_norm, the lm_head."""
+    return has_norm or w_nk or (has_bias and not has_res)
+
+
 def compile_specs(dtype: str) -> list[CompileSpec]:
     """Every (config, BLOCK_N, split, epilogue) the launchers can produce, for dtype "fp16" or "bf16"
-    ("fp32" also works: the fp32 stage counts, and no tensor cores since the dot is ieee)."""
+    ("fp32" also works: the fp32 stage counts, and no tensor cores since the dot is ieee); and, for
+    sm_90 only, the PDL variant (USE_PDL) of each the decode step launches."""
     check_spec_dtype(dtype)
     specs = []
-    for cfg in CONFIGS:
-        block_k, num_stages = cfg.tiles(dtype)
-        for block_n in cfg.block_ns:
-            for split in ((False, True) if cfg.splits else (False,)):
-                for label, activation, has_bias, has_res, w_nk, has_norm in _epilogues():
-                    needs_scratch = split or has_norm
-                    signature = kernel_signature(_linear_kernel, f"*{dtype}", {
-                        "part_ptr": "*fp32" if split else f"*{dtype}", "count_ptr": "*i32" if needs_scratch else f"*{dtype}"})
-                    specs.append(CompileSpec(
-                        name=f"linear.linear[{label}] {cfg.name} BM={cfg.block_m} BN={block_n} BK={block_k}"
-                             + (" split-K" if split else ""),
-                        fn=_linear_kernel,
-                        signature=signature,
-                        constexprs={
-                            "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
-                            "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
-                            "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk,
-                        },
-                        num_warps=cfg.num_warps,
-                        num_stages=num_stages,
-                        uses_dot=dtype != "fp32",
-                    ))
+    for pdl in (False, True):
+        for cfg in CONFIGS:
+            block_k, num_stages = cfg.tiles(dtype)
+            for block_n in cfg.block_ns:
+                for split in ((False, True) if cfg.splits else (False,)):
+                    for label, activation, has_bias, has_res, w_nk, has_norm in _epilogues():
+                        if pdl and not _decode_step_epilogue(activation, has_bias, has_res, w_nk, has_norm):
+                            continue
+                        needs_scratch = split or has_norm
+                        signature = kernel_signature(_linear_kernel, f"*{dtype}", {
+                            "part_ptr": "*fp32" if split else f"*{dtype}",
+                            "count_ptr": "*i32" if needs_scratch else f"*{dtype}"})
+                        specs.append(CompileSpec(
+                            name=f"linear.linear[{label}] {cfg.name} BM={cfg.block_m} BN={block_n} BK={block_k}"
+                                 + (" split-K" if split else "") + (" pdl" if pdl else ""),
+                            fn=_linear_kernel,
+                            signature=signature,
+                            constexprs={
+                                "ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
+                                "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
+                                "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk, "USE_PDL": pdl,
+                            },
+                            num_warps=cfg.num_warps,
+                            num_stages=num_stages,
+                            uses_dot=dtype != "fp32",
+                            launch_pdl=pdl,
+                        ))
     return specs

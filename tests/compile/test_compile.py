@@ -56,8 +56,10 @@ def test_every_spec_of_every_present_module_is_reported(report):
     assert ("fastgpt2.kernels.attention" in present) == attention_exists, "an existing module must not be skipped"
     for module, name in ((layernorm, "layernorm"), (linear, "linear")):
         for dtype in ("fp16", "bf16"):
-            names = {s.name for s in module.compile_specs(dtype)}
+            specs = module.compile_specs(dtype)
+            assert any(s.launch_pdl for s in specs) and not all(s.launch_pdl for s in specs)
             for cc in (80, 90):
+                names = {s.name for s in specs if cc >= s.min_cc}  # PDL variants: sm_90 only
                 rows = [r for r in data["rows"] if r["module"] == name and r["dtype"] == dtype and r["cc"] == cc]
                 assert {r["name"] for r in rows} == names
                 assert len(rows) == 2 * len(names)  # 16B-aligned and unaligned specializations
@@ -89,8 +91,8 @@ UNIT_INTS_SCRIPT = textwrap.dedent('''
             ints = [n for n, t in spec.signature.items() if t in ("i32", "i64") and n not in fixed]
             sig = dict(spec.signature, **{n: "constexpr" for n in ints})
             constexprs = dict(spec.constexprs, **{n: 1 for n in ints})
-            triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 80, 32),
-                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+            triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=constexprs),
+                           target=GPUTarget("cuda", max(80, spec.min_cc), 32), options=compile_report.compile_options(spec))
             print("ok", spec.name, ints)
 ''')
 
@@ -159,11 +161,13 @@ def test_checker_catches_spills_smem_and_missing_tensor_cores(tmp_path):
 
 
 HANDOFF_SCRIPT = textwrap.dedent('''
-    import re
+    import re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fastgpt2.kernels import attention, linear
+    sys.path.insert(0, "tools")
+    from compile_report import compile_options
 
     # every spec whose programs hand work to the last one to arrive: split-K, the layernorm epilogue,
     # the attention's split combine
@@ -173,9 +177,10 @@ HANDOFF_SCRIPT = textwrap.dedent('''
             if not handoff(spec):
                 continue
             for cc in (80, 90):
+                if cc < spec.min_cc:
+                    continue
                 ptx = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
-                                     target=GPUTarget("cuda", cc, 32),
-                                     options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}).asm["ptx"]
+                                     target=GPUTarget("cuda", cc, 32), options=compile_options(spec)).asm["ptx"]
                 atoms = set(re.findall(r"atom[.][a-z0-9_.]+", ptx))
                 assert atoms == {"atom.global.gpu.acq_rel.add.u32"}, (spec.name, cc, atoms)
                 assert "bar.sync" in ptx and "ld.global.cg" in ptx, (spec.name, cc)
@@ -195,3 +200,49 @@ def test_last_arriver_handoff_is_ordered_in_the_ptx():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok linear.linear[residual+layernorm] prefill" in proc.stdout and "split-K" in proc.stdout
     assert "ok attention.decode[fp16,split] D=64" in proc.stdout
+
+
+PDL_SCRIPT = textwrap.dedent('''
+    import re, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastgpt2.kernels import attention, layernorm, linear
+    sys.path.insert(0, "tools")
+    from compile_report import compile_options
+
+    MEMORY = re.compile(r"\\b(ld|st|atom|red|cp)[.](global|async)")
+    for module in (layernorm, linear, attention):
+        for spec in module.compile_specs("fp16"):
+            if not spec.launch_pdl and not spec.name.startswith(("linear.linear[none] decode BM=16 BN=64",
+                                                                "attention.decode[fp16,split] D=64")):
+                continue  # every PDL variant, and two plain ones that must have no griddepcontrol
+            ptx = triton.compile(ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs),
+                                 target=GPUTarget("cuda", 90, 32), options=compile_options(spec)).asm["ptx"]
+            body = ptx[ptx.index(".entry"):]
+            if not spec.launch_pdl:
+                assert "griddepcontrol" not in body, spec.name
+                print("plain", spec.name)
+                continue
+            wait = body.find("griddepcontrol.wait")
+            first_memory = MEMORY.search(body)
+            assert wait >= 0, (spec.name, "no griddepcontrol.wait")
+            assert "griddepcontrol.launch_dependents" in body, (spec.name, "no griddepcontrol.launch_dependents")
+            assert first_memory is not None and wait < first_memory.start(), (spec.name, "memory access before the wait")
+            print("ok", spec.name)
+''')
+
+
+def test_pdl_variants_wait_before_any_memory_access_in_the_ptx():
+    """A kernel launched with programmatic dependent launch may run while the previous kernel is still
+    writing: its griddepcontrol.wait must come before its first global load, store or atomic (and
+    launch_dependents must be there, or the launch gains nothing). The plain variants have neither."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", PDL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    for kernel in ("ok layernorm.embed_layer_norm[decode]", "ok linear.linear[residual+layernorm] decode",
+                   "ok linear.linear[nk, no bias] prefill", "ok attention.decode[fp16,split] D=64"):
+        assert any(line.startswith(kernel) and line.endswith("pdl") for line in ok), kernel
+    assert proc.stdout.count("plain ") >= 2

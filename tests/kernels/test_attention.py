@@ -519,8 +519,12 @@ def test_default_num_splits_is_static():
 def test_compile_specs_cover_every_config(dtype):
     specs = A.compile_specs(dtype)
     # per head_dim: prefill (cache-writing + separate), decode (direct/split x cache-writing/separate/
-    # separate with kv_start); the split variants combine in-kernel (no reduce kernel)
-    assert len(specs) == 3 * 8
+    # separate with kv_start), and decode_attention's direct/split PDL variants (sm_90); the split
+    # variants combine in-kernel (no reduce kernel)
+    assert len(specs) == 3 * 10
+    pdl = [s for s in specs if s.launch_pdl]
+    assert len(pdl) == 3 * 2 and all(s.constexprs["WRITE_KV"] and s.min_cc == 90 for s in pdl)
+    assert all(s.constexprs.get("USE_PDL", False) == s.launch_pdl for s in specs)  # prefill: no PDL
     assert len({s.name for s in specs}) == len(specs)
     # pointers that are not of the I/O dtype: the [B] int32 lengths and the fp32 split partials
     other_ptrs = {"seq_lens_ptr": "*i32", "cache_lens_ptr": "*i32", "kv_start_ptr": "*i32",

@@ -154,7 +154,13 @@ def test_errors():
 def test_compile_specs_cover_every_config(dtype):
     specs = L.compile_specs(dtype)
     epilogues = len(ACTIVATIONS) * 2 + 2  # activation x residual, residual+layernorm, the nk lm_head
-    assert len(specs) == sum(len(c.block_ns) * (2 if c.splits else 1) * epilogues for c in L.CONFIGS)
+    step_epilogues = len(ACTIVATIONS) + 2  # the decode step's: QKV / c_fc (bias, activation), linear_norm, lm_head
+    tiles = sum(len(c.block_ns) * (2 if c.splits else 1) for c in L.CONFIGS)
+    assert len(specs) == tiles * (epilogues + step_epilogues)  # plain, and the step's PDL variants (sm_90)
+    pdl = [s for s in specs if s.launch_pdl]
+    assert len(pdl) == tiles * step_epilogues and all(s.min_cc == 90 and s.name.endswith(" pdl") for s in pdl)
+    assert all(s.constexprs["USE_PDL"] == s.launch_pdl and (s.launch_pdl or s.min_cc == 80) for s in specs)
+    assert not any(s.constexprs["HAS_RESIDUAL"] and not s.constexprs["HAS_NORM"] for s in pdl)
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert s.name.startswith("linear.linear["), s.name  # the module's name, as the compile report shows it
@@ -180,7 +186,7 @@ def test_compile_specs_cover_every_config(dtype):
                 for _, activation, has_bias, has_res, w_nk, has_norm in L._epilogues():
                     want = {"ACTIVATION": activation, "HAS_BIAS": has_bias, "HAS_RESIDUAL": has_res, "W_NK": w_nk,
                             "IS_SPLIT": split, "HAS_NORM": has_norm, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
-                            "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk}
+                            "BLOCK_K": block_k, "NORM_CHUNK": cfg.norm_chunk, "USE_PDL": False}
                     assert any(s.constexprs == want and (s.num_warps, s.num_stages) == (cfg.num_warps, stages)
                                for s in specs), want
     with pytest.raises(ValueError, match=r"compile_specs dtype 'fp8' is not supported"):
@@ -286,3 +292,40 @@ def test_nk_layout_and_workspace_errors():
     small = L.gemm_workspace([(1, 64, 64)], torch.float32, "cpu")
     with pytest.raises(ValueError, match="make it with gemm_workspace for this shape"):
         linear(x, w, b, workspace=small, sms=132)
+
+
+def test_pdl_outside_a_hopper_gpu_is_a_clear_error():
+    """pdl=True needs compiled kernels on a CUDA GPU of compute capability 9.0+: in the interpreter (or
+    on an older GPU) every launcher that takes it says so, before launching anything."""
+    from fastgpt2.kernels import attention, layernorm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        pytest.skip("this GPU runs PDL (tests/runtime/test_decode_step.py checks it)")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 40, generator=g).to(dev)
+    w = torch.randn(40, 24, generator=g).to(dev)
+    b = torch.randn(24, generator=g).to(dev)
+    r = torch.randn(3, 24, generator=g).to(dev)
+    nw, nb = torch.randn(24, generator=g).to(dev), torch.randn(24, generator=g).to(dev)
+    pattern = r"pdl=True \(programmatic dependent launch\) needs .*9\.0.*pass pdl=False"
+    with pytest.raises(ValueError, match="^linear: " + pattern):
+        L.linear(x, w, b, pdl=True)
+    with pytest.raises(ValueError, match="^linear_norm: " + pattern):
+        L.linear_norm(x, w, b, r, nw, nb, 1e-5, pdl=True)
+    with pytest.raises(ValueError, match="pdl must be True or False"):
+        L.linear(x, w, b, pdl=1)
+    ids = torch.randint(0, 24, (2, 1), generator=g).to(dev)
+    wte, wpe = torch.randn(24, 128, generator=g).to(dev), torch.randn(16, 128, generator=g).to(dev)
+    lw, lb = torch.randn(128, generator=g).to(dev), torch.randn(128, generator=g).to(dev)
+    with pytest.raises(ValueError, match="^embed_layer_norm: " + pattern):
+        layernorm.embed_layer_norm(ids, None, wte, wpe, lw, lb, 1e-5, pdl=True)
+    qkv = torch.randn(2, 1, 3 * 64, generator=g).to(dev)
+    k_cache, v_cache = torch.randn(2, 1, 32, 64, generator=g).to(dev), torch.randn(2, 1, 32, 64, generator=g).to(dev)
+    lens = torch.full((2,), 5, dtype=torch.int32, device=dev)
+    k_before = k_cache.clone()
+    with pytest.raises(ValueError, match="^decode_attention: " + pattern):
+        attention.decode_attention(qkv, k_cache, v_cache, lens, 0.125, pdl=True)
+    assert torch.equal(k_cache, k_before)  # nothing launched
+    out = L.linear(x, w, b, pdl=False)  # and pdl=False is the plain launch
+    assert torch.allclose(out, L.linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
