@@ -32,17 +32,20 @@ def resolve_use_cuda_graph(use_cuda_graph: bool | None, device: torch.device) ->
 
 class DecodeStep:
     def __init__(self, model, cache: KVCache, sampling: Sampling = Sampling(), seed: int | None = None,
-                 use_cuda_graph: bool | None = None, batch: int | None = None):
+                 use_cuda_graph: bool | None = None, batch: int | None = None, pdl: bool | None = None):
+        """pdl: launch the step's Triton kernels with programmatic dependent launch (sm_90+; see
+        ``GPT2Network``); None: the model's own setting (``model.pdl``)."""
         device = model.device
         use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, device)
         self.model, self.cache, self.sampling = model, cache, sampling
         self.batch = batch or cache.batch
         self.use_cuda_graph = use_cuda_graph
+        self.pdl = model.pdl if pdl is None else pdl
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)  # [B] in and out
         self.logits = None  # [B, V] of the last step (a static buffer once graphed)
         self.choose = TokenChooser(sampling, self.batch, device, seed)
         # the kernels' scratch (split partials, arrival counters), made here: nothing is allocated inside a capture
-        self.workspace = model.decode_workspace(cache, self.batch, 1)
+        self.workspace = model.decode_workspace(cache, self.batch, 1, pdl=self.pdl)
         self.graph = None
         self.pool = None
 

@@ -28,7 +28,7 @@ from ..kernels.contract import DTYPE_NAMES
 from .config import GPT2Config
 from .kv_cache import KVCache
 from .loader import expected_shapes, load_checkpoint, read_hf_model
-from .ops import make_ops, resolve_backend
+from .ops import make_ops, resolve_backend, resolve_pdl
 
 
 
@@ -89,13 +89,17 @@ class GPT2Network:
     ``fastgpt2.GPT2`` (runtime/generate.py) is this class plus generation."""
 
     def __init__(self, cfg: GPT2Config, weights: dict[str, torch.Tensor], device=None, dtype=None, backend="auto",
-                 pack_weights: bool = True):
+                 pack_weights: bool = True, pdl: bool = False):
         """pack_weights=False: the backend uses `weights` as they are, never a repacked copy (for
-        weights shared with another live model, whose in-place updates must be seen)."""
+        weights shared with another live model, whose in-place updates must be seen). pdl: the
+        decode steps (``DecodeStep``, so generate/stream) launch their kernels with programmatic
+        dependent launch (Triton backend on a CUDA GPU of compute capability 9.0+, else a
+        BackendError): each kernel may be scheduled while the one before finishes."""
         self.config = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backend = resolve_backend(backend, self.device)
+        self.pdl = resolve_pdl(pdl, self.backend, self.device)
         self.ops = make_ops(self.backend, self.device, self.dtype, cfg.n_head, pack_weights)
         self.weights = {k: w.to(device=self.device, dtype=self.dtype) for k, w in weights.items()}
         w = self.weights
@@ -115,7 +119,7 @@ class GPT2Network:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: GPT2Config, device=None, dtype=None, backend="auto", seed: int = 0):
+    def from_config(cls, cfg: GPT2Config, device=None, dtype=None, backend="auto", seed: int = 0, pdl: bool = False):
         """Seeded random weights (N(0, 0.02), layernorm gains near 1): for benchmarks and tests."""
         gen = torch.Generator().manual_seed(seed)
         weights = {}
@@ -128,28 +132,29 @@ class GPT2Network:
             elif key.endswith("c_proj.weight"):
                 value /= math.sqrt(2 * cfg.n_layer)
             weights[key] = value
-        return cls(cfg, weights, device=device, dtype=dtype, backend=backend)
+        return cls(cfg, weights, device=device, dtype=dtype, backend=backend, pdl=pdl)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None, backend="auto", revision=None):
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None, backend="auto", revision=None,
+                        pdl: bool = False):
         """A transformers GPT-2 checkpoint: a local directory or a hub id (through the hub cache)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        resolve_backend(backend, device)  # fail before reading gigabytes
+        resolve_pdl(pdl, resolve_backend(backend, device), device)  # fail before reading gigabytes
         cfg, weights, directory = load_checkpoint(name_or_path, dtype=dtype, device=device, revision=revision)
-        model = cls(cfg, weights, device=device, dtype=dtype, backend=backend)
+        model = cls(cfg, weights, device=device, dtype=dtype, backend=backend, pdl=pdl)
         model.source_dir = directory
         return model
 
     @classmethod
-    def from_hf(cls, hf_model, backend="auto"):
+    def from_hf(cls, hf_model, backend="auto", pdl: bool = False):
         """A fastgpt2 model (its own cache, generation, CUDA graphs) sharing the weights of a live
         transformers GPT2LMHeadModel or GPT2Model: no parameter is copied (same storage; the model
         runs on the parameters' device and dtype, and never packs a copy, so that in-place updates
         of the transformers model are seen)."""
         cfg, weights = read_hf_model(hf_model)
         first = weights["wte.weight"]
-        return cls(cfg, weights, device=first.device, dtype=first.dtype, backend=backend, pack_weights=False)
+        return cls(cfg, weights, device=first.device, dtype=first.dtype, backend=backend, pack_weights=False, pdl=pdl)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.n_positions, self.dtype, self.device)
@@ -163,7 +168,7 @@ class GPT2Network:
         MLP down + residual + the next layernorm (layer i+1's ln_1, or ln_f)."""
         ops, eps, b, s = self.ops, self.config.layer_norm_epsilon, *ids.shape
         first = self.layers[0]
-        a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps)  # [M, E]
+        a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps, workspace)  # [M, E]
         for i, lw in enumerate(self.layers):
             qkv = ops.linear(a, lw.qkv_w, lw.qkv_b, workspace=workspace)  # [M, 3E]
             att = attend(i, lw.scale, qkv.view(b, s, -1)).view(b * s, -1)  # [M, E]
@@ -184,9 +189,11 @@ class GPT2Network:
         e, inner = c.n_embd, c.inner_dim
         return [(m, 3 * e, e), (m, e, e), (m, inner, e), (m, e, inner), (batch, c.vocab_size, e)]
 
-    def decode_workspace(self, cache: KVCache, batch: int, s: int):
-        """The scratch of a decode step (``ops.decode_workspace``), made once, before a capture."""
-        return self.ops.decode_workspace(cache.k[0], batch, s, self.decode_gemm_shapes(batch, s))
+    def decode_workspace(self, cache: KVCache, batch: int, s: int, pdl: bool = False):
+        """The scratch of a decode step (``ops.decode_workspace``), made once, before a capture; pdl: its
+        kernels launch with programmatic dependent launch (checked against this model by ``resolve_pdl``)."""
+        pdl = resolve_pdl(pdl, self.backend, self.device)
+        return self.ops.decode_workspace(cache.k[0], batch, s, self.decode_gemm_shapes(batch, s), pdl)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, seq_lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -273,7 +280,7 @@ class GPT2Network:
         cpu_path = getattr(self.ops, "cpu_path", None)  # the torch backend's CPU GEMM path, e.g. "bf16: addmm (AVX2)"
         return (
             f"GPT2(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab={c.vocab_size}, "
-            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r}"
+            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r}" + (", pdl=True" if self.pdl else "")
             + (f", cpu_path={cpu_path.name!r})" if cpu_path is not None else ")")
         )
 

@@ -49,6 +49,7 @@ class StepScratch:
 
     attention: object  # kernels.attention.DecodeWorkspace: split partials and counters
     gemm: object  # kernels.linear.GemmWorkspace: split-K partials and counters of every GEMM of the step
+    pdl: bool = False  # launch the step's kernels with programmatic dependent launch (``resolve_pdl``)
 
 
 class Ops(Protocol):
@@ -64,9 +65,10 @@ class Ops(Protocol):
         """w [V, E] -> the same values in the layout ``lm_head`` reads best; done once, at construction
         (a tied head is also the embedding table, so ``embed_layer_norm`` gathers from it)."""
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
         """ids [B, S], start [B] int32 | None, wte [V, E], wpe [P, E], weight/bias [E] -> (y [M, E], h [M, E]):
-        h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)."""
+        h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h).
+        workspace: a decode step's ``decode_workspace`` (the step's launch settings), or None."""
 
     def layer_norm(self, x, residual, weight, bias, eps):
         """x [M, E], residual [M, E] | None -> (y [M, E], s [M, E]), s = x + residual, y = layernorm(s).
@@ -92,11 +94,12 @@ class Ops(Protocol):
     def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None) -> DecodeContext:
         """What every layer's decode attention shares in one step, built once per step."""
 
-    def decode_workspace(self, k_cache, batch: int, s: int, gemm_shapes):
+    def decode_workspace(self, k_cache, batch: int, s: int, gemm_shapes, pdl: bool = False):
         """The scratch a decode step needs for `batch` sequences of s new tokens over caches shaped
         like k_cache [Bmax, H, Tmax, D], whose GEMMs are gemm_shapes [(M, N, K), ...] (the Triton
         kernels' split partials and arrival counters, a ``StepScratch``; None when none), allocated
-        once by the caller, before a CUDA-graph capture, and shared by every op of a step."""
+        once by the caller, before a CUDA-graph capture, and shared by every op of a step. pdl: the
+        step's kernels launch with programmatic dependent launch (checked by ``resolve_pdl``)."""
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len: int,
                          ctx: DecodeContext = None, workspace=None) -> torch.Tensor:
@@ -131,6 +134,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "the CPU path"
             )
     return backend
+
+
+def resolve_pdl(pdl: bool, backend: str, device: torch.device) -> bool:
+    """pdl=True (programmatic dependent launch of the decode step's kernels: each may be scheduled
+    while the previous one finishes, and waits for it on the GPU) needs the Triton backend on a CUDA
+    GPU of compute capability 9.0 or newer; anything else asking for it is a BackendError."""
+    if not isinstance(pdl, bool):
+        raise BackendError(f"pdl must be True or False, got {pdl!r}")
+    if not pdl:
+        return False
+    if backend != "triton" or device.type != "cuda":
+        raise BackendError(f"pdl=True (programmatic dependent launch) needs backend='triton' on a CUDA GPU of compute "
+                           f"capability 9.0 or newer; this model is backend={backend!r} on {device}: pass pdl=False")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        raise BackendError(f"pdl=True (programmatic dependent launch) needs compute capability 9.0 or newer (Hopper); "
+                           f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: pass pdl=False")
+    return True
 
 
 def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True,
@@ -216,7 +237,7 @@ class TorchOps:
         """w [V, E], column-major in CPU float32 (see the class), else as it is."""
         return w.t().contiguous().t() if self.head_column_major else w
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
         b, s = ids.shape
         positions = torch.arange(s, device=ids.device)
         positions = positions.expand(b, s) if start is None else start[:, None].long() + positions  # [B, S]
@@ -289,7 +310,10 @@ class TorchOps:
         visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
         return RaggedDecode(pos, rows, visible[:, None], kv_len)
 
-    def decode_workspace(self, k_cache, batch, s, gemm_shapes):
+    def decode_workspace(self, k_cache, batch, s, gemm_shapes, pdl=False):
+        if pdl:
+            raise BackendError("pdl=True (programmatic dependent launch) is for the Triton backend's kernels; "
+                               "the torch backend has none: pass pdl=False")
         return None  # plain torch ops: no scratch of their own
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
@@ -334,6 +358,12 @@ class TorchOps:
         return out.to(k.dtype).transpose(1, 2).reshape(b, s, h * d)
 
 
+def _pdl(workspace) -> bool:
+    """Whether a Triton op of a decode step launches with programmatic dependent launch (its
+    StepScratch says; no workspace: an eager call, plain launches)."""
+    return workspace is not None and workspace.pdl
+
+
 class TritonOps:
     """The Triton kernels. Imported lazily: whether triton interprets or compiles is fixed when the
     kernel modules are first imported (TRITON_INTERPRET), and importing fastgpt2 must not do it."""
@@ -347,8 +377,8 @@ class TritonOps:
         self._attention, self._layernorm, self._linear = attention, layernorm, linear
         self.n_head = None
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
-        return self._layernorm.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps)
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
+        return self._layernorm.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, pdl=_pdl(workspace))
 
     def layer_norm(self, x, residual, weight, bias, eps):
         return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
@@ -363,16 +393,18 @@ class TritonOps:
 
     def linear(self, x, w, b, activation="none", residual=None, workspace=None):
         return self._linear.linear(x, w, b, activation=activation, residual=residual,
-                                   workspace=workspace.gemm if workspace is not None else None)
+                                   workspace=workspace.gemm if workspace is not None else None, pdl=_pdl(workspace))
 
     def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
         # one kernel: the GEMM, its residual epilogue, then the layernorm of the rows (linear.linear_norm)
         return self._linear.linear_norm(x, w, b, residual, weight, bias, eps,
-                                        workspace=workspace.gemm if workspace is not None else None)
+                                        workspace=workspace.gemm if workspace is not None else None,
+                                        pdl=_pdl(workspace))
 
     def lm_head(self, y, w, workspace=None):
         # [N, V]: the GEMM kernel reads the [V, E] table as it is ([N, K] layout, no bias)
-        return self._linear.linear(y, w, None, w_layout="nk", workspace=workspace.gemm if workspace is not None else None)
+        return self._linear.linear(y, w, None, w_layout="nk", workspace=workspace.gemm if workspace is not None else None,
+                                   pdl=_pdl(workspace))
 
     def prefill_attention(self, qkv, k_cache, v_cache, seq_lens, scale, upcast):
         # scores and softmax are always fp32 in the kernel, which is what upcast asks for
@@ -381,13 +413,14 @@ class TritonOps:
     def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
         return None  # the kernel reads the lengths on the device
 
-    def decode_workspace(self, k_cache, batch, s, gemm_shapes):
+    def decode_workspace(self, k_cache, batch, s, gemm_shapes, pdl=False):
         return StepScratch(self._attention.decode_workspace(k_cache, batch, s),
-                           self._linear.gemm_workspace(gemm_shapes, k_cache.dtype, k_cache.device))
+                           self._linear.gemm_workspace(gemm_shapes, k_cache.dtype, k_cache.device), pdl)
 
     def decode_attention(self, qkv, k_cache, v_cache, cache_lens, scale, upcast, kv_len, ctx=None, workspace=None):
         return self._attention.decode_attention(qkv, k_cache, v_cache, cache_lens, scale,
-                                                workspace=workspace.attention if workspace is not None else None)
+                                                workspace=workspace.attention if workspace is not None else None,
+                                                pdl=_pdl(workspace))
 
     def prefill_attention_separate(self, q, k, v, scale, upcast):
         return self._attention.prefill_attention_separate(q, k, v, scale)

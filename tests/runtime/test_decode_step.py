@@ -95,10 +95,10 @@ def _gpu_model(backend="auto"):
     return fastgpt2.GPT2.from_config(cfg, device="cuda", dtype=torch.float16, backend=backend, seed=0)
 
 
-def _run_steps(model, ids, graphed, steps, sampling=Sampling(), seed=None):
+def _run_steps(model, ids, graphed, steps, sampling=Sampling(), seed=None, pdl=None):
     b, t = ids.shape
     cache = model.new_cache(b, t + steps + 1)
-    step = DecodeStep(model, cache, sampling, seed, use_cuda_graph=graphed)
+    step = DecodeStep(model, cache, sampling, seed, use_cuda_graph=graphed, pdl=pdl)
     step.start(model.prefill(ids, torch.full((b,), t, dtype=torch.int32, device="cuda"), cache))
     tokens, logits = [], []
     for _ in range(steps):
@@ -119,6 +119,25 @@ def test_graphed_equals_eager_over_64_steps(backend, batch):
     tok_g, log_g = _run_steps(model, ids, graphed=True, steps=64)
     assert torch.equal(tok_g, tok_e)
     assert torch.equal(log_g, log_e)
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                            reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+; none here")
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_pdl_step_equals_the_plain_step_over_64_steps(graphed, batch):
+    """With programmatic dependent launch every kernel may be scheduled while the one before it is
+    still running, and waits on the GPU before touching memory: the same bits, or a wait is missing."""
+    model = _gpu_model("triton")
+    ids = torch.randint(0, 1000, (batch, 9), device="cuda")
+    tok_p, log_p = _run_steps(model, ids, graphed=graphed, steps=64, pdl=True)
+    tok_n, log_n = _run_steps(model, ids, graphed=graphed, steps=64, pdl=False)
+    assert torch.equal(tok_p, tok_n)
+    assert torch.equal(log_p, log_n)
 
 
 @gpu
@@ -275,3 +294,85 @@ def test_triton_step_allocates_its_split_partials_once_before_any_step(monkeypat
         assert torch.equal(step.logits, model.decode(fed[:, None], other))
         assert len(made) > 3 and made.clear() is None  # GPT2.decode allocates its own, per call
     assert not attention.counters.any() and not gemm.counters.any()  # every launch left its counters at zero
+
+
+def test_pdl_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    from fastgpt2.errors import BackendError
+    from fastgpt2.runtime import ops
+
+    with pytest.raises(BackendError, match=r"pdl=True .*backend='triton' on a CUDA GPU.*backend='torch' on cpu"):
+        fastgpt2.GPT2.from_config(CFG, pdl=True)
+    model = fastgpt2.GPT2.from_config(CFG)
+    assert model.pdl is False and "pdl" not in repr(model)
+    with pytest.raises(BackendError, match="pass pdl=False"):
+        DecodeStep(model, model.new_cache(1, 16), use_cuda_graph=False, pdl=True)
+    with pytest.raises(BackendError, match="True or False"):
+        ops.resolve_pdl("yes", "triton", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(BackendError, match="NVIDIA A100 is sm_80"):
+        ops.resolve_pdl(True, "triton", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ops.resolve_pdl(True, "triton", torch.device("cuda")) is True
+    assert ops.resolve_pdl(False, "torch", torch.device("cpu")) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
+def test_pdl_step_launches_every_triton_kernel_with_pdl(monkeypatch):
+    """The flag reaches every Triton launch of the step (USE_PDL and launch_pdl together) and no
+    other launch: recorded at ``kernel[grid](...)``. The interpreter cannot run griddepcontrol, so the
+    recorded launches run there as plain ones (the PDL kernels themselves: tests/compile's PTX check
+    and the GPU test above)."""
+    from triton.runtime.jit import KernelInterface
+
+    from fastgpt2.kernels import attention, layernorm, linear
+    from fastgpt2.runtime import model as model_module
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # let pdl=True through the checks the interpreter would (rightly) fail
+        monkeypatch.setattr(model_module, "resolve_pdl", lambda pdl, backend, dev: pdl)
+        for module in (attention, layernorm, linear):
+            monkeypatch.setattr(module, "pdl_launch_options", lambda op, pdl, dev, kernel: {"launch_pdl": True} if pdl else {})
+    launches = []
+    original = KernelInterface.__getitem__
+
+    def recorded(kernel, grid):
+        launch = original(kernel, grid)
+
+        def run(*args, **kwargs):
+            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+            launches.append((name, kwargs.get("USE_PDL"), kwargs.get("launch_pdl", False)))
+            if device == "cpu":
+                kwargs = dict(kwargs, USE_PDL=False)
+                kwargs.pop("launch_pdl", None)
+            return launch(*args, **kwargs)
+
+        return run
+
+    cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=101, n_positions=300)
+    model = fastgpt2.GPT2.from_config(cfg, device=device, backend="triton", seed=4)
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(5)).to(device)
+    lens = torch.full((2,), 5, dtype=torch.int32, device=device)
+    steps = {}
+    for pdl in (False, True):
+        cache = model.new_cache(2, 300)  # 3 key splits: the attention's combine runs too
+        steps[pdl] = DecodeStep(model, cache, use_cuda_graph=False, pdl=pdl)
+        assert steps[pdl].workspace.pdl is pdl
+        steps[pdl].start(model.prefill(ids, lens, cache))
+    monkeypatch.setattr(KernelInterface, "__getitem__", recorded)
+    seen = {}
+    for pdl in (False, True):
+        launches.clear()
+        steps[pdl]()
+        seen[pdl] = list(launches)
+        assert seen[pdl] and all(use == pdl and flag == pdl for _, use, flag in seen[pdl]), seen[pdl]
+    names = [name for name, _, _ in seen[True]]
+    assert names == [name for name, _, _ in seen[False]]
+    assert {"_linear_kernel", "_decode_attn_kernel", "_add_layernorm_kernel"} == set(names)
+    assert names.count("_linear_kernel") == 4 * cfg.n_layer + 1  # QKV, attn-out, MLP up, MLP down; lm_head
+    assert torch.equal(steps[True].logits, steps[False].logits)
+    assert torch.equal(steps[True].tokens, steps[False].tokens)
+    launches.clear()
+    model.prefill(ids, lens, model.new_cache(2, 300))  # outside a decode step: plain launches
+    assert launches and not any(use or flag for _, use, flag in launches)
