@@ -7,7 +7,7 @@ on a timeout the stage's whole process group is killed). Each stage's stdout/std
 collected in ``$OUT/gpu_check.json``, and a summary table (stage, status, seconds, one-line result)
 is printed at the end. Exit status 0 only when no stage failed or timed out (skipped is no failure).
 
-Stages and their timeouts on an H200 (sum 385 s = 6 min 25 s; the whole run is also capped by
+Stages and their timeouts on an H200 (sum 390 s = 6 min 30 s; the whole run is also capped by
 ``--budget``, default 400 s: a stage gets at most what is left of it):
 
 =====================  =======  ================================================================
@@ -17,14 +17,19 @@ environment              15 s   python/torch/triton/transformers versions, GPU, 
                                 nvidia-smi; decides whether CUDA is there
 gpu_tests                50 s   pytest -q -m gpu tests (graph replay == eager, no compile in
                                 capture, seeded sampling in graphs), kernels compiled for real
-kernel_tests             85 s   pytest -q -x tests/kernels, TRITON_INTERPRET unset (compiled)
+kernel_tests             75 s   pytest -q -x tests/kernels, TRITON_INTERPRET unset (compiled)
 parity_ckpt              20 s   seeded random GPT2LMHeadModel, gpt2-small shapes, n_layer 2,
                                 save_pretrained into $OUT/ckpt (no tokenizer)
 parity_float16           30 s   fastgpt2 parity --dtype float16 (gated bounds; exit 1 = FAIL)
-parity_bfloat16          30 s   fastgpt2 parity --dtype bfloat16
+parity_bfloat16          25 s   fastgpt2 parity --dtype bfloat16
 bench_gpt2_fp16          40 s   fastgpt2 bench --model gpt2 --batch 1,8,32 --dtype float16
                                 --prompt-len 32 --new-tokens 64 --runs 2 --warmup 1 (vs transformers)
-bench_gpt2_bf16          30 s   the same in bfloat16 (--no-step-count)
+pdl                      25 s   gpt2 fp16, batch 1 and 8, graphed: the decode step with and without
+                                programmatic dependent launch (DecodeStep(pdl=)): same logits bit for
+                                bit over 32 steps, then µs/step of each (CUDA events, 200 replays)
+                                beside tools/step_model.py's two predictions -> pdl.json
+                                (skipped on a GPU older than sm_90)
+bench_gpt2_bf16          25 s   the same in bfloat16 (--no-step-count)
 bench_gpt2_large_fp16    45 s   gpt2-large, float16, --new-tokens 32 (--no-step-count)
 step_model               10 s   tools/step_model.py --gpu H200 (skipped when not present)
 profiler                 30 s   one graphed gpt2 fp16 decode step under torch.profiler ->
@@ -58,12 +63,13 @@ PY = sys.executable or "python3"
 TIMEOUTS = {  # seconds on an H200; the module docstring's table
     "environment": 15,
     "gpu_tests": 50,
-    "kernel_tests": 85,
+    "kernel_tests": 75,
     "parity_ckpt": 20,
     "parity_float16": 30,
-    "parity_bfloat16": 30,
+    "parity_bfloat16": 25,
     "bench_gpt2_fp16": 40,
-    "bench_gpt2_bf16": 30,
+    "pdl": 25,
+    "bench_gpt2_bf16": 25,
     "bench_gpt2_large_fp16": 45,
     "step_model": 10,
     "profiler": 30,
@@ -282,6 +288,65 @@ print(f"PROFILE {'graphed' if 'graphed' in what else 'EAGER'} step: {sum(count.v
 """
 
 
+PDL_SNIPPET = r"""
+import importlib.util, json, sys
+import torch
+import fastgpt2
+from fastgpt2.runtime.graphs import DecodeStep
+
+out_json, step_model_path = sys.argv[1], sys.argv[2]
+if torch.cuda.get_device_capability() < (9, 0):
+    print(f"PDL skipped: {torch.cuda.get_device_name()} is older than sm_90")
+    json.dump({"skipped": "older than sm_90"}, open(out_json, "w"))
+    raise SystemExit(0)
+spec = importlib.util.spec_from_file_location("step_model", step_model_path)
+step_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(step_model)
+model = fastgpt2.GPT2.from_config(fastgpt2.GPT2Config.from_name("gpt2"), device="cuda", dtype=torch.float16)
+prompt, check_steps, timed_steps = 16, 32, 200
+rows, mismatches = [], []
+for batch in (1, 8):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch)).cuda()
+    lens = torch.full((batch,), prompt, dtype=torch.int32, device="cuda")
+    steps = {}
+    for pdl in (False, True):
+        cache = model.new_cache(batch, 512)
+        steps[pdl] = DecodeStep(model, cache, use_cuda_graph=True, pdl=pdl)
+        steps[pdl].start(model.prefill(ids, lens, cache))
+    for i in range(check_steps):  # the first call captures each graph
+        for pdl in (False, True):
+            steps[pdl]()
+        if not (torch.equal(steps[True].logits, steps[False].logits) and torch.equal(steps[True].tokens, steps[False].tokens)):
+            mismatches.append((batch, i))
+    measured = {}
+    for pdl in (False, True):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(timed_steps):
+            steps[pdl]()
+        end.record()
+        torch.cuda.synchronize()
+        measured[pdl] = start.elapsed_time(end) * 1e3 / timed_steps  # µs per step
+    context = prompt + check_steps + timed_steps // 2  # the timed steps' mean context
+    pred = {pdl: step_model.model_step("gpt2", batch, "H200", torch.float16, context=min(context, 511), cache_len=512,
+                                       pdl=pdl)["step_us"] for pdl in (False, True)}
+    rows.append({"model": "gpt2", "batch": batch, "dtype": "float16", "cache_len": 512,
+                 "measured_us": {"plain": measured[False], "pdl": measured[True]},
+                 "pdl_over_plain": measured[True] / measured[False],
+                 "predicted_us": {"plain": pred[False], "pdl": pred[True]}})
+json.dump({"rows": rows, "mismatches": mismatches, "gpu": torch.cuda.get_device_name()}, open(out_json, "w"), indent=2)
+for r in rows:
+    print(f"gpt2 fp16 b{r['batch']}: plain {r['measured_us']['plain']:.1f} us/step, pdl {r['measured_us']['pdl']:.1f} "
+          f"({r['pdl_over_plain']:.3f}x); predicted {r['predicted_us']['plain']:.1f} / {r['predicted_us']['pdl']:.1f}")
+if mismatches:
+    print(f"PDL MISMATCH: the pdl step's logits differ from the plain step's at (batch, step) {mismatches[:8]}")
+    raise SystemExit(1)
+print("PDL " + "; ".join(f"b{r['batch']} {r['measured_us']['plain']:.0f} -> {r['measured_us']['pdl']:.0f} us/step"
+                         for r in rows) + f"; same logits over {check_steps} steps")
+"""
+
+
 def _write_snippet(out_dir: Path, name: str, code: str) -> Path:
     path = out_dir / "snippets" / f"{name}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -382,11 +447,14 @@ def predicted_vs_measured(out: Path) -> list[dict]:
     return rows
 
 
-def _profile_summary(stdout: str, stderr: str) -> str:
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("PROFILE "):
-            return line[len("PROFILE "):]
-    return _last_line(stdout)
+def _tagged_summary(tag: str) -> Callable[[str, str], str]:
+    """A stage's summary: its last stdout line starting with `tag` (the tag dropped), else its last line."""
+    def summary(stdout, stderr):
+        for line in reversed(stdout.splitlines()):
+            if line.startswith(tag):
+                return line[len(tag):]
+        return _last_line(stdout)
+    return summary
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -458,6 +526,8 @@ STAGES = [
     Stage("parity_bfloat16", True, _parity("bfloat16"), "parity_bfloat16.json"),
     Stage("bench_gpt2_fp16", True, _bench("gpt2", "float16", "bench_gpt2_fp16.json", True), "bench_gpt2_fp16.json",
           runs_dry=True),
+    Stage("pdl", True, lambda ctx: ([PY, str(_write_snippet(ctx.out, "pdl", PDL_SNIPPET)), str(ctx.out / "pdl.json"),
+                                     str(ROOT / "tools" / "step_model.py")], _tagged_summary("PDL ")), "pdl.json"),
     Stage("bench_gpt2_bf16", True, _bench("gpt2", "bfloat16", "bench_gpt2_bf16.json", False), "bench_gpt2_bf16.json"),
     Stage("bench_gpt2_large_fp16", True, _bench("gpt2-large", "float16", "bench_gpt2_large_fp16.json", False, 32),
           "bench_gpt2_large_fp16.json"),
@@ -465,7 +535,7 @@ STAGES = [
     Stage("profiler", True, lambda ctx: ([PY, str(_write_snippet(ctx.out, "profiler", PROFILE_SNIPPET)),
                                           str(ctx.out / "profile.txt"), str(ctx.out / "profile.json"),
                                           str(ctx.out / "step_count.json")],
-                                         _profile_summary), "profile.json"),
+                                         _tagged_summary("PROFILE ")), "profile.json"),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

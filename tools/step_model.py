@@ -1,7 +1,7 @@
 """A step-time model of fastgpt2's Triton decode step (one new token per sequence, batch B), no GPU.
 
     python tools/step_model.py [--gpu H200|H100|A100] [--model gpt2 ...] [--batch 1,8]
-                               [--dtype float16] [--context 128] [--cache-len N] [--json FILE]
+                               [--dtype float16] [--context 128] [--cache-len N] [--pdl] [--json FILE]
 
 For every kernel the step launches (the op sequence of ``fastgpt2.runtime.model``'s docstring, with
 the fusions of ``fastgpt2.runtime.step_count.FUSIONS``) this lists the bytes it moves (weights,
@@ -14,7 +14,9 @@ predicted time
 
 i.e. a kernel that launches fewer programs than the GPU has SMs is taken to reach only that share
 of the bandwidth (one resident program streams from one SM), and no kernel takes less than a
-fixed launch/latency floor. The step is the sum. Reported: tokens/s = B / step, and % of the HBM
+fixed launch/latency floor (``KERNEL_FLOOR_US``; with programmatic dependent launch, ``--pdl`` and
+the summary's PDL columns, ``PDL_KERNEL_FLOOR_US`` for a Triton kernel after a Triton kernel). The
+step is the sum. Reported: tokens/s = B / step, and % of the HBM
 roofline = (decode_weight_bytes / HBM) / step (the bound tools/roofline.py prints).
 
 This is a model, not a measurement: the constants below are assumptions to calibrate against a
@@ -60,6 +62,11 @@ ACHIEVABLE_BW_FRACTION = 0.9
 # Least time of one kernel inside a CUDA graph (launch, ramp-up, drain, the dependency on the
 # previous kernel), in µs. ASSUMPTION.
 KERNEL_FLOOR_US = 3.0
+# The same floor for a Triton kernel launched with programmatic dependent launch after another one
+# (``DecodeStep(pdl=True)``): its launch and scheduling overlap the previous kernel's tail, leaving
+# the drain and the wait. The kernel after a torch op (the step's first) keeps KERNEL_FLOOR_US.
+# ASSUMPTION (the GPU check's pdl stage measures the step both ways).
+PDL_KERNEL_FLOOR_US = 1.5
 # Programs of one kernel resident on one SM at once. 1: the model takes one program per SM (a decode
 # GEMM program, 4 warps with ~60 KiB of shared memory in flight, could fit 2-3 per SM on sm_90, but
 # whether that raises the bandwidth of one SM is what a GPU run has to show). ASSUMPTION.
@@ -151,35 +158,38 @@ def step_kernels(cfg: GPT2Config, batch: int, dtype: torch.dtype, context: int, 
     return out
 
 
-def predict(kernels: list[dict], gpu: dict) -> list[dict]:
-    """Adds waves and predicted µs (per launch and per step) to each kernel row, in place."""
+def predict(kernels: list[dict], gpu: dict, pdl: bool = False) -> list[dict]:
+    """Adds waves and predicted µs (per launch and per step) to each kernel row, in place. pdl: the
+    Triton kernels that follow a Triton kernel have PDL_KERNEL_FLOOR_US as their floor."""
     bw = ACHIEVABLE_BW_FRACTION * gpu["hbm_gbps"] * 1e9  # bytes/s
     sms = gpu["sms"]
-    for k in kernels:
+    for index, k in enumerate(kernels):
+        after_triton = index > 0 and k["kind"] == "triton" and kernels[index - 1]["kind"] == "triton"
+        k["floor_us"] = PDL_KERNEL_FLOOR_US if pdl and after_triton else KERNEL_FLOOR_US
         programs = k["programs"] if k["programs"] is not None else sms
         k["waves"] = math.ceil(programs / (sms * RESIDENT_PROGRAMS_PER_SM))
         k["sm_share"] = min(1.0, programs / sms)
         k["bandwidth_us"] = k["bytes"] / (bw * k["sm_share"]) * 1e6
-        k["us"] = max(k["bandwidth_us"], KERNEL_FLOOR_US)
-        k["floor_bound"] = k["bandwidth_us"] < KERNEL_FLOOR_US
+        k["us"] = max(k["bandwidth_us"], k["floor_us"])
+        k["floor_bound"] = k["bandwidth_us"] < k["floor_us"]
         k["us_per_step"] = k["us"] * k["count"]
     return kernels
 
 
 def model_step(model: str, batch: int, gpu_key: str = "H200", dtype: torch.dtype = torch.float16,
-               context: int = DEFAULT_CONTEXT, cache_len: int | None = None) -> dict:
+               context: int = DEFAULT_CONTEXT, cache_len: int | None = None, pdl: bool = False) -> dict:
     cfg = GPT2Config.from_name(model)
     if cache_len is None:  # a graphed step's cache: the next power of two >= context + 1, <= n_positions
         cache_len = graph_cache_len(context + 1, cfg.n_positions)
     if not 0 <= context < cache_len:
         raise ValueError(f"context {context} must be in [0, cache_len {cache_len})")
     gpu = GPUS[gpu_key]
-    kernels = predict(step_kernels(cfg, batch, dtype, context, cache_len, gpu["sms"]), gpu)
+    kernels = predict(step_kernels(cfg, batch, dtype, context, cache_len, gpu["sms"]), gpu, pdl)
     step_us = sum(k["us_per_step"] for k in kernels)
     weight_bytes = decode_weight_bytes(cfg, batch, dtype)
     roofline_us = weight_bytes / (gpu["hbm_gbps"] * 1e9) * 1e6
     return {
-        "model": model, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu["name"],
+        "model": model, "batch": batch, "dtype": str(dtype).removeprefix("torch."), "gpu": gpu["name"], "pdl": pdl,
         "sms": gpu["sms"], "hbm_gbps": gpu["hbm_gbps"], "context": context, "cache_len": cache_len,
         "kernels": kernels,
         "launches_per_step": sum(k["count"] for k in kernels),
@@ -190,7 +200,7 @@ def model_step(model: str, batch: int, gpu_key: str = "H200", dtype: torch.dtype
         "tokens_per_s": batch / (step_us * 1e-6),
         "roofline_us": roofline_us,
         "pct_roofline": 100.0 * roofline_us / step_us,
-        "floor_us_per_step": sum(k["count"] * KERNEL_FLOOR_US for k in kernels if k["floor_bound"]),
+        "floor_us_per_step": sum(k["count"] * k["floor_us"] for k in kernels if k["floor_bound"]),
     }
 
 
@@ -201,7 +211,7 @@ def _fmt_bytes(n: int) -> str:
 def format_step(r: dict) -> str:
     lines = [
         f"### {r['model']}, batch {r['batch']}, {r['dtype']}, {r['gpu']} ({r['sms']} SMs, {r['hbm_gbps']:,} GB/s), "
-        f"context {r['context']}, cache_len {r['cache_len']}",
+        f"context {r['context']}, cache_len {r['cache_len']}" + (", PDL" if r["pdl"] else ""),
         "",
         "| kernel | count/step | programs | waves | bytes/launch | µs/launch | µs/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -220,16 +230,25 @@ def format_step(r: dict) -> str:
     return "\n".join(lines)
 
 
-def format_summary(rows: list[dict]) -> str:
+def format_summary(rows: list[dict], pdl_rows: list[dict] | None = None) -> str:
+    """The summary table; with pdl_rows (the same steps predicted with PDL), their columns beside."""
     gpu = rows[0]["gpu"] if rows else ""
-    lines = [f"## Summary ({gpu}, predicted, uncalibrated)", "",
-             "| model | batch | predicted step µs | tok/s | roofline µs | % roofline |", "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['step_us']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['roofline_us']:.1f} | {r['pct_roofline']:.1f}% |")
+    head = "| model | batch | predicted step µs | tok/s | roofline µs | % roofline |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if pdl_rows:
+        head += " with PDL: step µs | % roofline |"
+        rule += "---:|---:|"
+    lines = [f"## Summary ({gpu}, predicted, uncalibrated)", "", head, rule]
+    for index, r in enumerate(rows):
+        line = (f"| {r['model']} | {r['batch']} | {r['step_us']:.1f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['roofline_us']:.1f} | {r['pct_roofline']:.1f}% |")
+        if pdl_rows:
+            line += f" {pdl_rows[index]['step_us']:.1f} | {pdl_rows[index]['pct_roofline']:.1f}% |"
+        lines.append(line)
     lines += ["", f"Assumptions (to calibrate on a GPU): achievable bandwidth = {ACHIEVABLE_BW_FRACTION} x HBM, "
-                  f"scaled by min(1, programs / SMs); {KERNEL_FLOOR_US} µs floor per kernel (CUDA graph); "
-                  f"{RESIDENT_PROGRAMS_PER_SM} resident program per SM; torch's argmax / add fill the GPU."]
+                  f"scaled by min(1, programs / SMs); {KERNEL_FLOOR_US} µs floor per kernel (CUDA graph)"
+                  + (f", {PDL_KERNEL_FLOOR_US} µs for a Triton kernel after a Triton kernel with PDL" if pdl_rows else "")
+                  + f"; {RESIDENT_PROGRAMS_PER_SM} resident program per SM; torch's argmax / add fill the GPU."]
     return "\n".join(lines)
 
 
@@ -252,24 +271,26 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="cached positions per sequence")
     p.add_argument("--cache-len", type=int, default=None,
                    help="the cache's max_len (Tmax; sets num_splits); default: the graphed step's bucket")
+    p.add_argument("--pdl", action="store_true", help="the per-kernel tables with programmatic dependent launch")
     p.add_argument("--json", default=None, help="write every row and the summary to this file")
     args = p.parse_args(argv)
     dtype = DTYPE_NAMES[args.dtype]
     try:
-        rows = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len) for m in args.model for b in args.batch]
-        summary = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len)
-                   for m in SUMMARY_MODELS for b in SUMMARY_BATCHES]
+        rows = [model_step(m, b, args.gpu, dtype, args.context, args.cache_len, args.pdl)
+                for m in args.model for b in args.batch]
+        summary, summary_pdl = ([model_step(m, b, args.gpu, dtype, args.context, args.cache_len, pdl)
+                                 for m in SUMMARY_MODELS for b in SUMMARY_BATCHES] for pdl in (False, True))
     except ValueError as exc:
         p.error(str(exc))
     for r in rows:
         print(format_step(r))
         print()
-    print(format_summary(summary))
+    print(format_summary(summary, summary_pdl))
     if args.json:
         constants = {"ACHIEVABLE_BW_FRACTION": ACHIEVABLE_BW_FRACTION, "KERNEL_FLOOR_US": KERNEL_FLOOR_US,
-                     "RESIDENT_PROGRAMS_PER_SM": RESIDENT_PROGRAMS_PER_SM}
+                     "PDL_KERNEL_FLOOR_US": PDL_KERNEL_FLOOR_US, "RESIDENT_PROGRAMS_PER_SM": RESIDENT_PROGRAMS_PER_SM}
         Path(args.json).write_text(json.dumps({"assumptions": constants, "gpu": GPUS[args.gpu], "steps": rows,
-                                               "summary": summary}, indent=2))
+                                               "summary": summary, "summary_pdl": summary_pdl}, indent=2))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 

@@ -105,5 +105,5 @@ def test_timeouts_fit_the_run():
 
 
 def test_inline_snippets_compile():
-    for name in ("ENV_SNIPPET", "CKPT_SNIPPET", "PROFILE_SNIPPET"):
+    for name in ("ENV_SNIPPET", "CKPT_SNIPPET", "PROFILE_SNIPPET", "PDL_SNIPPET"):
         compile(getattr(gpu_check, name), name, "exec")

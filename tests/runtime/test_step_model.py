@@ -131,6 +131,20 @@ def test_prediction_formula(tool):
     assert tool.GPUS["H100"]["hbm_gbps"] == 3350 and tool.GPUS["A100"]["sms"] == 108
 
 
+def test_pdl_prediction_lowers_only_the_floor_of_triton_kernels_after_triton_kernels(tool):
+    plain = tool.model_step("gpt2-large", 8, "H200", torch.float16, context=128)
+    pdl = tool.model_step("gpt2-large", 8, "H200", torch.float16, context=128, pdl=True)
+    assert not plain["pdl"] and pdl["pdl"] and tool.PDL_KERNEL_FLOOR_US < tool.KERNEL_FLOOR_US
+    kinds = [k["kind"] for k in pdl["kernels"]]
+    assert kinds[0] == "triton" and kinds[-2:] == ["torch", "torch"]  # embed first; argmax, length update last
+    for index, (k, q) in enumerate(zip(pdl["kernels"], plain["kernels"])):
+        follows_triton = index > 0 and k["kind"] == "triton"  # every row before a Triton row is Triton here
+        assert k["floor_us"] == (tool.PDL_KERNEL_FLOOR_US if follows_triton else tool.KERNEL_FLOOR_US)
+        assert k["bandwidth_us"] == q["bandwidth_us"] and k["us"] == pytest.approx(max(k["bandwidth_us"], k["floor_us"]))
+        assert k["us"] <= q["us"]
+    assert pdl["step_us"] < plain["step_us"] and pdl["launches_per_step"] == plain["launches_per_step"]
+
+
 def test_cli_prints_tables_and_summary(tool, capsys, tmp_path):
     out_json = tmp_path / "step.json"
     assert tool.main(["--gpu", "A100", "--model", "gpt2", "--batch", "1,2", "--json", str(out_json)]) == 0
@@ -143,5 +157,9 @@ def test_cli_prints_tables_and_summary(tool, capsys, tmp_path):
     data = json.loads(out_json.read_text())
     assert [(s["model"], s["batch"]) for s in data["steps"]] == [("gpt2", 1), ("gpt2", 2)]
     assert len(data["summary"]) == 4 and data["assumptions"]["KERNEL_FLOOR_US"] == tool.KERNEL_FLOOR_US
+    assert [r["pdl"] for r in data["summary_pdl"]] == [True] * 4 and "with PDL: step µs" in text
+    assert all(p["step_us"] < r["step_us"] for p, r in zip(data["summary_pdl"], data["summary"]))
+    assert tool.main(["--model", "gpt2", "--batch", "1", "--pdl"]) == 0
+    assert "### gpt2, batch 1, float16, H200 SXM (132 SMs, 4,800 GB/s), context 128, cache_len 256, PDL" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tool.main(["--batch", "0"])
