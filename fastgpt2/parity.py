@@ -375,8 +375,8 @@ class _RecordingOps:
     def _keep(self, index, t):
         self.states[index] = t.detach().float().clone()
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
-        y, h = self._inner.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, workspace)
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        y, h = self._inner.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps)
         if self._ln1.get(id(weight)) == 0:
             self._keep(0, h)
         return y, h

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .contract import CompileSpec, check_spec_dtype, kernel_signature
-from .launch_checks import check_device, check_dtype, pdl_launch_options
+from .launch_checks import check_device, check_dtype
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
 # every config it can produce (compile_specs enumerates it). N <= 2048 covers GPT-2 (max 1600); a
@@ -52,11 +52,7 @@ def _add_layernorm_kernel(
     BLOCK_N: tl.constexpr,  # power of two >= N
     GATHER: tl.constexpr,  # x and residual rows gathered by token id and position (needs HAS_RESIDUAL)
     HAS_START: tl.constexpr,
-    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
-    if USE_PDL:  # may start before the previous kernel ends: nothing is read or written before the wait
-        tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64 before any stride product
     cols = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask = cols < N
@@ -158,22 +154,20 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
         BLOCK_N=block_n,
         GATHER=False,
         HAS_START=False,
-        USE_PDL=False,
         num_warps=_WARPS_BY_BLOCK_N[block_n],
         num_stages=_NUM_STAGES,
     )
     return out, s
 
 
-def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, residual_out=None, pdl=False):
+def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, residual_out=None):
     """GPT-2's embedding fused into the first layernorm: h = wte[ids] + wpe[positions], y = layer_norm(h).
     Returns (y, h), both [B*S, N].
 
     ids: [B, S] int64 token ids (checked against the vocabulary by the caller); start: [B] int32 on
     the device (sequence b's tokens sit at positions start[b] .. start[b] + S - 1) or None (positions
     0 .. S-1); wte: [V, N]; wpe: [P, N]; weight, bias: [N]; one float dtype on one device. Positions
-    must be < P (the caller's cache checks guarantee it). pdl: launch with programmatic dependent
-    launch (CUDA, compute capability 9.0+; a ValueError elsewhere), as ``linear.linear``'s pdl.
+    must be < P (the caller's cache checks guarantee it).
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
         raise ValueError(f"embed_layer_norm: ids must be a [B, S] int64 tensor, got {getattr(ids, 'shape', type(ids))} "
@@ -201,7 +195,6 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
     ids = ids.contiguous()
     check_device("embed_layer_norm", {"ids": ids, "start": start, "wte": wte, "wpe": wpe, "weight": weight,
                                       "bias": bias, "out": out, "residual_out": h}, _add_layernorm_kernel)
-    launch_options = pdl_launch_options("embed_layer_norm", pdl, wte.device, _add_layernorm_kernel)
     if m == 0:
         return out, h
     block_n = _block_n(n)
@@ -214,10 +207,8 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
         BLOCK_N=block_n,
         GATHER=True,
         HAS_START=start is not None,
-        USE_PDL=pdl,
         num_warps=_WARPS_BY_BLOCK_N[block_n],
         num_stages=_NUM_STAGES,
-        **launch_options,
     )
     return out, h
 
@@ -239,36 +230,29 @@ def add_layer_norm_ref(x, residual, weight, bias, eps):
 
 
 def compile_specs(dtype: str) -> list[CompileSpec]:
-    """Every (BLOCK_N, HAS_RESIDUAL, GATHER, HAS_START, USE_PDL) the launchers can produce, for dtype "fp16"
-    or "bf16" (the PDL variant, the decode step's embed_layer_norm, for sm_90 only)."""
+    """Every (BLOCK_N, HAS_RESIDUAL, GATHER, HAS_START) the launchers can produce, for dtype "fp16" or "bf16"."""
     check_spec_dtype(dtype)
     ptr = f"*{dtype}"
     specs = []
-    # (launcher, HAS_RESIDUAL, GATHER, HAS_START, USE_PDL): add_layer_norm without and with a residual;
-    # embed_layer_norm for prefill (positions from 0) and decode (positions from the cache lengths),
-    # the latter also with programmatic dependent launch
-    variants = [("add_layer_norm[no_residual]", False, False, False, False),
-                ("add_layer_norm[residual]", True, False, False, False),
-                ("embed_layer_norm[prefill]", True, True, False, False),
-                ("embed_layer_norm[decode]", True, True, True, False),
-                ("embed_layer_norm[decode]", True, True, True, True)]
+    # (launcher, HAS_RESIDUAL, GATHER, HAS_START): add_layer_norm without and with a residual;
+    # embed_layer_norm for prefill (positions from 0) and decode (positions from the cache lengths)
+    variants = [("add_layer_norm[no_residual]", False, False, False), ("add_layer_norm[residual]", True, False, False),
+                ("embed_layer_norm[prefill]", True, True, False), ("embed_layer_norm[decode]", True, True, True)]
     for block_n, warps in _WARPS_BY_BLOCK_N.items():
-        for label, has_res, gather, has_start, pdl in variants:
+        for label, has_res, gather, has_start in variants:
             # without GATHER, ids/start are placeholders the launcher fills with x; GATHER without
             # HAS_START fills start with ids
             signature = kernel_signature(_add_layernorm_kernel, ptr, {
                 "ids_ptr": "*i64" if gather else ptr, "start_ptr": "*i32" if has_start else ("*i64" if gather else ptr)})
             specs.append(
                 CompileSpec(
-                    name=f"layernorm.{label} BLOCK_N={block_n}" + (" pdl" if pdl else ""),
+                    name=f"layernorm.{label} BLOCK_N={block_n}",
                     fn=_add_layernorm_kernel,
                     signature=signature,
-                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_N": block_n, "GATHER": gather, "HAS_START": has_start,
-                                "USE_PDL": pdl},
+                    constexprs={"HAS_RESIDUAL": has_res, "BLOCK_N": block_n, "GATHER": gather, "HAS_START": has_start},
                     num_warps=warps,
                     num_stages=_NUM_STAGES,
                     uses_dot=False,
-                    launch_pdl=pdl,
                 )
             )
     return specs

@@ -33,8 +33,8 @@ def resolve_use_cuda_graph(use_cuda_graph: bool | None, device: torch.device) ->
 class DecodeStep:
     def __init__(self, model, cache: KVCache, sampling: Sampling = Sampling(), seed: int | None = None,
                  use_cuda_graph: bool | None = None, batch: int | None = None, pdl: bool | None = None):
-        """pdl: launch the step's Triton kernels with programmatic dependent launch (sm_90+; see
-        ``GPT2Network``); None: the model's own setting (``model.pdl``)."""
+        """pdl: launch the step's GEMM and attention kernels with programmatic dependent launch
+        (sm_90+; see ``GPT2Network``); None: the model's own setting (``model.pdl``)."""
         device = model.device
         use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, device)
         self.model, self.cache, self.sampling = model, cache, sampling

@@ -92,9 +92,9 @@ class GPT2Network:
                  pack_weights: bool = True, pdl: bool = False):
         """pack_weights=False: the backend uses `weights` as they are, never a repacked copy (for
         weights shared with another live model, whose in-place updates must be seen). pdl: the
-        decode steps (``DecodeStep``, so generate/stream) launch their kernels with programmatic
-        dependent launch (Triton backend on a CUDA GPU of compute capability 9.0+, else a
-        BackendError): each kernel may be scheduled while the one before finishes."""
+        decode steps (``DecodeStep``, so generate/stream) launch their GEMM and attention kernels
+        with programmatic dependent launch (Triton backend on a CUDA GPU of compute capability
+        9.0+, else a BackendError): each may be scheduled while the kernel before it finishes."""
         self.config = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -168,7 +168,7 @@ class GPT2Network:
         MLP down + residual + the next layernorm (layer i+1's ln_1, or ln_f)."""
         ops, eps, b, s = self.ops, self.config.layer_norm_epsilon, *ids.shape
         first = self.layers[0]
-        a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps, workspace)  # [M, E]
+        a, h = ops.embed_layer_norm(ids, start, self.wte, self.wpe, first.ln_1_w, first.ln_1_b, eps)  # [M, E]
         for i, lw in enumerate(self.layers):
             qkv = ops.linear(a, lw.qkv_w, lw.qkv_b, workspace=workspace)  # [M, 3E]
             att = attend(i, lw.scale, qkv.view(b, s, -1)).view(b * s, -1)  # [M, E]

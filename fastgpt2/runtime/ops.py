@@ -49,7 +49,7 @@ class StepScratch:
 
     attention: object  # kernels.attention.DecodeWorkspace: split partials and counters
     gemm: object  # kernels.linear.GemmWorkspace: split-K partials and counters of every GEMM of the step
-    pdl: bool = False  # launch the step's kernels with programmatic dependent launch (``resolve_pdl``)
+    pdl: bool = False  # launch the step's GEMMs and attention with programmatic dependent launch (``resolve_pdl``)
 
 
 class Ops(Protocol):
@@ -65,10 +65,9 @@ class Ops(Protocol):
         """w [V, E] -> the same values in the layout ``lm_head`` reads best; done once, at construction
         (a tied head is also the embedding table, so ``embed_layer_norm`` gathers from it)."""
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
         """ids [B, S], start [B] int32 | None, wte [V, E], wpe [P, E], weight/bias [E] -> (y [M, E], h [M, E]):
-        h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h).
-        workspace: a decode step's ``decode_workspace`` (the step's launch settings), or None."""
+        h = wte[ids] + wpe[start[b] + s] (positions s when start is None), y = layernorm(h)."""
 
     def layer_norm(self, x, residual, weight, bias, eps):
         """x [M, E], residual [M, E] | None -> (y [M, E], s [M, E]), s = x + residual, y = layernorm(s).
@@ -237,7 +236,7 @@ class TorchOps:
         """w [V, E], column-major in CPU float32 (see the class), else as it is."""
         return w.t().contiguous().t() if self.head_column_major else w
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
         b, s = ids.shape
         positions = torch.arange(s, device=ids.device)
         positions = positions.expand(b, s) if start is None else start[:, None].long() + positions  # [B, S]
@@ -377,8 +376,9 @@ class TritonOps:
         self._attention, self._layernorm, self._linear = attention, layernorm, linear
         self.n_head = None
 
-    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps, workspace=None):
-        return self._layernorm.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, pdl=_pdl(workspace))
+    def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
+        # the step's first kernel (after a torch op or the graph's start): a plain launch, with or without pdl
+        return self._layernorm.embed_layer_norm(ids, start, wte, wpe, weight, bias, eps)
 
     def layer_norm(self, x, residual, weight, bias, eps):
         return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
