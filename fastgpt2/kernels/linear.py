@@ -21,6 +21,11 @@ every config and a CUDA graph replays exactly what was checked):
   reduction is no extra kernel. With a layernorm, the last tile of a row block to finish normalises
   the block's rows (a second counter), so ``linear_norm`` is one kernel as well.
 - prefill (M = tokens): 64x128 output tiles, no split.
+
+With ``pdl=True`` (programmatic dependent launch, sm_90+: the decode step's option) a program may
+start while the previous kernel on the stream is still running: it prefetches its weight slab into
+L2 (the weights depend on no kernel), then waits for the previous kernel (``griddepcontrol.wait``)
+before it reads anything else or writes, so the weight stream overlaps the previous kernel's tail.
 """
 from __future__ import annotations
 
@@ -216,9 +221,8 @@ def _linear_kernel(
     NORM_CHUNK: tl.constexpr,  # columns per step of the layernorm epilogue
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (sm_90+)
 ):
-    if USE_PDL:  # may start before the previous kernel ends: nothing is read or written before the wait
-        tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
+    # With USE_PDL the program may start before the previous kernel has finished: until the wait
+    # below it only computes offsets and prefetches its weight slab (read-only) into L2.
     # grid = (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): axis 0 (fastest) runs over M, so programs
     # launched together share a weight slab (read once from DRAM, then from L2); axis 2 is the split
     # of K: program (m, n, k) reduces x[:, k*K_PER_SPLIT : (k+1)*K_PER_SPLIT] @ w[that, n-tile].
@@ -248,6 +252,11 @@ def _linear_kernel(
         k_len = K_PER_SPLIT  # the last split runs past K, masked
     else:
         k_len = K
+    if USE_PDL:
+        # the weights depend on no kernel: stream them into L2 while the previous kernel finishes
+        _prefetch_w_slab(w_ptr, k_base, k_len, K, pid_n * BLOCK_N, N, stride_w64, W_NK, BLOCK_N, BLOCK_K)
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
     for k0 in range(0, k_len, BLOCK_K):
         mask_k = offs_k < K - k_base - k0  # [BK]
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
@@ -296,6 +305,35 @@ def _linear_kernel(
                 tl.store(row_counter, 0)
                 _norm_rows(y_ptr, nw_ptr, nb_ptr, ny_ptr, pid_m * BLOCK_M, M, N, stride_ym, stride_nym, eps,
                            BLOCK_M, NORM_CHUNK)
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask, safe_ptr):
+    # prefetch.global.L2 of every lane's line (masked lanes: safe_ptr, an address of the slab): a hint
+    # with no result (the dummy output keeps it from being dropped); compiled only (no interpreter)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [tl.where(mask, ptrs, safe_ptr)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_w_slab(w_ptr, k_base, k_len, K, n0, N, stride_w64, W_NK: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # the program's weight slab, rows k_base .. k_base + k_len (< K) x columns n0 .. n0 + BLOCK_N (< N),
+    # one prefetch per 32 elements (64 B in fp16): [BK, BN/32] lanes per step of K ([BN, BK/32] for [N, K])
+    if W_NK:
+        first = w_ptr + n0 * stride_w64 + k_base  # the slab's first element: always in bounds
+        rows = n0 + tl.arange(0, BLOCK_N)  # [BN] rows of [N, K]
+        cols = tl.arange(0, BLOCK_K // 32) * 32  # [BK/32]
+        for k0 in range(0, k_len, BLOCK_K):
+            k = k_base + k0 + cols
+            _prefetch_l2(w_ptr + rows[:, None] * stride_w64 + k[None, :], (rows < N)[:, None] & (k < K)[None, :], first)
+    else:
+        first = w_ptr + k_base * stride_w64 + n0
+        ks = tl.arange(0, BLOCK_K)  # [BK] rows of [K, N]
+        cols = n0 + tl.arange(0, BLOCK_N // 32) * 32  # [BN/32]
+        for k0 in range(0, k_len, BLOCK_K):
+            k = (k_base + k0 + ks).to(tl.int64)
+            _prefetch_l2(w_ptr + k[:, None] * stride_w64 + cols[None, :], (k < K)[:, None] & (cols < N)[None, :], first)
 
 
 @triton.jit

@@ -221,7 +221,7 @@ PDL_SCRIPT = textwrap.dedent('''
                                  target=GPUTarget("cuda", 90, 32), options=compile_options(spec)).asm["ptx"]
             body = ptx[ptx.index(".entry"):]
             if not spec.launch_pdl:
-                assert "griddepcontrol" not in body, spec.name
+                assert "griddepcontrol" not in body and "prefetch" not in body, spec.name
                 print("plain", spec.name)
                 continue
             wait = body.find("griddepcontrol.wait")
@@ -229,6 +229,9 @@ PDL_SCRIPT = textwrap.dedent('''
             assert wait >= 0, (spec.name, "no griddepcontrol.wait")
             assert "griddepcontrol.launch_dependents" in body, (spec.name, "no griddepcontrol.launch_dependents")
             assert first_memory is not None and wait < first_memory.start(), (spec.name, "memory access before the wait")
+            if module is linear:  # the weight slab, read-only, is prefetched into L2 before the wait
+                prefetch = body.find("prefetch.global.L2")
+                assert 0 <= prefetch < wait, (spec.name, "no L2 prefetch of the weights before the wait")
             print("ok", spec.name)
 ''')
 
@@ -236,7 +239,8 @@ PDL_SCRIPT = textwrap.dedent('''
 def test_pdl_variants_wait_before_any_memory_access_in_the_ptx():
     """A kernel launched with programmatic dependent launch may run while the previous kernel is still
     writing: its griddepcontrol.wait must come before its first global load, store or atomic (and
-    launch_dependents must be there, or the launch gains nothing). The plain variants have neither."""
+    launch_dependents must be there, or the launch gains nothing); before the wait a GEMM only
+    prefetches its weights (read-only) into L2. The plain variants have none of it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", PDL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
