@@ -23,9 +23,11 @@ every config and a CUDA graph replays exactly what was checked):
 - prefill (M = tokens): 64x128 output tiles, no split.
 
 With ``pdl=True`` (programmatic dependent launch, sm_90+: the decode step's option) a program may
-start while the previous kernel on the stream is still running: it prefetches its weight slab into
-L2 (the weights depend on no kernel), then waits for the previous kernel (``griddepcontrol.wait``)
-before it reads anything else or writes, so the weight stream overlaps the previous kernel's tail.
+start while the previous kernel on the stream is still running: a split-K or [N, K] launch (every
+layer GEMM of the gpt2 sizes at small batch, and the lm_head) prefetches its weight slab into L2
+(the weights depend on no kernel), then every launch waits for the previous kernel
+(``griddepcontrol.wait``) before it reads anything else or writes, so the weight stream overlaps
+the previous kernel's tail.
 """
 from __future__ import annotations
 
@@ -253,8 +255,10 @@ def _linear_kernel(
     else:
         k_len = K
     if USE_PDL:
-        # the weights depend on no kernel: stream them into L2 while the previous kernel finishes
-        _prefetch_w_slab(w_ptr, k_base, k_len, K, pid_n * BLOCK_N, N, stride_w64, W_NK, BLOCK_N, BLOCK_K)
+        if IS_SPLIT or W_NK:
+            # the weights depend on no kernel: stream them into L2 while the previous kernel finishes
+            # (not in an unsplit [K, N] launch: there the extra loop costs stack when K is unaligned)
+            _prefetch_w_slab(w_ptr, k_base, k_len, K, pid_n * BLOCK_N, N, stride_w64, W_NK, BLOCK_N, BLOCK_K)
         tl.extra.cuda.gdc_wait()  # the previous kernel has finished and its writes are visible
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled now (it waits in turn)
     for k0 in range(0, k_len, BLOCK_K):
@@ -319,21 +323,24 @@ def _prefetch_l2(ptrs, mask, safe_ptr):
 def _prefetch_w_slab(w_ptr, k_base, k_len, K, n0, N, stride_w64, W_NK: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # the program's weight slab, rows k_base .. k_base + k_len (< K) x columns n0 .. n0 + BLOCK_N (< N),
-    # one prefetch per 32 elements (64 B in fp16): [BK, BN/32] lanes per step of K ([BN, BK/32] for [N, K])
+    # one prefetch per 32 elements (64 B in fp16): [BK, BN/32] lanes per step of K ([BN, BK/32] for [N, K]);
+    # pointers stepped as the main loop steps them
     if W_NK:
-        first = w_ptr + n0 * stride_w64 + k_base  # the slab's first element: always in bounds
+        first = (w_ptr + k_base) + n0 * stride_w64  # the slab's first element: always in bounds
         rows = n0 + tl.arange(0, BLOCK_N)  # [BN] rows of [N, K]
         cols = tl.arange(0, BLOCK_K // 32) * 32  # [BK/32]
+        ptrs = (w_ptr + k_base) + rows[:, None] * stride_w64 + cols[None, :]  # [BN, BK/32]
         for k0 in range(0, k_len, BLOCK_K):
-            k = k_base + k0 + cols
-            _prefetch_l2(w_ptr + rows[:, None] * stride_w64 + k[None, :], (rows < N)[:, None] & (k < K)[None, :], first)
+            _prefetch_l2(ptrs, (rows < N)[:, None] & (cols < K - k_base - k0)[None, :], first)
+            ptrs += BLOCK_K
     else:
-        first = w_ptr + k_base * stride_w64 + n0
+        first = (w_ptr + k_base * stride_w64) + n0
         ks = tl.arange(0, BLOCK_K)  # [BK] rows of [K, N]
         cols = n0 + tl.arange(0, BLOCK_N // 32) * 32  # [BN/32]
+        ptrs = (w_ptr + k_base * stride_w64) + ks.to(tl.int64)[:, None] * stride_w64 + cols[None, :]  # [BK, BN/32]
         for k0 in range(0, k_len, BLOCK_K):
-            k = (k_base + k0 + ks).to(tl.int64)
-            _prefetch_l2(w_ptr + k[:, None] * stride_w64 + cols[None, :], (k < K)[:, None] & (cols < N)[None, :], first)
+            _prefetch_l2(ptrs, (ks < K - k_base - k0)[:, None] & (cols < N)[None, :], first)
+            ptrs += BLOCK_K * stride_w64
 
 
 @triton.jit

@@ -229,9 +229,12 @@ PDL_SCRIPT = textwrap.dedent('''
             assert wait >= 0, (spec.name, "no griddepcontrol.wait")
             assert "griddepcontrol.launch_dependents" in body, (spec.name, "no griddepcontrol.launch_dependents")
             assert first_memory is not None and wait < first_memory.start(), (spec.name, "memory access before the wait")
-            if module is linear:  # the weight slab, read-only, is prefetched into L2 before the wait
-                prefetch = body.find("prefetch.global.L2")
+            prefetch = body.find("prefetch.global.L2")
+            if module is linear and (spec.constexprs["IS_SPLIT"] or spec.constexprs["W_NK"]):
+                # the weight slab, read-only, is prefetched into L2 before the wait
                 assert 0 <= prefetch < wait, (spec.name, "no L2 prefetch of the weights before the wait")
+            else:
+                assert prefetch < 0, (spec.name, "an unsplit [K, N] GEMM or the attention prefetches")
             print("ok", spec.name)
 ''')
 
