@@ -21,6 +21,9 @@ them alike instead of on whichever ran last:
 - setup s: the first (cold) prefill + generate call, kept out of the steady-state figures; on CUDA
   it holds Triton's compilation and CUDA-graph capture.
 
+With ``pdl`` (``fastgpt2 bench --pdl``, CUDA sm_90+) the Triton model is timed a second time with
+programmatic dependent launch (``GPT2(..., pdl=True)``, same tensors), as engine ``fastgpt2[triton+pdl]``.
+
 run(BenchOptions) -> BenchResult (its to_dict() is `fastgpt2 bench --json`); format_table() and
 plot_decode() show it. The command line is cli.py's.
 """
@@ -35,11 +38,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .errors import FastGPT2Error
+from .errors import BackendError, FastGPT2Error
 from .runtime.config import PRESETS, GPT2Config, decode_weight_bytes, kv_read_bytes
 from .runtime.cpu_paths import cpu_capability
 from .runtime.generate import GPT2
 from .runtime.model import resolve_device, resolve_dtype
+from .runtime.ops import resolve_pdl
 from .runtime.step_count import step_count
 
 PIP_BENCH = "pip install 'fastgpt2[bench]'"
@@ -244,11 +248,12 @@ class BenchOptions:
     step_count: bool = True  # count what the decode step runs (fastgpt2.runtime.step_count)
     bandwidth_gib: float = 1.0  # size of the tensor read to measure memory bandwidth
     progress: bool = True  # progress on stderr
+    pdl: bool = False  # also time the Triton decode step with programmatic dependent launch (sm_90+)
 
 
 @dataclass(frozen=True)
 class Row:
-    engine: str  # "fastgpt2[torch]", "fastgpt2[triton]", "transformers"
+    engine: str  # "fastgpt2[torch]", "fastgpt2[triton]", "fastgpt2[triton+pdl]", "transformers"
     batch: int
     prefill_tok_s: float
     decode_tok_s: float
@@ -350,6 +355,14 @@ def run(options: BenchOptions) -> BenchResult:
         raise BenchError(f"--batch takes comma-separated positive integers (e.g. 1,8,32), "
                          f"got {','.join(map(str, batches))!r}")
     backends = [o.backend] if o.backend else (["torch"] if device.type == "cpu" else ["triton", "torch"])
+    if o.pdl:
+        if o.backend == "torch":
+            raise BenchError("--pdl times the Triton backend's decode step with programmatic dependent launch beside "
+                             "the plain one; it cannot go with --backend torch: drop one of them")
+        try:
+            resolve_pdl(True, "triton", device)  # before any weights load
+        except BackendError as exc:
+            raise BenchError(f"--pdl: {exc} (drop --pdl)") from None
     if o.config:
         try:
             cfg = GPT2Config(**json.loads(o.config))
@@ -369,6 +382,9 @@ def run(options: BenchOptions) -> BenchResult:
     for backend in backends[1:]:  # the same tensors: nothing is copied
         model = GPT2(cfg, first.weights, device=device, dtype=dtype, backend=backend)
         models.setdefault(model.backend, model)
+    engine_models = dict(models)  # engine name (in brackets) -> model; the step count is per backend
+    if o.pdl:  # the Triton model again, on the same tensors, its decode steps launched with PDL
+        engine_models["triton+pdl"] = GPT2(cfg, first.weights, device=device, dtype=dtype, backend="triton", pdl=True)
     if o.prompt_len + o.new_tokens > cfg.n_positions:
         raise BenchError(f"--prompt-len + --new-tokens must be <= n_positions ({cfg.n_positions})")
     hf = reference_model(first) if o.reference else None
@@ -376,7 +392,7 @@ def run(options: BenchOptions) -> BenchResult:
     # step's op count, even where only the torch backend is timed
     counted_backends = list(dict.fromkeys(["triton", *models])) if o.step_count else []
 
-    n_engines = len(models) + (hf is not None)
+    n_engines = len(engine_models) + (hf is not None)
     progress = _Progress(1 + len(batches) * n_engines * 2 * (o.warmup + o.runs) + len(counted_backends),
                          enabled=o.progress)
     try:
@@ -399,10 +415,10 @@ def run(options: BenchOptions) -> BenchResult:
                 engines.append(("transformers", lambda: hf(ids, use_cache=True, **kwargs),
                                 lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=o.new_tokens,
                                                     do_sample=False)))
-            for backend, model in models.items():
+            for name, model in engine_models.items():
                 cache = model.new_cache(batch, o.prompt_len)
                 lens = torch.full((batch,), o.prompt_len, dtype=torch.int32, device=device)
-                engines.append((f"fastgpt2[{backend}]",
+                engines.append((f"fastgpt2[{name}]",
                                 lambda model=model, cache=cache, lens=lens: model.prefill(ids, lens, cache),
                                 lambda model=model: model.generate(ids, o.new_tokens)))
             progress.stage(f"batch {batch}: " + ", ".join(name for name, _, _ in engines) + " (round-robin)")

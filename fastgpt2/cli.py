@@ -86,7 +86,7 @@ def _bench(args) -> int:
         batches=_parse_batches(args.batch) if args.batch is not None else None, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup, seed=args.seed,
         reference=not args.no_reference, step_count=not args.no_step_count, bandwidth_gib=args.bandwidth_gib,
-        progress=not args.quiet)
+        progress=not args.quiet, pdl=args.pdl)
     try:
         if args.plot:
             require_matplotlib()  # before minutes of timing, not after
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ops elsewhere); --no-launch-budget is its old name")
     b.add_argument("--bandwidth-gib", type=float, default=1.0, metavar="GIB",
                    help="size of the tensor read to measure memory bandwidth (default: 1 GiB)")
+    b.add_argument("--pdl", action="store_true", help="also time the Triton decode step with programmatic dependent "
+                   "launch, as fastgpt2[triton+pdl] (CUDA, compute capability 9.0+)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     b.add_argument("--plot", default=None, metavar="FILE",
                    help="also write a PNG bar chart of decode tok/s per engine and batch (needs matplotlib)")

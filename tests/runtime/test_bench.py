@@ -184,3 +184,55 @@ def test_bench_suite_runs_its_cpu_benchmarks():
     assert "decode speedup vs transformers" in text and "fastgpt2[torch] batch 8:" in text
     if not torch.cuda.is_available():
         assert "kernel benchmarks need a CUDA GPU" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pdl"], "--pdl: pdl=True (programmatic dependent launch) needs backend='triton' on a CUDA GPU of compute "
+                "capability 9.0 or newer"),
+    (["--pdl", "--backend", "torch"], "--pdl times the Triton backend's decode step with programmatic dependent "
+                                      "launch beside the plain one; it cannot go with --backend torch"),
+])
+def test_bench_pdl_where_it_cannot_run_is_refused_before_timing(args, message, capsys):
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0) and "torch" not in args:
+        pytest.skip("this GPU runs PDL: the refusal is for the CPU and GPUs below sm_90")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*FAST, *args])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
+def test_bench_pdl_times_the_triton_model_with_pdl_beside_the_plain_one(pdl_launches, monkeypatch, tmp_path):
+    """--pdl adds the engine fastgpt2[triton+pdl]: the Triton model on the same weights, its decode
+    steps' GEMM and attention launches with PDL, the plain engine's without (in the interpreter here,
+    run as plain launches by the pdl_launches fixture)."""
+    from fastgpt2 import benchmark
+
+    _fake_step_count(monkeypatch, lambda backend: {"backend": backend, "unit": "ops", "per_layer": 1, "per_step": 1,
+                                                   "total": 3, "n_layer": 1})
+    by_engine = {}
+
+    real_measure = benchmark._measure
+
+    def measure(fns, device, runs, warmup, tick):  # each fn alone, so that its launches can be told apart
+        out = []
+        for i, fn in enumerate(fns):
+            pdl_launches.clear()
+            out += real_measure([fn], device, runs, warmup, tick)
+            by_engine[i] = list(pdl_launches)
+        return out
+
+    monkeypatch.setattr(benchmark, "_measure", measure)
+    out = tmp_path / "b.json"
+    cfg = json.dumps(dict(n_layer=1, n_embd=64, n_head=2, vocab_size=64, n_positions=32))  # head_dim 32: the kernels'
+    assert main([*FAST, "--config", cfg, "--backend", "triton", "--pdl", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["fastgpt2[triton]", "fastgpt2[triton+pdl]", "transformers"]
+    assert all(r["speedup_decode"] > 0 for r in rows[:2])
+    # fns: transformers prefill, generate; triton prefill, generate; triton+pdl prefill, generate
+    assert by_engine[0] == by_engine[1] == []  # transformers: no Triton kernel
+    for i in (2, 3, 4):  # prefills and the plain generate: no launch with PDL
+        assert by_engine[i] and not any(use or flag for _, use, flag in by_engine[i]), i
+    pdl = [(name, use, flag) for name, use, flag in by_engine[5] if use or flag]
+    assert pdl and all(use and flag for _, use, flag in pdl)
+    assert {name for name, _, _ in pdl} == {"_linear_kernel", "_decode_attn_kernel"}

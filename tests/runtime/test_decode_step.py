@@ -319,38 +319,13 @@ def test_pdl_where_it_cannot_run_is_a_clear_error(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
                     reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
-def test_pdl_step_launches_every_triton_kernel_with_pdl(monkeypatch):
+def test_pdl_step_launches_every_triton_kernel_with_pdl(pdl_launches):
     """The flag reaches every GEMM and attention launch of the step (USE_PDL and launch_pdl together)
     and no other launch (the embedding, the step's first kernel, follows a torch op or the graph's
-    start: nothing to overlap): recorded at ``kernel[grid](...)``. The interpreter cannot run griddepcontrol, so the
-    recorded launches run there as plain ones (the PDL kernels themselves: tests/compile's PTX check
-    and the GPU test above)."""
-    from triton.runtime.jit import KernelInterface
-
-    from fastgpt2.kernels import attention, linear
-    from fastgpt2.runtime import model as model_module
-
+    start: nothing to overlap): recorded at ``kernel[grid](...)`` (the ``pdl_launches`` fixture; in the interpreter
+    they run as plain launches)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # let pdl=True through the checks the interpreter would (rightly) fail
-        monkeypatch.setattr(model_module, "resolve_pdl", lambda pdl, backend, dev: pdl)
-        for module in (attention, linear):
-            monkeypatch.setattr(module, "pdl_launch_options", lambda op, pdl, dev, kernel: {"launch_pdl": True} if pdl else {})
-    launches = []
-    original = KernelInterface.__getitem__
-
-    def recorded(kernel, grid):
-        launch = original(kernel, grid)
-
-        def run(*args, **kwargs):
-            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-            launches.append((name, kwargs.get("USE_PDL", False), kwargs.get("launch_pdl", False)))
-            if device == "cpu":
-                kwargs = dict(kwargs, USE_PDL=False)
-                kwargs.pop("launch_pdl", None)
-            return launch(*args, **kwargs)
-
-        return run
-
+    launches = pdl_launches
     cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=101, n_positions=300)
     model = fastgpt2.GPT2.from_config(cfg, device=device, backend="triton", seed=4)
     ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(5)).to(device)
@@ -361,7 +336,6 @@ def test_pdl_step_launches_every_triton_kernel_with_pdl(monkeypatch):
         steps[pdl] = DecodeStep(model, cache, use_cuda_graph=False, pdl=pdl)
         assert steps[pdl].workspace.pdl is pdl
         steps[pdl].start(model.prefill(ids, lens, cache))
-    monkeypatch.setattr(KernelInterface, "__getitem__", recorded)
     seen = {}
     for pdl in (False, True):
         launches.clear()
