@@ -242,12 +242,7 @@ def _linear_kernel(
     else:
         k_base = 0
     x_ptrs = (x_ptr + k_base) + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    if W_NK:
-        w_ptrs = (w_ptr + k_base) + offs_n[None, :] * stride_w64 + offs_k[:, None]  # [BK, BN] of [N, K]
-        w_step = BLOCK_K
-    else:
-        w_ptrs = (w_ptr + k_base * stride_w64) + offs_k.to(tl.int64)[:, None] * stride_w64 + offs_n[None, :]  # of [K, N]
-        w_step = BLOCK_K * stride_w64
+    w_ptrs, w_step = _w_block_ptrs(w_ptr, k_base, offs_k, offs_n, stride_w64, W_NK, BLOCK_K)  # [BK, BN]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
     if IS_SPLIT:
@@ -320,27 +315,36 @@ def _prefetch_l2(ptrs, mask, safe_ptr):
 
 
 @triton.jit
+def _w_block_ptrs(w_ptr, k_base, offs_k, offs_n, stride_w64, W_NK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # pointers of w[k_base + offs_k, offs_n] as [len(offs_k), len(offs_n)], whichever layout w is
+    # stored in ([K, N], or [N, K] with W_NK), and the pointer step of BLOCK_K rows of K
+    if W_NK:
+        ptrs = (w_ptr + k_base) + offs_n[None, :] * stride_w64 + offs_k[:, None]
+        step = BLOCK_K
+    else:
+        ptrs = (w_ptr + k_base * stride_w64) + offs_k.to(tl.int64)[:, None] * stride_w64 + offs_n[None, :]
+        step = BLOCK_K * stride_w64
+    return ptrs, step
+
+
+@triton.jit
 def _prefetch_w_slab(w_ptr, k_base, k_len, K, n0, N, stride_w64, W_NK: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # the program's weight slab, rows k_base .. k_base + k_len (< K) x columns n0 .. n0 + BLOCK_N (< N),
-    # one prefetch per 32 elements (64 B in fp16): [BK, BN/32] lanes per step of K ([BN, BK/32] for [N, K]);
-    # pointers stepped as the main loop steps them
+    # one prefetch per 32 elements (64 B in fp16) along the contiguous dimension: [BK, BN/32] lanes
+    # per step of K for [K, N], [BK/32, BN] for [N, K]; pointers formed and stepped as the main loop's
     if W_NK:
-        first = (w_ptr + k_base) + n0 * stride_w64  # the slab's first element: always in bounds
-        rows = n0 + tl.arange(0, BLOCK_N)  # [BN] rows of [N, K]
-        cols = tl.arange(0, BLOCK_K // 32) * 32  # [BK/32]
-        ptrs = (w_ptr + k_base) + rows[:, None] * stride_w64 + cols[None, :]  # [BN, BK/32]
-        for k0 in range(0, k_len, BLOCK_K):
-            _prefetch_l2(ptrs, (rows < N)[:, None] & (cols < K - k_base - k0)[None, :], first)
-            ptrs += BLOCK_K
+        offs_k = tl.arange(0, BLOCK_K // 32) * 32
+        offs_n = n0 + tl.arange(0, BLOCK_N)
     else:
-        first = (w_ptr + k_base * stride_w64) + n0
-        ks = tl.arange(0, BLOCK_K)  # [BK] rows of [K, N]
-        cols = n0 + tl.arange(0, BLOCK_N // 32) * 32  # [BN/32]
-        ptrs = (w_ptr + k_base * stride_w64) + ks.to(tl.int64)[:, None] * stride_w64 + cols[None, :]  # [BK, BN/32]
-        for k0 in range(0, k_len, BLOCK_K):
-            _prefetch_l2(ptrs, (ks < K - k_base - k0)[:, None] & (cols < N)[None, :], first)
-            ptrs += BLOCK_K * stride_w64
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = n0 + tl.arange(0, BLOCK_N // 32) * 32
+    ptrs, step = _w_block_ptrs(w_ptr, k_base, offs_k, offs_n, stride_w64, W_NK, BLOCK_K)
+    # [1, 1]: the slab's first element, always in bounds (the masked lanes' address)
+    first, _ = _w_block_ptrs(w_ptr, k_base, tl.arange(0, 1), n0 + tl.arange(0, 1), stride_w64, W_NK, BLOCK_K)
+    for k0 in range(0, k_len, BLOCK_K):
+        _prefetch_l2(ptrs, (offs_k < K - k_base - k0)[:, None] & (offs_n < N)[None, :], first)
+        ptrs += step
 
 
 @triton.jit
