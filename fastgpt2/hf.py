@@ -7,7 +7,7 @@
     pipeline("text-generation", model=model, tokenizer=...)("Hello", max_length=30)
     fastgpt2.unpatch_hf(model)                # back to transformers' own code, bit for bit
 
-Tested with transformers 5.17.0 to 5.24.0 (``TESTED_TRANSFORMERS``; torch 2.13 CPU, backend="torch",
+Tested with transformers 5.17.0 to 5.25.0 (``TESTED_TRANSFORMERS``; torch 2.13 CPU, backend="torch",
 and the Triton kernels under TRITON_INTERPRET=1). Older releases are refused; a newer one runs after
 one ``UntestedTransformersWarning``. model_from_hf only reads weights and works with any 5.x.
 
@@ -45,16 +45,27 @@ renamed ``past_key_values`` to ``cache``) stay transformers' business:
 - the GPT2Model gets a forward pre-hook (reading its arguments by name) and a forward hook: the
   model-level guards below, and a check that every layer's attention went through fastgpt2.
 
-Every patched forward and the attention function raise ``FastGPT2Error`` on an argument they do not
-know; patch_hf inspects, by name, the signatures and attributes it relies on and refuses a release
-that changed them (``HFModelError`` naming the release and the tested range).
+A patched model accepts every call the unpatched one accepts and returns the same. The keyword
+arguments GPT-2's attention receives through transformers' ``**kwargs`` (the model's own extra keywords,
+handed down to every layer) are sorted by ``_ATTENTION_KWARGS``: one that cannot change attention's
+result (``position_ids``, ``use_cache``, ``num_items_in_batch``, ``head_mask=None``, ...) is served by the
+kernels; one that changes it (a real ``head_mask``, ``output_attentions=True``) and one never seen before
+(``"fallback:argument:<name>"``) go to transformers' own attention with the argument, for that call.
+A patched leaf forward given arguments transformers never passes runs the module's own forward with
+them. Nothing is dropped, and nothing that works unpatched raises. patch_hf inspects, by name, the
+signatures and attributes it relies on and refuses a release that changed them (``HFModelError``
+naming the release and the tested range), at patch time.
 
 What falls back to transformers' own code, for that call, with a ``FallbackWarning`` (once per
 model per reason; counted as ``"fallback:<reason>"``): ``output_attentions=True`` (eager attention,
 which returns the weights), cross-attention (``encoder_hidden_states``), a head mask, autograd (grad
 enabled while parameters require grad), train mode with dropout > 0, an activation fastgpt2 does not
-serve, inputs on another device or dtype than the model had when patched. Never silently a
-different result.
+serve, inputs on another device or dtype than the model had when patched, an argument fastgpt2 has not
+seen. Never silently a different result.
+
+transformers 5.25 kernelizes models by default (``use_kernels``; ``train()`` / ``eval()`` re-apply it):
+the ``kernels`` library swaps the forward of hub-decorated activations only (for GPT-2, ``mlp.act``),
+which the patched GPT2MLP does not call; transformers' own MLP, on a fallback, calls it as unpatched.
 
 ``model_from_hf(hf_model, backend)`` builds a fastgpt2 ``GPT2`` (its own KV cache, generation, CUDA
 graphs) whose weights are the very tensors of the transformers model (same data_ptr).
@@ -82,7 +93,7 @@ from .runtime.generate import GPT2
 from .runtime.loader import HFModelError, find_gpt2, gpt2_classes
 from .runtime.ops import make_ops, resolve_backend
 
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")  # the oldest and the newest release the tests ran on
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")  # the oldest and the newest release the tests ran on
 ATTN_IMPLEMENTATION = "fastgpt2"  # the name registered with transformers' attention interfaces
 
 _STATE_ATTR = "_fastgpt2_patch"  # the _PatchState, on the GPT2Model
@@ -90,10 +101,6 @@ _SLOT_ATTR = "_fastgpt2_slot"  # a _Slot, on each patched module (the attention 
 # set while a call that cannot be served runs transformers' own code: every patched module defers
 _CALL_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpt2_hf_fallback", default=None)
 _MAX_DECODE_TOKENS = 8  # the decode kernel's limit on new tokens per step
-# keyword arguments transformers' GPT2Attention forwards to the attention function that fastgpt2 has
-# no use for (positions are already in the embeddings; the cache is already updated): anything else
-# is an error, never dropped
-_ATTENTION_KWARGS_IGNORED = frozenset({"position_ids", "use_cache", "cache_position"})
 # what patch_hf relies on, checked by name at patch time
 _GPT2_ATTENTION_ATTRS = ("scaling", "reorder_and_upcast_attn", "is_cross_attention", "layer_idx", "num_heads",
                          "head_dim", "c_attn", "c_proj", "attn_dropout", "_upcast_and_reordered_attn")
@@ -109,6 +116,38 @@ _OUTPUT_ATTENTIONS = ("output_attentions", "output_attentions=True is not served
                                            "materialise attention weights)")
 _CROSS_ATTENTION = ("cross-attention", "cross-attention (encoder_hidden_states) is not served")
 _HEAD_MASK = ("head_mask", "a head mask is not served")
+
+
+def _any(value) -> bool:
+    return True
+
+
+# The keyword arguments GPT-2's attention function receives through **kwargs (read from
+# modeling_gpt2 of 5.17.0 and 5.25.0: GPT2Model hands position_ids, use_cache and its own **kwargs
+# down to every layer; generation adds cache_position, the Trainer num_items_in_batch): name ->
+# (the values the kernels serve, the fallback reason for any other value). A name not here is one
+# fastgpt2 has never seen: transformers' own attention serves that call, with the argument.
+_ATTENTION_KWARGS = {
+    "position_ids": (_any, None),  # the positions are already in the embeddings
+    "cache_position": (_any, None),  # transformers already updated its cache
+    "use_cache": (_any, None),
+    "num_items_in_batch": (_any, None),  # the loss's normaliser (the Trainer), not read by attention
+    "output_hidden_states": (_any, None),  # transformers' output capture, not read by attention
+    "head_mask": (lambda v: v is None, _HEAD_MASK),
+    "output_attentions": (lambda v: not v, _OUTPUT_ATTENTIONS),
+}
+
+
+def _kwargs_reason(kwargs: dict) -> tuple[str, str] | None:
+    """Why the kernels cannot serve an attention call given these **kwargs (reason, detail), or None."""
+    for name, value in kwargs.items():
+        if name not in _ATTENTION_KWARGS:
+            return (f"argument:{name}", f"the attention got {name}=, an argument fastgpt2 has not seen from "
+                                        f"transformers {_tested_range()}; transformers' own attention serves it")
+        served, why = _ATTENTION_KWARGS[name]
+        if not served(value):
+            return why
+    return None
 
 
 class FallbackWarning(UserWarning):
@@ -325,15 +364,6 @@ def _module_reason(state: _PatchState, module, x: torch.Tensor, dropouts=()) -> 
     return None
 
 
-def _refuse_extra(where: str, args, kwargs) -> None:
-    if args or kwargs:
-        given = [f"{len(args)} more positional" if args else None] + [f"{k}=" for k in kwargs]
-        raise FastGPT2Error(
-            f"fastgpt2.patch_hf: {where} got arguments it does not know ({', '.join(g for g in given if g)}); "
-            f"this transformers release calls it differently from the tested ones ({_tested_range()}): "
-            f"fastgpt2.unpatch_hf(model) runs transformers' own code")
-
-
 # -- the patched leaf forwards ---------------------------------------------------------------------
 # Each patched module holds a _Slot in its __dict__ and a forward bound to it with types.MethodType,
 # reading the state from the slot: copy.deepcopy of a patched model gives a patched copy running on
@@ -350,15 +380,20 @@ def _slot(module) -> _Slot:
     return module.__dict__[_SLOT_ATTR]
 
 
-def _served(module, where: str, x, args, kwargs, dropouts=(), refused=None) -> _PatchState | None:
+def _served(module, x, args, kwargs, dropouts=(), refused=None) -> _PatchState | None:
     """The patch state when this leaf call runs on fastgpt2; None when it runs on the module's own
-    forward: the whole call falls back, or this module cannot be served (`refused`, or a reason of
-    ``_module_reason``: warned once per model and reason). An unknown argument is an error."""
-    _refuse_extra(where, args, kwargs)
+    forward (with every argument given): the whole call falls back, or this module cannot be served
+    (`refused`, arguments transformers never passes to it, or a reason of ``_module_reason``: warned
+    once per model and reason)."""
     if _CALL_FALLBACK.get() is not None:
         return None
     state = _slot(module).state
     why = _module_reason(state, module, x, dropouts) or refused
+    if why is None and (args or kwargs):
+        given = ", ".join([f"{len(args)} more positional"] * bool(args) + [f"{k}=" for k in kwargs])
+        why = (f"argument:{type(module).__name__}.forward",
+               f"{type(module).__name__}.forward got arguments transformers does not pass it ({given}); "
+               f"the module's own forward serves that call")
     if why is not None:
         state.fallback(*why)
         return None
@@ -369,9 +404,9 @@ def _layer_norm_forward(self, x, *args, **kwargs):
     refused = None
     if self.weight is None or self.bias is None or self.weight.dtype != x.dtype:
         refused = ("layernorm", "a LayerNorm without elementwise weight and bias (or in another dtype) is not served")
-    state = _served(self, "LayerNorm.forward", x, args, kwargs, refused=refused)
+    state = _served(self, x, args, kwargs, refused=refused)
     if state is None:
-        return _slot(self).original(x)
+        return _slot(self).original(x, *args, **kwargs)
     e = self.weight.shape[0]
     y, _ = state.ops.layer_norm(x.reshape(-1, e).contiguous(), None, self.weight, self.bias, self.eps)  # [M, E]
     state.counts["layer_norm"] += 1
@@ -383,9 +418,9 @@ def _mlp_forward(self, hidden_states, *args, **kwargs):
     refused = None
     if activation is None:
         refused = (f"activation:{act_name}", f"activation {act_name!r} is not one fastgpt2 serves ({sorted(HF_ACTIVATIONS)})")
-    state = _served(self, "GPT2MLP.forward", hidden_states, args, kwargs, (self.dropout.p,), refused)
+    state = _served(self, hidden_states, args, kwargs, (self.dropout.p,), refused)
     if state is None:
-        return _slot(self).original(hidden_states)
+        return _slot(self).original(hidden_states, *args, **kwargs)
     ops, shape = state.ops, hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1]).contiguous()  # [M, E]
     h = ops.linear(x, self.c_fc.weight, self.c_fc.bias, activation=activation)  # [M, inner]
@@ -396,9 +431,9 @@ def _mlp_forward(self, hidden_states, *args, **kwargs):
 
 def _conv1d_forward(self, x, *args, **kwargs):
     """The attention's c_attn / c_proj: [.., K] @ weight [K, N] + bias."""
-    state = _served(self, "Conv1D.forward", x, args, kwargs)
+    state = _served(self, x, args, kwargs)
     if state is None:
-        return _slot(self).original(x)
+        return _slot(self).original(x, *args, **kwargs)
     y = state.ops.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.bias)  # [M, N]
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -443,20 +478,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             f"attn_implementation={ATTN_IMPLEMENTATION!r} is set on a model that fastgpt2.patch_hf did not patch "
             f"(or a copy made without copy.deepcopy): call fastgpt2.patch_hf(model), or "
             f"model.set_attn_implementation('sdpa')")
-    unknown = sorted(set(kwargs) - _ATTENTION_KWARGS_IGNORED)
-    if unknown:
-        _refuse_extra("the attention function", (), dict.fromkeys(unknown))
     state = slot.state
     state.attention_calls += 1
     reason = _CALL_FALLBACK.get()
     if reason is None:
-        why = None
-        if module.is_cross_attention:
-            why = _CROSS_ATTENTION
-        elif dropout > 0:
-            why = _TRAINING
-        else:
-            why = _module_reason(state, module, query)
+        why = (_kwargs_reason(kwargs) or (_CROSS_ATTENTION if module.is_cross_attention else None)
+               or (_TRAINING if dropout > 0 else None) or _module_reason(state, module, query))
         if why is not None:
             state.fallback(*why)
             reason = why[0]
