@@ -40,7 +40,7 @@ import torch
 
 from .errors import BackendError, FastGPT2Error
 from .runtime.config import PRESETS, GPT2Config, decode_weight_bytes, kv_read_bytes
-from .runtime.cpu_paths import cpu_capability
+from .runtime.cpu_paths import cpu_capability, cpu_features
 from .runtime.generate import GPT2
 from .runtime.model import resolve_device, resolve_dtype
 from .runtime.ops import resolve_pdl
@@ -56,39 +56,34 @@ class BenchError(FastGPT2Error):
 # --------------------------------------------------------------------------------------------
 # Timing and the machine
 # --------------------------------------------------------------------------------------------
-def _cpuinfo() -> dict:
-    """The first "model name" and "flags" lines of /proc/cpuinfo ({} where there is none)."""
-    info = {}
+def _cpu_name() -> str | None:
+    """The first "model name" of /proc/cpuinfo (None where there is none). Its name only: the CPU's
+    features come from CPUID (cpu_paths.cpu_features)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("model name", "flags"):
-                    info.setdefault(key.strip(), value.strip())
-                if len(info) == 2:
-                    break
+                if key.strip() == "model name":
+                    return value.strip()
     except OSError:
         pass
-    return info
+    return None
 
 
 def cpu_model() -> str:
     """The CPU's model name: /proc/cpuinfo's "model name", else platform.processor() (else the machine)."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    return _cpu_name() or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine_description(device: torch.device) -> str:
-    """The GPU's name (compute capability, memory) or the CPU's model name (vector ISA, threads)."""
+    """The GPU's name (compute capability, memory) or the CPU's model name (its vector extensions as
+    CPUID reports them, threads)."""
     device = torch.device(device)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
-    info = _cpuinfo()
-    cpu, flags = cpu_model(), set(info.get("flags", "").split())
-    isa = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags]
-    if not isa and "avx2" in flags:
-        isa = ["AVX2"]
-    return f"{cpu}{' (' + ', '.join(isa) + ')' if isa else ''}, {torch.get_num_threads()} threads"
+    isa = cpu_features()
+    return f"{cpu_model()}{' (' + ', '.join(isa) + ')' if isa else ''}, {torch.get_num_threads()} threads"
 
 
 def sync(device: torch.device) -> None:

@@ -50,9 +50,24 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def _cpuid(name: str) -> bool:
+    """One of torch.cpu's CPUID checks (``_is_avx2_supported``, ...); False where torch lacks it."""
+    check = getattr(torch.cpu, name, None)
+    return bool(check and check())
+
+
 def _amx() -> bool:
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
+    return _cpuid("_is_amx_tile_supported")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The vector extensions this CPU runs, as torch reads them from CPUID: ("AVX-512", "AVX512-BF16",
+    "AMX"), ("AVX2",), ... Never /proc/cpuinfo's flags, which an emulated or virtual CPU can leave
+    naming the host's (under ../shared/cpu/avx2 they list AVX-512 and AMX on an AVX2-only CPU)."""
+    names = [name for name, check in (("AVX-512", "_is_avx512_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+             if _cpuid(check)]
+    names += ["AMX"] * _amx()
+    return tuple(names) or (("AVX2",) if _cpuid("_is_avx2_supported") else ())
 
 
 # Private, for tests and measurements: force one CPU GEMM path (a CpuPath.gemm name: "onednn_packed",

@@ -132,11 +132,35 @@ def test_json_names_the_cpu_its_capability_and_the_forced_path_with_a_roofline_p
 def test_cpu_model_falls_back_to_the_platform(monkeypatch):
     from fastgpt2 import benchmark
 
-    monkeypatch.setattr(benchmark, "_cpuinfo", lambda: {})
+    monkeypatch.setattr(benchmark, "_cpu_name", lambda: None)
     monkeypatch.setattr(benchmark.platform, "processor", lambda: "Some CPU")
     assert benchmark.cpu_model() == "Some CPU"
     monkeypatch.setattr(benchmark.platform, "processor", lambda: "")
     assert benchmark.cpu_model() == benchmark.platform.machine() or benchmark.cpu_model() == "unknown CPU"
+
+
+def test_the_machine_line_names_the_features_cpuid_reports_not_proc_cpuinfos(monkeypatch):
+    """Under an emulated AVX2-only CPU /proc/cpuinfo still lists the host's avx512f and amx_bf16; the
+    machine line must follow what torch reads from CPUID."""
+    from fastgpt2 import benchmark
+    from fastgpt2.runtime import cpu_paths
+
+    cpuid = {"_is_avx2_supported": True, "_is_avx512_supported": False, "_is_avx512_bf16_supported": False,
+             "_is_amx_tile_supported": False}
+    monkeypatch.setattr(cpu_paths, "_cpuid", lambda name: cpuid[name])
+    monkeypatch.setattr(benchmark, "_cpu_name", lambda: "Intel Xeon (the host's name)")
+    line = benchmark.machine_description(torch.device("cpu"))
+    assert line == f"Intel Xeon (the host's name) (AVX2), {torch.get_num_threads()} threads"
+    cpuid.update(_is_avx512_supported=True, _is_avx512_bf16_supported=True, _is_amx_tile_supported=True)
+    assert "(AVX-512, AVX512-BF16, AMX)" in benchmark.machine_description(torch.device("cpu"))
+    assert cpu_paths._amx() is True  # the lm_head choice reads the same CPUID check
+    cpuid.update(_is_avx2_supported=False, _is_avx512_supported=False, _is_avx512_bf16_supported=False,
+                 _is_amx_tile_supported=False)
+    assert benchmark.machine_description(torch.device("cpu")).startswith("Intel Xeon (the host's name), ")
+    # and on this machine, the real checks: the line names exactly what torch's CPUID reads say
+    monkeypatch.undo()
+    real = benchmark.machine_description(torch.device("cpu"))
+    assert ("AVX-512" in real) == torch.cpu._is_avx512_supported() and ("AMX" in real) == torch.cpu._is_amx_tile_supported()
 
 
 def test_plot_writes_a_png(monkeypatch, capsys, tmp_path):
