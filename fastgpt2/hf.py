@@ -61,7 +61,19 @@ model per reason; counted as ``"fallback:<reason>"``): ``output_attentions=True`
 which returns the weights), cross-attention (``encoder_hidden_states``), a head mask, autograd (grad
 enabled while parameters require grad), train mode with dropout > 0, an activation fastgpt2 does not
 serve, inputs on another device or dtype than the model had when patched, an argument fastgpt2 has not
-seen. Never silently a different result.
+seen, another attention implementation selected after patch_hf (``set_attn_implementation("eager")``,
+as assisted decoding's assistant and transformers' own tests do: the whole call, until patch_hf
+again). Never silently a different result. A model that patch_hf never saw but whose config names
+fastgpt2's attention (built on a patched model's config) runs transformers' SDPA, warned once.
+
+Under torch.compile the patched forwards, hooks and attention step aside and dynamo traces
+transformers' own code (fullgraph works; the kernels and the routing, which reads the mask on the
+host, run eagerly only); nothing is counted or warned there.
+
+What differs from an unpatched model, by construction: ``config._attn_implementation`` reads
+"fastgpt2" after patch_hf, and transformers' config refuses ``config.output_attentions = True`` for
+any implementation but "eager" (pass ``output_attentions=True`` to the call instead: served by
+transformers' eager attention).
 
 transformers 5.25 kernelizes models by default (``use_kernels``; ``train()`` / ``eval()`` re-apply it):
 the ``kernels`` library swaps the forward of hub-decorated activations only (for GPT-2, ``mlp.act``),
@@ -86,7 +98,6 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .errors import FastGPT2Error
 from .kernels.contract import HEAD_DIMS
 from .runtime.config import HF_ACTIVATIONS
 from .runtime.generate import GPT2
@@ -122,16 +133,25 @@ def _any(value) -> bool:
     return True
 
 
+def _compiling() -> bool:
+    """Under torch.compile (dynamo tracing): the patched model traces transformers' own code, as
+    unpatched; fastgpt2's kernels and its routing (which reads the mask on the host) run eagerly only."""
+    return torch.compiler.is_compiling()
+
+
 # The keyword arguments GPT-2's attention function receives through **kwargs (read from
 # modeling_gpt2 of 5.17.0 and 5.25.0: GPT2Model hands position_ids, use_cache and its own **kwargs
-# down to every layer; generation adds cache_position, the Trainer num_items_in_batch): name ->
+# down to every layer; generation adds cache_position, the Trainer and the loss their keywords): name ->
 # (the values the kernels serve, the fallback reason for any other value). A name not here is one
 # fastgpt2 has never seen: transformers' own attention serves that call, with the argument.
 _ATTENTION_KWARGS = {
     "position_ids": (_any, None),  # the positions are already in the embeddings
     "cache_position": (_any, None),  # transformers already updated its cache
     "use_cache": (_any, None),
-    "num_items_in_batch": (_any, None),  # the loss's normaliser (the Trainer), not read by attention
+    # the causal-LM loss's own keywords (transformers' ForCausalLMLoss), not read by attention
+    "num_items_in_batch": (_any, None),  # its normaliser (the Trainer passes it)
+    "ignore_index": (_any, None),
+    "shift_labels": (_any, None),
     "output_hidden_states": (_any, None),  # transformers' output capture, not read by attention
     "head_mask": (lambda v: v is None, _HEAD_MASK),
     "output_attentions": (lambda v: not v, _OUTPUT_ATTENTIONS),
@@ -385,7 +405,7 @@ def _served(module, x, args, kwargs, dropouts=(), refused=None) -> _PatchState |
     forward (with every argument given): the whole call falls back, or this module cannot be served
     (`refused`, arguments transformers never passes to it, or a reason of ``_module_reason``: warned
     once per model and reason)."""
-    if _CALL_FALLBACK.get() is not None:
+    if _compiling() or _CALL_FALLBACK.get() is not None:
         return None
     state = _slot(module).state
     why = _module_reason(state, module, x, dropouts) or refused
@@ -468,16 +488,34 @@ def _transformers_attention(state, module, query, key, value, attention_mask, dr
                                          **kwargs)
 
 
+_warned_unpatched: set[str] = set()
+
+
+def _warn_unpatched(module) -> None:
+    name = type(module).__name__
+    if name not in _warned_unpatched:
+        _warned_unpatched.add(name)
+        warnings.warn(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} is set on a {name} that fastgpt2.patch_hf did not patch (its "
+            f"config was taken from a patched model?): transformers' sdpa attention serves it (warned once); call "
+            f"fastgpt2.patch_hf(model) to run it on fastgpt2, or model.set_attn_implementation('sdpa')",
+            FallbackWarning, stacklevel=_caller_level())
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """fastgpt2's attention for transformers' AttentionInterface. query [B, H, S, D]; key, value
     [B, H, T, D] (transformers' cache, already updated; read only); attention_mask None or
     [B, 1, S, T] from fastgpt2's mask function. Returns ([B, S, H, D], None)."""
     slot = module.__dict__.get(_SLOT_ATTR)
-    if slot is None:
-        raise FastGPT2Error(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r} is set on a model that fastgpt2.patch_hf did not patch "
-            f"(or a copy made without copy.deepcopy): call fastgpt2.patch_hf(model), or "
-            f"model.set_attn_implementation('sdpa')")
+    if slot is None:  # e.g. a model built on the config of a patched one, which names fastgpt2's attention
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _warn_unpatched(module)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, **kwargs)
+    if _compiling():  # dynamo traces transformers' own attention (fastgpt2's routing reads the mask on the host)
+        return _transformers_attention(slot.state, module, query, key, value, attention_mask, dropout, scaling,
+                                       "compile", kwargs)
     state = slot.state
     state.attention_calls += 1
     reason = _CALL_FALLBACK.get()
@@ -534,6 +572,11 @@ def _register() -> None:
 
 # -- model-level guards: hooks on the GPT2Model ------------------------------------------------------
 def _model_reason(gpt2, state, arguments) -> tuple[str, str] | None:
+    impl = gpt2.config._attn_implementation
+    if impl != ATTN_IMPLEMENTATION:  # the user's choice (set_attn_implementation, config) since patch_hf
+        return ("attn_implementation", f"the model's attn_implementation is {impl!r}, set after patch_hf (transformers "
+                                       f"calls that attention, not fastgpt2's): call fastgpt2.patch_hf(model) again "
+                                       f"to run it on fastgpt2")
     if arguments.get("output_attentions", getattr(gpt2.config, "output_attentions", False)):
         return _OUTPUT_ATTENTIONS
     if arguments.get("encoder_hidden_states") is not None:
@@ -554,6 +597,8 @@ def _signature(fn) -> inspect.Signature:
 
 
 def _pre_hook(gpt2, args, kwargs):
+    if _compiling():
+        return None
     state = gpt2.__dict__[_STATE_ATTR]
     try:
         arguments = _signature(type(gpt2).forward).bind(gpt2, *args, **kwargs).arguments
@@ -571,6 +616,8 @@ def _pre_hook(gpt2, args, kwargs):
 
 
 def _post_hook(gpt2, args, kwargs, output):
+    if _compiling():
+        return None
     state = gpt2.__dict__[_STATE_ATTR]
     if not state.calls:
         return None
@@ -578,7 +625,7 @@ def _post_hook(gpt2, args, kwargs, output):
     if token is not None:
         _CALL_FALLBACK.reset(token)
     ran = state.attention_calls - start
-    if output is not None and ran < state.n_layer:
+    if output is not None and ran < state.n_layer and gpt2.config._attn_implementation == ATTN_IMPLEMENTATION:
         import transformers
 
         raise HFModelError(
@@ -634,7 +681,9 @@ def patch_hf(model, backend: str = "auto"):
     state = _PatchState(backend, device, dtype, cfg.num_attention_heads, f"{type(model).__name__} at {id(model):#x}")
     state.model_params = list(gpt2.parameters())
     state.dropouts = [d for d in gpt2.modules() if isinstance(d, torch.nn.Dropout)]
-    state.original_impl = cfg._attn_implementation
+    # the implementation fallbacks run and unpatch restores; a config taken from a patched model names
+    # fastgpt2: transformers' default then
+    state.original_impl = cfg._attn_implementation if cfg._attn_implementation != ATTN_IMPLEMENTATION else "sdpa"
     state.n_layer = len(gpt2.h)
     act_name = getattr(cfg, "activation_function", "gelu_new")
     try:

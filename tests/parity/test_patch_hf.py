@@ -470,11 +470,44 @@ def test_a_release_that_renamed_an_argument_is_refused(monkeypatch, change):
     assert not is_patched(model) and model.config._attn_implementation == "sdpa"
 
 
-def test_transformers_that_bypasses_the_attention_interface_is_an_error():
+def test_transformers_that_bypasses_the_attention_interface_is_an_error(monkeypatch):
+    """A release whose GPT-2 no longer calls the registered attention although fastgpt2's is selected."""
+    from transformers.models.gpt2 import modeling_gpt2 as m
+
+    sdpa = m.ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    class Bypass:
+        def get_interface(self, name, default):
+            return sdpa
+
     model = patch_hf(hf_model(seed=27, **SMALL))
-    model.config._attn_implementation = "sdpa"  # as a release that stopped dispatching through the interface
+    monkeypatch.setattr(m, "ALL_ATTENTION_FUNCTIONS", Bypass())
+    assert model.config._attn_implementation == hf_mod.ATTN_IMPLEMENTATION
     with torch.no_grad(), pytest.raises(HFModelError, match=r"without calling fastgpt2's attention \(0 of 2 layers\)"):
         model(rand_ids(18, (1, 4)))
+
+
+@pytest.mark.parametrize("how", ["set_attn_implementation", "config"])
+def test_another_attention_selected_after_patching_runs_transformers_code(how):
+    """set_attn_implementation("eager") on a patched model (as transformers' own tests and assisted
+    decoding do): transformers' own code serves those calls, bit for bit, until patch_hf again."""
+    ref = hf_model(seed=29, **SMALL)
+    model = patch_hf(hf_model(seed=29, **SMALL))
+    ids = rand_ids(20, (2, 6))
+    for m in (ref, model):
+        if how == "config":
+            m.config._attn_implementation = "eager"
+        else:
+            m.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = ref(ids).logits
+        with pytest.warns(FallbackWarning, match=r"attn_implementation is 'eager', set after patch_hf"):
+            got = model(ids).logits
+        assert torch.equal(got, expected)
+        assert patch_stats(model) == {"fallback:attn_implementation": 1} and is_patched(model)
+        patch_hf(model)  # selects fastgpt2's attention again
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-4
+    assert patch_stats(model)["prefill"] == SMALL["n_layer"]
 
 
 def test_the_tested_range_is_enforced(monkeypatch):
@@ -495,12 +528,44 @@ def test_the_tested_range_is_enforced(monkeypatch):
         hf_mod._check_transformers_version("5.31.0")  # once per process
 
 
-def test_a_model_selecting_fastgpt2_without_the_patch_is_a_clear_error():
-    model = patch_hf(hf_model(seed=28, **SMALL))
-    unpatch_hf(model)
-    model.config._attn_implementation = hf_mod.ATTN_IMPLEMENTATION  # e.g. a config saved from a patched model
-    with torch.no_grad(), pytest.raises(fastgpt2.FastGPT2Error, match=r"did not patch"):
-        model(rand_ids(19, (1, 4)))
+def test_a_model_built_on_a_patched_models_config_runs_sdpa_with_a_warning(monkeypatch):
+    """Its config names fastgpt2's attention, but patch_hf never saw the model: transformers' SDPA
+    serves it, as it would have without fastgpt2, with one warning saying how to patch it."""
+    from transformers import GPT2LMHeadModel
+
+    patched = patch_hf(hf_model(seed=28, **SMALL))
+    twin = GPT2LMHeadModel(patched.config).eval()
+    twin.load_state_dict(patched.state_dict())
+    ref = hf_model(seed=28, **SMALL)
+    assert twin.config._attn_implementation == hf_mod.ATTN_IMPLEMENTATION and not is_patched(twin)
+    ids = rand_ids(19, (2, 4))
+    monkeypatch.setattr(hf_mod, "_warned_unpatched", set())
+    with torch.no_grad(), pytest.warns(FallbackWarning, match=r"did not patch .* transformers' sdpa attention serves"):
+        got = twin(ids).logits
+    with torch.no_grad():
+        assert torch.equal(got, ref(ids).logits)
+        patch_hf(twin)  # the patch of such a model falls back to SDPA, never to itself
+        with pytest.warns(FallbackWarning, match="a head mask"):
+            assert torch.equal(twin(ids, head_mask=torch.ones(2, 4)).logits, ref(ids).logits)
+    unpatch_hf(twin)
+    assert twin.config._attn_implementation == "sdpa"
+
+
+def test_torch_compile_traces_transformers_code_without_a_graph_break():
+    """Dynamo cannot trace fastgpt2's routing (a context variable, the mask read on the host): under
+    torch.compile (fullgraph) a patched model traces transformers' own code, as unpatched."""
+    ref = hf_model(seed=30, **SMALL)
+    model = patch_hf(hf_model(seed=30, **SMALL))
+    ids = rand_ids(21, (2, 7))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    assert torch.equal(got, expected) and patch_stats(model) == {}
+    with torch.no_grad():
+        assert (model(ids).logits - expected).abs().max().item() <= 1e-4  # eagerly: the kernels again
+    assert patch_stats(model)["prefill"] == SMALL["n_layer"]
 
 
 def test_the_cache_argument_under_both_names_the_release_accepts():

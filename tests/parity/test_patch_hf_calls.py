@@ -71,6 +71,18 @@ def test_num_items_in_batch_is_served_and_the_loss_uses_it():
     assert patch_stats(model)["prefill"] == LAYERS and not fallbacks(model)
 
 
+def test_the_losss_own_keywords_are_served():
+    ref, model = pair(52)
+    ids = ids_of(13, (2, 9))
+    shift = torch.cat([ids[:, 1:], torch.full((2, 1), -7)], dim=1)  # labels shifted by the caller, -7 ignored
+    kwargs = dict(labels=ids, shift_labels=shift, ignore_index=-7)
+    with torch.no_grad():
+        expected = ref(ids, **kwargs).loss
+        got = quiet(lambda: model(ids, **kwargs).loss)
+    assert abs(got.item() - expected.item()) <= TOL * abs(expected.item())
+    assert patch_stats(model)["prefill"] == LAYERS and not fallbacks(model)
+
+
 def test_inputs_embeds_is_served():
     ref, model = pair(42)
     ids = ids_of(3, (2, 7))
