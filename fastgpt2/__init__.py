@@ -10,12 +10,14 @@ from .errors import BackendError, FastGPT2Error
 from .runtime.config import ConfigError, GPT2Config
 from .runtime.kv_cache import CacheError, KVCache
 from .runtime.loader import CheckpointError
+from .runtime.engine import Engine, Request
 from .runtime.generate import GPT2
+from .runtime.sampling import Sampling
 from .runtime.model import InputError
 from .hf import FallbackWarning, HFModelError, UntestedTransformersWarning, patch_hf, unpatch_hf
 
 __all__ = [
-    "GPT2", "GPT2Config", "KVCache", "patch_hf", "unpatch_hf",
+    "GPT2", "GPT2Config", "KVCache", "Engine", "Request", "Sampling", "patch_hf", "unpatch_hf",
     "FastGPT2Error", "BackendError", "CacheError", "CheckpointError", "ConfigError", "HFModelError", "InputError",
     "FallbackWarning", "UntestedTransformersWarning",
 ]

@@ -23,7 +23,7 @@ LAYERS = [
     ["fastgpt2.runtime.ops"],
     ["fastgpt2.runtime.model"],
     ["fastgpt2.runtime.sampling"],
-    ["fastgpt2.runtime.graphs"],
+    ["fastgpt2.runtime.graphs", "fastgpt2.runtime.engine"],
     ["fastgpt2.runtime.generate"],
     ["fastgpt2.runtime.step_count", "fastgpt2.hf"],
     ["fastgpt2.parity", "fastgpt2.benchmark"],

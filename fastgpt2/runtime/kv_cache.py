@@ -40,6 +40,18 @@ class KVCache:
         self.host_max_len = 0
         self.host_uniform_len = None  # when every sequence is known (on the host) to hold this many tokens
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Sequences start..stop-1 as a cache of their own: the same memory (K/V and lengths are
+        views), its own host bookkeeping. The engine prefills a request into its slot through it."""
+        if not 0 <= start < stop <= self.batch:
+            raise CacheError(f"rows {start}..{stop - 1} are not rows of this cache of batch {self.batch}")
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]  # [L, stop-start, H, T_max, D]
+        view.lengths = self.lengths[start:stop]
+        view.batch, view.max_len = stop - start, self.max_len
+        view.host_max_len, view.host_uniform_len = 0, None
+        return view
+
     def reset(self) -> None:
         """Forget every sequence (the memory is kept)."""
         self.lengths.zero_()

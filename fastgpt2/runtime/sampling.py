@@ -75,3 +75,92 @@ class TokenChooser:
         if self._best is None or self._best.dtype != x.dtype:  # allocated before any capture
             self._best = torch.empty(self.batch, dtype=x.dtype, device=x.device)
         torch.max(x, dim=-1, out=(self._best, tokens))
+
+
+# -- per-row sampling: one step serves any mix of settings ------------------------------------------
+# splitmix64's constants as signed int64 (torch has no uint64 arithmetic; products wrap)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 x by k (torch's >> is arithmetic on negative values)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors: a bijection that scrambles every bit."""
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def race_noise(seed: torch.Tensor, draw: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [R, V] (float64) for the exponential race of rows with seeds [R] at their draw
+    counts [R] (int64), over token ids vocab [V] (int64): a counter-based generator, so a row's
+    noise depends on its seed, its draw and the token only, never on the rows beside it."""
+    x = _mix(_mix(seed[:, None] * _GOLDEN + draw[:, None]) + vocab[None, :] * _GOLDEN)
+    u = (_srl(x, 11).double() + 0.5) * 2.0**-53  # (0, 1), 53 bits
+    return -torch.log(u)
+
+
+class RowSampler:
+    """Per-row sampling parameters as device tensors [B] (greedy or sampled, temperature, top-k, top-p,
+    seed and draw count) and the choice of each row's next token from logits [B, V], so that one step
+    (one captured graph on CUDA) serves any mix of settings. Greedy rows take the first maximal logit;
+    sampled rows apply transformers' warpers in its order (temperature, top-k, top-p, as
+    ``filter_logits``) and draw by the exponential race with ``race_noise``: a row's tokens depend on
+    its own logits, settings, seed and draw count only.
+
+    The host keeps a mirror of each row's settings (``set_row``), so a step over rows that are all
+    greedy, or that filter nothing, skips the sort without reading the device."""
+
+    def __init__(self, batch: int, vocab_size: int, device: torch.device):
+        self.batch, self.device = batch, device
+        self.sample = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+        self.temperature = torch.ones(batch, dtype=torch.float32, device=device)  # [B]
+        self.top_k = torch.full((batch,), vocab_size, dtype=torch.long, device=device)  # [B] (V: off)
+        self.top_p = torch.ones(batch, dtype=torch.float32, device=device)  # [B] (1: off)
+        self.seed = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.draws = torch.zeros(batch, dtype=torch.long, device=device)  # [B] draws made by each row
+        self.vocab = torch.arange(vocab_size, dtype=torch.long, device=device)  # [V]
+        self.host: list[Sampling] = [Sampling()] * batch
+
+    def set_row(self, row: int, sampling: Sampling, seed: int) -> None:
+        """Row `row` samples with `sampling` from `seed` (its draw count restarts at 0)."""
+        v = self.vocab.shape[0]
+        self.host[row] = sampling
+        self.sample[row] = sampling.do_sample
+        self.temperature[row] = sampling.temperature
+        self.top_k[row] = min(sampling.top_k, v) if sampling.top_k is not None else v
+        self.top_p[row] = sampling.top_p if sampling.top_p is not None else 1.0
+        self.seed[row] = seed
+        self.draws[row] = 0
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: slice | None = None) -> None:
+        """tokens [R] (long) = the next tokens of rows `rows` (default: all) after their logits [R, V]."""
+        rows = slice(None) if rows is None else rows
+        host = self.host[rows]
+        x = logits.float()
+        torch.argmax(x, dim=-1, out=tokens)  # greedy: the first maximal logit
+        if not any(s.do_sample for s in host):
+            return
+        x = x / self.temperature[rows, None]
+        if any(s.do_sample and (s.top_k is not None or s.top_p is not None) for s in host):
+            x = self._filter(x, self.top_k[rows], self.top_p[rows])
+        noise = race_noise(self.seed[rows], self.draws[rows], self.vocab)  # [R, V]
+        drawn = (x.softmax(-1).double() / noise).argmax(-1)  # [R]
+        sample = self.sample[rows]
+        tokens.copy_(torch.where(sample, drawn, tokens))
+        self.draws[rows] += sample.long()
+
+    @staticmethod
+    def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """filter_logits' top-k then top-p with per-row k [R] (V: off) and p [R] (1: off); x [R, V] fp32."""
+        sorted_x, order = torch.sort(x, descending=True, dim=-1)  # [R, V]
+        kth = sorted_x.gather(-1, (top_k - 1)[:, None])  # [R, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))  # the same order, the same values
+        probs = sorted_x.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)  # the top token always stays
+        return x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
