@@ -98,7 +98,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .kernels.contract import HEAD_DIMS
+from .kernels.contract import HEAD_DIMS, MAX_DECODE_TOKENS
 from .runtime.config import HF_ACTIVATIONS
 from .runtime.generate import GPT2
 from .runtime.loader import HFModelError, find_gpt2, gpt2_classes
@@ -111,7 +111,6 @@ _STATE_ATTR = "_fastgpt2_patch"  # the _PatchState, on the GPT2Model
 _SLOT_ATTR = "_fastgpt2_slot"  # a _Slot, on each patched module (the attention modules included)
 # set while a call that cannot be served runs transformers' own code: every patched module defers
 _CALL_FALLBACK: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgpt2_hf_fallback", default=None)
-_MAX_DECODE_TOKENS = 8  # the decode kernel's limit on new tokens per step
 # what patch_hf relies on, checked by name at patch time
 _GPT2_ATTENTION_ATTRS = ("scaling", "reorder_and_upcast_attn", "is_cross_attention", "layer_idx", "num_heads",
                          "head_dim", "c_attn", "c_proj", "attn_dropout", "_upcast_and_reordered_attn")
@@ -542,7 +541,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if past == 0 and s <= t:  # (kv_start <= past: no padding)
         out = ops.prefill_attention_separate(query, key, value, scale, upcast)  # [B, S, H*D]
         state.counts["prefill"] += 1
-    elif past is not None and s <= _MAX_DECODE_TOKENS:
+    elif past is not None and s <= MAX_DECODE_TOKENS:
         out = ops.decode_attention_separate(query, key, value, past, scale, upcast, kv_start)  # [B, S, H*D]
         state.counts["decode"] += 1
     else:

@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import HEAD_DIMS, CompileSpec, check_spec_dtype, kernel_signature
+from .contract import HEAD_DIMS, MAX_DECODE_TOKENS, CompileSpec, check_spec_dtype, kernel_signature
 from .launch_checks import check_device, check_dtype, pdl_launch_options
 
-MAX_DECODE_TOKENS = 8  # S <= 8 new tokens per decode step (speculative decoding)
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
 
 

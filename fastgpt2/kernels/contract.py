@@ -1,7 +1,7 @@
 """What fastgpt2's kernels take and how they are built, said once: the I/O dtypes (with their
-Triton and user-facing names), the head dims the attention kernels are built for, the activations
-of the GEMM epilogue (with their torch references), and ``CompileSpec``, one entry per config a
-launcher can choose.
+Triton and user-facing names), the head dims the attention kernels are built for, the decode
+kernel's limit of new tokens per step, the activations of the GEMM epilogue (with their torch
+references), and ``CompileSpec``, one entry per config a launcher can choose.
 
 Every kernel module exposes ``compile_specs(dtype) -> list[CompileSpec]`` for dtype "fp16" or
 "bf16" (and "fp32"): the exact (kernel, signature, constexprs, num_warps, num_stages) combinations
@@ -31,6 +31,8 @@ DTYPE_NAMES = {
 
 # head sizes the attention kernels are built for (gpt2 .. gpt2-xl: 64)
 HEAD_DIMS = (32, 64, 128)
+# new tokens per sequence the decode attention kernel takes in one step (S <= 8: speculative decoding)
+MAX_DECODE_TOKENS = 8
 
 # the GEMM epilogue's activations (the kernel's ACTIVATION constexpr) and their torch references
 ACTIVATIONS = {
