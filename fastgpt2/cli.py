@@ -1,5 +1,6 @@
-"""The `fastgpt2` command: generate, bench, parity. Argument parsing and printing only: the work is
-runtime/generate's (generate), benchmark's (bench) and parity's (parity), each imported when its
+"""The `fastgpt2` command: generate, bench, bench-serving, parity. Argument parsing and printing only: the
+work is runtime/generate's (generate), benchmark's (bench), serving_bench's (bench-serving) and parity's
+(parity), each imported when its
 subcommand runs, so that parsing arguments and printing --help import none of them."""
 from __future__ import annotations
 
@@ -101,6 +102,35 @@ def _bench(args) -> int:
     if args.plot:
         plot_decode(result, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+# -- bench-serving -------------------------------------------------------------------------------------
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = str(text).partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI (e.g. 8-64), got {text!r}") from None
+
+
+def _bench_serving(args) -> int:
+    from .benchmark import BenchError  # lazy: the engine and the model load when the command runs
+    from .serving_bench import LoadOptions, format_load, run_load  # lazy: as above
+
+    options = LoadOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto",
+                          requests=args.requests, rate=None if args.rate == 0 else args.rate,
+                          max_batch=args.max_batch, prompt_lens=args.prompt_lens, output_lens=args.output_lens,
+                          seed=args.seed)
+    try:
+        result = run_load(options)
+    except BenchError as exc:
+        raise SystemExit(f"fastgpt2 bench-serving: error: {exc}") from None
+    print(format_load(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        print(f"\nwrote {args.json}")
     return 0
 
 
@@ -214,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a PNG bar chart of decode tok/s per engine and batch (needs matplotlib)")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=_bench)
+
+    s = sub.add_parser("bench-serving", help="a serving-shaped load on the engine: continuous vs static batching",
+                       description="The same seeded workload (requests arriving as a Poisson process, ragged prompt "
+                                   "and output lengths, half greedy, half sampled) on fastgpt2's engine under three "
+                                   "schedules: continuous batching, static batches, one request at a time. Output "
+                                   "tokens/s, time to first token and inter-token latency (p50, p99).")
+    _add_model_args(s, "gpt2")
+    s.add_argument("--requests", type=int, default=32)
+    s.add_argument("--rate", type=float, default=4.0, help="arrivals per second (0: all at once; default 4)")
+    s.add_argument("--max-batch", type=int, default=8, help="the engine's slots (default 8)")
+    s.add_argument("--prompt-lens", type=_range, default=(8, 64), metavar="LO-HI", help="default 8-64")
+    s.add_argument("--output-lens", type=_range, default=(16, 64), metavar="LO-HI", help="default 16-64")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    s.set_defaults(func=_bench_serving)
 
     p = sub.add_parser("parity",
                        help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",
