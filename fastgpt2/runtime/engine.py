@@ -17,8 +17,11 @@ slots: a fixed shape, so a request's tokens are the same whatever runs beside it
 waiting requests into free slots (each prompt alone) and emits their first token. A request that
 stops (a stop token, its max_new_tokens, or ``cancel``) frees its slot at once, for the next step.
 
-Today the step runs eagerly (CPU, and CUDA without a graph); ``GPT2.generate`` / ``stream`` still
-run on the graphed decode steps of runtime/graphs.py.
+On CUDA the decode step (embed -> layers -> lm_head -> every slot's next token -> idle slots
+emptied) is captured in a CUDA graph after a warm-up run, one graph per sampling variant (all greedy;
+some sampled; some sampled with top-k/top-p: ``RowSampler.variant``), never per setting: the settings
+are device tensors the graph reads. Replay equals the eager step. ``GPT2.generate`` / ``stream``
+still run on the graphed decode steps of runtime/graphs.py.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from .graphs import GraphError, resolve_use_cuda_graph
 from .kv_cache import CacheError
 from .model import GPT2Network, InputError
 from .sampling import RowSampler, Sampling
@@ -54,9 +58,11 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model: GPT2Network, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, model: GPT2Network, max_batch: int = 8, max_len: int | None = None,
+                 use_cuda_graph: bool | None = None):
         """max_batch: slots (requests decoding at once); max_len: positions per slot (prompt + new
-        tokens), at most the model's n_positions (default)."""
+        tokens), at most the model's n_positions (default); use_cuda_graph: replay the decode step
+        from CUDA graphs (default: True on CUDA; an error elsewhere)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model
@@ -67,6 +73,9 @@ class Engine:
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)  # [slots] each slot's last token
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=device)  # [slots] decoding now
         self.workspace = model.decode_workspace(self.cache, max_batch, 1)  # the kernels' scratch, made once
+        self.use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, device)
+        self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}  # sampling variant -> its captured step
+        self._pool = None  # the graphs' shared memory pool
         self.slots: list[Request | None] = [None] * max_batch
         self.queue: deque[Request] = deque()
         self._ids = itertools.count()
@@ -130,9 +139,12 @@ class Engine:
         out: list[tuple[Request, int]] = []
         running = [r for r in self.slots if r is not None]
         if running:
-            logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.max_len, None, self.workspace)
-            self.sampler(logits, self.tokens)  # [slots]: every slot's next token (idle slots' are ignored)
-            self.cache.lengths.masked_fill_(~self.active, 0)  # idle slots stay empty, never past their end
+            if self.use_cuda_graph:
+                variant = self.sampler.variant()
+                graph = self.graphs.get(variant) or self._capture(variant)
+                graph.replay()
+            else:
+                self._decode()
             chosen = self.tokens.tolist()  # the step's one host sync
             for request in running:
                 out.append((request, chosen[request.slot]))
@@ -144,6 +156,37 @@ class Engine:
             out.append((request, token))
             self._emit(request, token)
         return out
+
+    def _decode(self) -> None:
+        """The device work of a decode step over every slot, no host sync (what a graph captures)."""
+        logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.max_len, None, self.workspace)
+        self.sampler(logits, self.tokens)  # [slots]: every slot's next token (idle slots' are ignored)
+        self.cache.lengths.masked_fill_(~self.active, 0)  # idle slots stay empty, never past their end
+
+    def _capture(self, variant: tuple[bool, bool]):
+        """Capture the decode step of this sampling variant, after a warm-up run on a side stream (Triton
+        compiles there, never inside the capture) whose effects are undone."""
+        device = self.model.device
+        state = [t.clone() for t in (self.cache.lengths, self.tokens, self.sampler.draws)]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._decode()
+        torch.cuda.current_stream(device).wait_stream(side)
+        for live, saved in zip((self.cache.lengths, self.tokens, self.sampler.draws), state):
+            live.copy_(saved)  # (its K/V writes sit where the real step writes before it reads)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._decode()
+        except RuntimeError as exc:
+            raise GraphError(f"capturing the engine's decode step failed ({exc}); Engine(..., use_cuda_graph=False) "
+                             f"runs it eagerly") from exc
+        torch.cuda.synchronize(device)
+        self.graphs[variant] = graph
+        return graph
 
     def _prefill(self, request: Request, slot: int) -> int:
         """Prefill the request's prompt into `slot` (alone: [1, T]) and choose its first token."""

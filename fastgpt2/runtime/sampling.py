@@ -136,16 +136,23 @@ class RowSampler:
         self.seed[row] = seed
         self.draws[row] = 0
 
+    def variant(self, rows: slice | None = None) -> tuple[bool, bool]:
+        """(any row samples, any sampled row filters): the work a call over `rows` does, from the host
+        mirror. A CUDA graph captures one variant and replays it for any settings of the same variant."""
+        host = self.host[slice(None) if rows is None else rows]
+        return (any(s.do_sample for s in host),
+                any(s.do_sample and (s.top_k is not None or s.top_p is not None) for s in host))
+
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor, rows: slice | None = None) -> None:
         """tokens [R] (long) = the next tokens of rows `rows` (default: all) after their logits [R, V]."""
         rows = slice(None) if rows is None else rows
-        host = self.host[rows]
+        sample, filtered = self.variant(rows)
         x = logits.float()
         torch.argmax(x, dim=-1, out=tokens)  # greedy: the first maximal logit
-        if not any(s.do_sample for s in host):
+        if not sample:
             return
         x = x / self.temperature[rows, None]
-        if any(s.do_sample and (s.top_k is not None or s.top_p is not None) for s in host):
+        if filtered:
             x = self._filter(x, self.top_k[rows], self.top_p[rows])
         noise = race_noise(self.seed[rows], self.draws[rows], self.vocab)  # [R, V]
         drawn = (x.softmax(-1).double() / noise).argmax(-1)  # [R]

@@ -185,3 +185,27 @@ def test_the_row_sampler_draws_from_the_filtered_distribution():
     sampler.draws.zero_()
     sampler(logits, again)
     assert torch.equal(again, tokens)  # the same seeds and draw counts: the same tokens
+
+
+def test_cuda_graphs_need_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the graphed engine is tested by the GPU test below")
+    with pytest.raises(fastgpt2.FastGPT2Error, match="use_cuda_graph=True needs a CUDA device"):
+        Engine(model_for("torch"), max_batch=2, use_cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the engine's CUDA-graph replay")
+def test_graphed_engine_equals_the_eager_one_on_a_random_schedule():
+    cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=211, n_positions=64)
+    model = fastgpt2.GPT2.from_config(cfg, device="cuda", dtype=torch.float16, backend="triton", seed=3)
+    specs = requests(16, seed=5)
+    runs = []
+    for graphed in (False, True):
+        engine = Engine(model, max_batch=4, use_cuda_graph=graphed)
+        handles = [engine.add(**spec) for spec in specs]
+        while engine.busy:
+            engine.step()
+        runs.append([h.tokens for h in handles])
+        assert (len(engine.graphs) > 0) == graphed  # one graph per sampling variant met
+    assert runs[0] == runs[1]
