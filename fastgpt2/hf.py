@@ -98,7 +98,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .kernels.contract import HEAD_DIMS, MAX_DECODE_TOKENS
+from .kernels.contract import HEAD_DIMS, MAX_DECODE_TOKENS, causal_visible
 from .runtime.config import HF_ACTIVATIONS
 from .runtime.generate import GPT2
 from .runtime.loader import HFModelError, find_gpt2, gpt2_classes
@@ -360,8 +360,8 @@ def _causal_past(mask: torch.Tensor, s: int, t: int) -> tuple[int, torch.Tensor 
 
 
 def _causal_visible(k: int, s: int, past_len: int, device) -> torch.Tensor:
-    """[S, K] bool: new token j (at position past_len + j) sees keys 0 .. past_len + j."""
-    return torch.arange(k, device=device)[None, :] <= past_len + torch.arange(s, device=device)[:, None]
+    """[S, K] bool: new token j (at position past_len + j) sees keys 0 .. past_len + j (``causal_visible``)."""
+    return causal_visible(k, past_len + torch.arange(s, device=device))
 
 
 def _params_need_grad(params) -> bool:

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import HEAD_DIMS, MAX_DECODE_TOKENS, CompileSpec, check_spec_dtype, kernel_signature
+from .contract import (HEAD_DIMS, MAX_DECODE_TOKENS, CompileSpec, causal_visible, check_spec_dtype, kernel_signature,
+                       split_heads)
 from .launch_checks import check_device, check_dtype, pdl_launch_options
 
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
@@ -452,12 +453,6 @@ def _check_out(out, ref, ref_name, shape):
     return out
 
 
-def _heads(qkv: torch.Tensor, H: int):
-    """[B, T, 3*H*D] -> q, k, v each a [B, H, T, D] view."""
-    B, T, C = qkv.shape
-    return qkv.view(B, T, 3, H, C // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _prefill_config(kind: str, D: int) -> tuple:
     """_PREFILL_CONFIGS[(kind, D)], checked: the diagonal loop starts on a key-block edge, so
     BLOCK_M must be a multiple of BLOCK_N (a raise, not an assert: python -O would strip that)."""
@@ -503,7 +498,7 @@ def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> to
     out = _check_out(out, qkv, "qkv", (B, T, H * D))
     if B == 0 or T == 0:
         return out
-    q, k, v = _heads(qkv, H)
+    q, k, v = split_heads(qkv, H)
     _launch_prefill(q, k, v, k_cache, v_cache, seq_lens, out, scale, write_kv=True)
     return out
 
@@ -652,7 +647,7 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
     out = _check_out(out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
         num_splits = workspace.num_splits if workspace is not None else default_num_splits(B, H, k_cache.shape[2])
-    q, k, v = _heads(qkv, H)
+    q, k, v = split_heads(qkv, H)
     _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True, workspace=workspace,
                    pdl=pdl)
     return out
@@ -695,9 +690,8 @@ def _causal_softmax_av(q, k, v, scale, q_pos0):
     # q [H, Sq, D], k/v [H, Sk, D]; query i sits at position q_pos0 + i and sees keys 0..q_pos0+i
     Sq, Sk = q.shape[1], k.shape[1]
     scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, Sq, Sk]
-    qpos = torch.arange(Sq, device=q.device)[:, None] + q_pos0
-    kpos = torch.arange(Sk, device=q.device)[None, :]
-    scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    visible = causal_visible(Sk, q_pos0 + torch.arange(Sq, device=q.device))  # [Sq, Sk]
+    scores = scores.masked_fill(~visible, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)  # [H, Sq, D]
 
 
@@ -708,8 +702,8 @@ def prefill_attention_ref(qkv, seq_lens, scale, H) -> torch.Tensor:
     D = C // (3 * H)
     out = torch.zeros((B, T, H * D), dtype=qkv.dtype, device=qkv.device)
     for b, n in enumerate(seq_lens.tolist()):
-        x = qkv[b, :n].view(n, 3, H, D).permute(1, 2, 0, 3)  # [3, H, n, D]
-        o = _causal_softmax_av(x[0], x[1], x[2], scale, 0)  # [H, n, D]
+        q, k, v = (t[0] for t in split_heads(qkv[b : b + 1, :n], H))  # [H, n, D]
+        o = _causal_softmax_av(q, k, v, scale, 0)  # [H, n, D]
         out[b, :n] = o.transpose(0, 1).reshape(n, H * D)
     return out
 
@@ -721,10 +715,10 @@ def decode_attention_ref(qkv, k_cache, v_cache, cache_lens, scale) -> torch.Tens
     H, D = k_cache.shape[1], k_cache.shape[3]
     out = torch.empty((B, S, H * D), dtype=qkv.dtype, device=qkv.device)
     for b, n in enumerate(cache_lens.tolist()):
-        x = qkv[b].view(S, 3, H, D).permute(1, 2, 0, 3)  # [3, H, S, D]
-        k = torch.cat([k_cache[b, :, :n].to(qkv.dtype), x[1]], dim=1)  # [H, n+S, D]
-        v = torch.cat([v_cache[b, :, :n].to(qkv.dtype), x[2]], dim=1)
-        o = _causal_softmax_av(x[0], k, v, scale, n)  # [H, S, D]
+        q, k_new, v_new = (t[0] for t in split_heads(qkv[b : b + 1], H))  # [H, S, D]
+        k = torch.cat([k_cache[b, :, :n].to(qkv.dtype), k_new], dim=1)  # [H, n+S, D]
+        v = torch.cat([v_cache[b, :, :n].to(qkv.dtype), v_new], dim=1)
+        o = _causal_softmax_av(q, k, v, scale, n)  # [H, S, D]
         out[b] = o.transpose(0, 1).reshape(S, H * D)
     return out
 

@@ -1,7 +1,8 @@
 """What fastgpt2's kernels take and how they are built, said once: the I/O dtypes (with their
 Triton and user-facing names), the head dims the attention kernels are built for, the decode
-kernel's limit of new tokens per step, the activations of the GEMM epilogue (with their torch
-references), and ``CompileSpec``, one entry per config a launcher can choose.
+kernel's limit of new tokens per step, the packed QKV layout (``split_heads``) and the causal rule
+(``causal_visible``) every attention follows, the activations of the GEMM epilogue (with their
+torch references), and ``CompileSpec``, one entry per config a launcher can choose.
 
 Every kernel module exposes ``compile_specs(dtype) -> list[CompileSpec]`` for dtype "fp16" or
 "bf16" (and "fp32"): the exact (kernel, signature, constexprs, num_warps, num_stages) combinations
@@ -33,6 +34,20 @@ DTYPE_NAMES = {
 HEAD_DIMS = (32, 64, 128)
 # new tokens per sequence the decode attention kernel takes in one step (S <= 8: speculative decoding)
 MAX_DECODE_TOKENS = 8
+
+
+def split_heads(qkv: torch.Tensor, n_head: int):
+    """The fused QKV GEMM's output [B, S, 3*H*D] (columns q | k | v, head h at h*D .. h*D+D-1 in
+    each) -> q, k, v, each a [B, H, S, D] view."""
+    b, s, three_e = qkv.shape
+    d = three_e // (3 * n_head)
+    return qkv.view(b, s, 3, n_head, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def causal_visible(n_keys: int, q_pos: torch.Tensor) -> torch.Tensor:
+    """GPT-2's causal rule, what every attention computes: the query at position q_pos[..., s] (an
+    integer tensor [..., S]) sees keys 0 .. q_pos[..., s]. -> bool [..., S, n_keys], True = visible."""
+    return torch.arange(n_keys, device=q_pos.device) <= q_pos[..., None]
 
 # the GEMM epilogue's activations (the kernel's ACTIVATION constexpr) and their torch references
 ACTIVATIONS = {

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
-from ..kernels.contract import ACTIVATIONS
+from ..kernels.contract import ACTIVATIONS, causal_visible, split_heads
 from . import cpu_paths
 
 BACKENDS = ("auto", "torch", "triton")
@@ -163,13 +163,6 @@ def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int
     return ops
 
 
-def split_heads(qkv: torch.Tensor, n_head: int):
-    """[B, S, 3E] -> q, k, v each [B, H, S, D] (views)."""
-    b, s, three_e = qkv.shape
-    d = three_e // (3 * n_head)
-    return qkv.view(b, s, 3, n_head, d).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 class TorchOps:
     """Plain PyTorch, with the CPU's GEMMs chosen at construction by what this CPU runs
     (``choose_cpu_path``: torch's CPU capability and a one-time probe of oneDNN's packed op; the
@@ -306,8 +299,7 @@ class TorchOps:
         b, device = cache_lens.shape[0], cache_lens.device
         pos = cache_lens[:, None].long() + torch.arange(s, device=device)  # [B, S]
         rows = torch.arange(b, device=device)[:, None]  # [B, 1]
-        visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # [B, S, kv_len]
-        return RaggedDecode(pos, rows, visible[:, None], kv_len)
+        return RaggedDecode(pos, rows, causal_visible(kv_len, pos)[:, None], kv_len)  # mask [B, 1, S, kv_len]
 
     def decode_workspace(self, k_cache, batch, s, gemm_shapes, pdl=False):
         if pdl:
@@ -347,7 +339,7 @@ class TorchOps:
         keys, values = k[:, :, : past_len + s], v[:, :, : past_len + s]  # [B, H, past+S, D]
         mask = None
         if s > 1:  # new token j sees the past and new tokens <= j
-            mask = torch.ones(s, past_len + s, dtype=torch.bool, device=q.device).tril(diagonal=past_len)
+            mask = causal_visible(past_len + s, past_len + torch.arange(s, device=q.device))  # [S, past+S]
         if kv_start is not None:  # and none of the left padding before kv_start[b]
             real = torch.arange(past_len + s, device=q.device)[None, :] >= kv_start[:, None]  # [B, past+S]
             mask = real[:, None, None, :] if mask is None else mask & real[:, None, None, :]  # [B, 1, S, past+S]
