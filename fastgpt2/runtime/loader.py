@@ -17,6 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,28 +48,39 @@ class CheckpointError(FastGPT2Error):
     """A checkpoint fastgpt2 cannot load, naming the file, the key and what was expected."""
 
 
+class BlockWeight(NamedTuple):
+    """One weight of a transformer block, as a checkpoint holds it and as the model keeps it."""
+
+    key: str  # checkpoint key under ``h.{i}.``
+    field: str  # runtime/model.py's LayerWeights field
+    shape: tuple  # in "E" (n_embd) and "I" (inner dim), e.g. ("E", "3E")
+    gemm: bool = False  # a Conv1D (in, out) GEMM weight (the model prepares it with ops.prepare_linear)
+
+
+# The one table of a block's checkpoint keys: expected_shapes and the model's LayerWeights read it.
+BLOCK_WEIGHTS = (
+    BlockWeight("ln_1.weight", "ln_1_w", ("E",)),
+    BlockWeight("ln_1.bias", "ln_1_b", ("E",)),
+    BlockWeight("attn.c_attn.weight", "qkv_w", ("E", "3E"), gemm=True),
+    BlockWeight("attn.c_attn.bias", "qkv_b", ("3E",)),
+    BlockWeight("attn.c_proj.weight", "attn_proj_w", ("E", "E"), gemm=True),
+    BlockWeight("attn.c_proj.bias", "attn_proj_b", ("E",)),
+    BlockWeight("ln_2.weight", "ln_2_w", ("E",)),
+    BlockWeight("ln_2.bias", "ln_2_b", ("E",)),
+    BlockWeight("mlp.c_fc.weight", "fc_w", ("E", "I"), gemm=True),
+    BlockWeight("mlp.c_fc.bias", "fc_b", ("I",)),
+    BlockWeight("mlp.c_proj.weight", "mlp_proj_w", ("I", "E"), gemm=True),
+    BlockWeight("mlp.c_proj.bias", "mlp_proj_b", ("E",)),
+)
+
+
 def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Every weight of a GPT-2 LM checkpoint (keys without ``transformer.``) and its shape."""
     e, i, v, p = cfg.n_embd, cfg.inner_dim, cfg.vocab_size, cfg.n_positions
+    dims = {"E": e, "3E": 3 * e, "I": i}
     shapes: dict[str, tuple[int, ...]] = {"wte.weight": (v, e), "wpe.weight": (p, e)}
     for layer in range(cfg.n_layer):
-        h = f"h.{layer}."
-        shapes.update(
-            {
-                h + "ln_1.weight": (e,),
-                h + "ln_1.bias": (e,),
-                h + "attn.c_attn.weight": (e, 3 * e),  # Conv1D: (in, out)
-                h + "attn.c_attn.bias": (3 * e,),
-                h + "attn.c_proj.weight": (e, e),
-                h + "attn.c_proj.bias": (e,),
-                h + "ln_2.weight": (e,),
-                h + "ln_2.bias": (e,),
-                h + "mlp.c_fc.weight": (e, i),
-                h + "mlp.c_fc.bias": (i,),
-                h + "mlp.c_proj.weight": (i, e),
-                h + "mlp.c_proj.bias": (e,),
-            }
-        )
+        shapes.update({f"h.{layer}.{w.key}": tuple(dims[d] for d in w.shape) for w in BLOCK_WEIGHTS})
     shapes["ln_f.weight"] = (e,)
     shapes["ln_f.bias"] = (e,)
     shapes["lm_head.weight"] = (v, e)

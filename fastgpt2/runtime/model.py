@@ -27,7 +27,7 @@ from ..errors import FastGPT2Error
 from ..kernels.contract import DTYPE_NAMES
 from .config import GPT2Config
 from .kv_cache import KVCache
-from .loader import expected_shapes, load_checkpoint, read_hf_model
+from .loader import BLOCK_WEIGHTS, expected_shapes, load_checkpoint, read_hf_model
 from .ops import make_ops, resolve_backend, resolve_pdl
 
 
@@ -74,14 +74,10 @@ class LayerWeights:
     scale: float  # softmax scale of this layer
 
 
-# LayerWeights field -> checkpoint key under h.{i}.; the GEMM weights go through ops.prepare_linear
-_LAYER_KEYS = {
-    "ln_1_w": "ln_1.weight", "ln_1_b": "ln_1.bias", "qkv_w": "attn.c_attn.weight", "qkv_b": "attn.c_attn.bias",
-    "attn_proj_w": "attn.c_proj.weight", "attn_proj_b": "attn.c_proj.bias", "ln_2_w": "ln_2.weight",
-    "ln_2_b": "ln_2.bias", "fc_w": "mlp.c_fc.weight", "fc_b": "mlp.c_fc.bias", "mlp_proj_w": "mlp.c_proj.weight",
-    "mlp_proj_b": "mlp.c_proj.bias",
-}
-_GEMM_FIELDS = ("qkv_w", "attn_proj_w", "fc_w", "mlp_proj_w")
+# LayerWeights field -> checkpoint key under h.{i}. (loader.BLOCK_WEIGHTS); the GEMM weights go through
+# ops.prepare_linear
+_LAYER_KEYS = {bw.field: bw.key for bw in BLOCK_WEIGHTS}
+_GEMM_FIELDS = tuple(bw.field for bw in BLOCK_WEIGHTS if bw.gemm)
 
 
 class GPT2Network:
