@@ -32,6 +32,8 @@ DTYPE_NAMES = {
 
 # head sizes the attention kernels are built for (gpt2 .. gpt2-xl: 64)
 HEAD_DIMS = (32, 64, 128)
+# programmatic dependent launch (griddepcontrol, launch_pdl): compute capability 9.0 (Hopper) and newer
+PDL_MIN_CAPABILITY = (9, 0)
 # new tokens per sequence the decode attention kernel takes in one step (S <= 8: speculative decoding)
 MAX_DECODE_TOKENS = 8
 
@@ -72,8 +74,8 @@ class CompileSpec:
 
     @property
     def min_cc(self) -> int:
-        """The oldest target the spec is compiled for: 90 with PDL (griddepcontrol is sm_90+), else 80."""
-        return 90 if self.launch_pdl else 80
+        """The oldest target the spec is compiled for: 90 with PDL (PDL_MIN_CAPABILITY), else 80."""
+        return PDL_MIN_CAPABILITY[0] * 10 + PDL_MIN_CAPABILITY[1] if self.launch_pdl else 80
 
 
 def check_spec_dtype(dtype: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .contract import DTYPES
+from .contract import DTYPES, PDL_MIN_CAPABILITY
 
 
 def interpreted(kernel) -> bool:
@@ -35,26 +35,32 @@ def check_device(op: str, tensors: dict[str, torch.Tensor | None], kernel) -> to
     return first
 
 
-PDL_MIN_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and newer
+def check_pdl(pdl, device: torch.device, interpreted: bool = False, op: str | None = None,
+              error: type[ValueError] = ValueError) -> bool:
+    """The one rule of programmatic dependent launch (``pdl``): pdl is True or False, and True needs
+    compiled (not interpreted) kernels on a CUDA device of compute capability PDL_MIN_CAPABILITY (9.0)
+    or newer. Returns pdl once checked; else raises `error` (a ValueError, or the caller's subclass of
+    it), its message led by `op` when given and ending in the fix."""
+    lead, need = f"{op}: " if op else "", ".".join(map(str, PDL_MIN_CAPABILITY))
+    if not isinstance(pdl, bool):
+        raise error(f"{lead}pdl must be True or False, got {pdl!r}")
+    if not pdl:
+        return False
+    if device.type != "cuda" or interpreted:
+        where = f"{device} in Triton's interpreter" if interpreted else str(device)
+        raise error(f"{lead}pdl=True (programmatic dependent launch) needs a CUDA GPU of compute capability "
+                    f"{need} or newer with compiled kernels; this launch is on {where}: pass pdl=False")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < PDL_MIN_CAPABILITY:
+        raise error(f"{lead}pdl=True (programmatic dependent launch) needs compute capability {need} or newer "
+                    f"(Hopper); {torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}: "
+                    f"pass pdl=False")
+    return True
 
 
 def pdl_launch_options(op: str, pdl: bool, device: torch.device, kernel) -> dict:
     """The launch options of programmatic dependent launch: {} without it; with it (pdl=True),
-    {"launch_pdl": True} once it is checked that `kernel` is compiled (not interpreted) for a CUDA
-    device of compute capability 9.0 or newer, else a ValueError naming `op` and the fix. A kernel
-    launched this way may start before the previous kernel on the stream has finished: it must
-    wait (USE_PDL's gdc_wait) before it touches memory."""
-    if not isinstance(pdl, bool):
-        raise ValueError(f"{op}: pdl must be True or False, got {pdl!r}")
-    if not pdl:
-        return {}
-    if device.type != "cuda" or interpreted(kernel):
-        where = f"{device} in Triton's interpreter" if interpreted(kernel) else str(device)
-        raise ValueError(f"{op}: pdl=True (programmatic dependent launch) needs a CUDA GPU of compute capability "
-                         f"9.0 or newer with compiled kernels; this launch is on {where}: pass pdl=False")
-    capability = torch.cuda.get_device_capability(device)
-    if capability < PDL_MIN_CAPABILITY:
-        raise ValueError(f"{op}: pdl=True (programmatic dependent launch) needs compute capability 9.0 or newer "
-                         f"(Hopper); {torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}: "
-                         f"pass pdl=False")
-    return {"launch_pdl": True}
+    {"launch_pdl": True} once ``check_pdl`` passed for `kernel` on `device`, else a ValueError naming
+    `op` and the fix. A kernel launched this way may start before the previous kernel on the stream
+    has finished: it must wait (USE_PDL's gdc_wait) before it touches memory."""
+    return {"launch_pdl": True} if check_pdl(pdl, device, interpreted(kernel), op) else {}

@@ -188,7 +188,8 @@ class GPT2Network:
     def decode_workspace(self, cache: KVCache, batch: int, s: int, pdl: bool = False):
         """The scratch of a decode step (``ops.decode_workspace``), made once, before a capture; pdl: its
         kernels launch with programmatic dependent launch (checked against this model by ``resolve_pdl``)."""
-        pdl = resolve_pdl(pdl, self.backend, self.device)
+        if pdl is not self.pdl:  # self.pdl was checked when the model was made
+            pdl = resolve_pdl(pdl, self.backend, self.device)
         return self.ops.decode_workspace(cache.k[0], batch, s, self.decode_gemm_shapes(batch, s), pdl)
 
     @torch.inference_mode()

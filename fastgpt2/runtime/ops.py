@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
-from ..kernels.contract import ACTIVATIONS, causal_visible, split_heads
+from ..kernels.contract import ACTIVATIONS, PDL_MIN_CAPABILITY, causal_visible, split_heads
 from . import cpu_paths
 
 BACKENDS = ("auto", "torch", "triton")
@@ -138,19 +138,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def resolve_pdl(pdl: bool, backend: str, device: torch.device) -> bool:
     """pdl=True (programmatic dependent launch of the decode step's kernels: each may be scheduled
     while the previous one finishes, and waits for it on the GPU) needs the Triton backend on a CUDA
-    GPU of compute capability 9.0 or newer; anything else asking for it is a BackendError."""
-    if not isinstance(pdl, bool):
-        raise BackendError(f"pdl must be True or False, got {pdl!r}")
-    if not pdl:
+    GPU, of compute capability 9.0 or newer (the kernels' rule, ``launch_checks.check_pdl``);
+    anything else asking for it is a BackendError."""
+    if pdl is False:
         return False
-    if backend != "triton" or device.type != "cuda":
+    if pdl is True and (backend != "triton" or device.type != "cuda"):
         raise BackendError(f"pdl=True (programmatic dependent launch) needs backend='triton' on a CUDA GPU of compute "
-                           f"capability 9.0 or newer; this model is backend={backend!r} on {device}: pass pdl=False")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (9, 0):
-        raise BackendError(f"pdl=True (programmatic dependent launch) needs compute capability 9.0 or newer (Hopper); "
-                           f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: pass pdl=False")
-    return True
+                           f"capability {'.'.join(map(str, PDL_MIN_CAPABILITY))} or newer; this model is "
+                           f"backend={backend!r} on {device}: pass pdl=False")
+    # here pdl=True on a Triton model on CUDA (or a flag that is not a bool, which the check refuses)
+    # lazy: launch_checks imports triton, whose mode a torch model must not fix
+    from ..kernels.launch_checks import check_pdl
+
+    return check_pdl(pdl, device, error=BackendError)
 
 
 def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int, pack_weights: bool = True,
