@@ -166,33 +166,24 @@ def make_ops(backend: str, device: torch.device, dtype: torch.dtype, n_head: int
 class TorchOps:
     """Plain PyTorch, with the CPU's GEMMs chosen at construction by what this CPU runs
     (``choose_cpu_path``: torch's CPU capability and a one-time probe of oneDNN's packed op; the
-    choice is ``cpu_path``) and by measurement (GPT-2 small, 2-core AVX-512/AMX Xeon, weights
-    streamed from memory):
+    choice is ``cpu_path``) and by measurement (the figures: README, "CPU (measured)"):
 
     - bfloat16 on AVX-512 where oneDNN runs bf16: the GEMM weights are prepacked once for oneDNN
-      (AMX), which reads them 1.6-1.8x faster than addmm at batch 1 and 8; the packed form replaces
-      the plain one. Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ,
-      and torch's addmm then runs its own kernels), and for float16: addmm on weights stored [N, K]
-      once at construction. Measured with ATen's AVX2 kernels and oneDNN limited to AVX2
-      (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 on a 2-core AMD EPYC, which reproduces the
-      AVX2 refusal), GPT-2 small's 48 layer GEMMs: 7.6 ms at 1 row and 51 ms at 8 on [N, K], 140 and
-      965 ms on the [K, N] Conv1D layout (a scalar loop; fp32 on MKL: 24 and 59 ms, oneDNN packed from
-      2 rows 28 ms at 8); bf16 storage with fp32 compute (w.float() per call) 27 and 56 ms.
-    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is ~30%
-      slower there); from 2 rows oneDNN's packed GEMM is faster (the 48 layer GEMMs: 17.3 vs 22.8 ms
-      at 2 rows, 20.3 vs 24.4 ms at 8), so a packed copy of each weight, the lm_head's included, is
-      made on the first such call: the extra memory (one more copy of the weights) is paid only by
-      batched or prefill use. That needs an AVX-512 or AVX2 CPU where oneDNN runs fp32; elsewhere
-      MKL's addmm for every row count.
+      (AMX), which reads them faster than addmm at batch 1 and 8; the packed form replaces the plain
+      one. Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ, and
+      torch's addmm then runs its own kernels, a scalar loop on the [K, N] Conv1D layout), and for
+      float16: addmm on weights stored [N, K] once at construction.
+    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is slower
+      there); from 2 rows oneDNN's packed GEMM is faster, so a packed copy of each weight, the
+      lm_head's included, is made on the first such call: the extra memory (one more copy of the
+      weights) is paid only by batched or prefill use. That needs an AVX-512 or AVX2 CPU where
+      oneDNN runs fp32; elsewhere MKL's addmm for every row count.
     - the lm_head: a GEMV for one row. In float32 its weight is stored column-major (a [V, E] view of
-      [E, V] storage, no second copy): MKL's GEMV streams that layout at ~31 GB/s against ~27 GB/s
-      for row-major [V, E] (GPT-2 small's 154 MB head: 4.9 vs 5.8 ms alone, and 19.0 vs 20.5 ms for
-      the whole batch-1 decode step). The tied embedding then gathers strided rows: +0.05 ms for one
-      token, +0.2 ms for 8, +5 ms for 1024 (prefill). float32 from 2 rows: the packed copy above
-      (8 rows: 7.9 vs 12.9 ms for wte @ y^T); bfloat16 with AMX: wte @ y^T up to 64 rows (the large
-      matrix on the left, 1.2-1.8x faster than y @ wte^T at batch 1 and 8 on the Xeon, as fast as a
-      packed copy, no copy of wte); bfloat16 without AMX and float16: y @ wte^T (``CpuPath.head``;
-      1.3-1.5x faster on an AVX-512 EPYC, as fast or faster under AVX2 kernels)."""
+      [E, V] storage, no second copy), which MKL's GEMV streams faster than row-major [V, E]; the
+      tied embedding then gathers strided rows (a cost that grows with the tokens gathered, small for
+      decode). float32 from 2 rows: the packed copy above; bfloat16 with AMX: wte @ y^T up to 64 rows
+      (the large matrix on the left: faster than y @ wte^T, as fast as a packed copy, no copy of
+      wte); bfloat16 without AMX and float16: y @ wte^T (``CpuPath.head``)."""
 
     PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
 
