@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .graphs import GraphError, resolve_use_cuda_graph
+from .graphs import GraphError, graph_cache_len, resolve_use_cuda_graph
 from .kv_cache import CacheError
 from .model import GPT2Network, InputError
 from .sampling import RowSampler, Sampling
@@ -143,8 +143,9 @@ class Engine:
                 variant = self.sampler.variant()
                 graph = self.graphs.get(variant) or self._capture(variant)
                 graph.replay()
-            else:
-                self._decode()
+            else:  # eager: attend over a power-of-two bound of the longest running sequence, not the whole cache
+                longest = max(len(r.prompt) + len(r.tokens) for r in running)  # its length after this step
+                self._decode(graph_cache_len(longest, self.max_len))
             chosen = self.tokens.tolist()  # the step's one host sync
             for request in running:
                 out.append((request, chosen[request.slot]))
@@ -157,9 +158,12 @@ class Engine:
             self._emit(request, token)
         return out
 
-    def _decode(self) -> None:
-        """The device work of a decode step over every slot, no host sync (what a graph captures)."""
-        logits = self.model._decode_logits(self.tokens[:, None], self.cache, self.max_len, None, self.workspace)
+    def _decode(self, kv_len: int | None = None) -> None:
+        """The device work of a decode step over every slot, no host sync (what a graph captures, over
+        the whole cache: kv_len None). kv_len: a bound >= every slot's length after the step (the torch
+        backend attends over that many positions; the kernels read the lengths on the device)."""
+        kv_len = self.max_len if kv_len is None else kv_len
+        logits = self.model._decode_logits(self.tokens[:, None], self.cache, kv_len, None, self.workspace)
         self.sampler(logits, self.tokens)  # [slots]: every slot's next token (idle slots' are ignored)
         self.cache.lengths.masked_fill_(~self.active, 0)  # idle slots stay empty, never past their end
 
