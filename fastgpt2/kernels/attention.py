@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .contract import (HEAD_DIMS, MAX_DECODE_TOKENS, CompileSpec, causal_visible, check_spec_dtype, kernel_signature,
                        split_heads)
-from .launch_checks import check_device, check_dtype, pdl_launch_options
+from .launch_checks import check_device, check_dtype, check_operand, pdl_launch_options
 
 _DECODE_BLOCK_S = 16  # query rows per decode program: S padded to tl.dot's minimum M
 
@@ -380,14 +380,11 @@ def _check_aligned(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} strides {tuple(t.stride())} must be multiples of 16 elements (except the last, 1)")
 
 
-def _check_like(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, layout: str) -> None:
+def _check_like(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, layout: str) -> None:
     """A 4-d [.., .., .., D] operand: ref's dtype, last dim contiguous, aligned (devices: check_device)."""
     if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-d {layout}, got shape {tuple(t.shape)}")
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} dtype {t.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
+        raise ValueError(f"{op}: {name} must be 4-d {layout}, got shape {tuple(t.shape)}")
+    check_operand(op, name, t, ref.dtype, ref_name)
     _check_aligned(t, name)
 
 
@@ -404,7 +401,7 @@ def _check_cache(op, qkv, k_cache, v_cache):
     if not qkv.is_contiguous():
         raise ValueError("qkv must be contiguous ([B, T, 3*H*D], the fused QKV GEMM's output)")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_like(c, name, qkv, "qkv", "[Bmax, H, Tmax, D]")
+        _check_like(op, c, name, qkv, "qkv", "[Bmax, H, Tmax, D]")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache shape {tuple(k_cache.shape)} != v_cache shape {tuple(v_cache.shape)}; expected equal")
     Bmax, H, Tmax, D = k_cache.shape
@@ -422,7 +419,7 @@ def _check_separate(op, q, k, v):
     """Validates separate q [B, H, S, D] and k, v [B, H, T, D]; returns (B, H, S, T, D)."""
     check_dtype(op, "q", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_like(t, name, q, "q", "[B, H, T, D]")
+        _check_like(op, t, name, q, "q", "[B, H, T, D]")
     if k.shape != v.shape:
         raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}; expected equal")
     B, H, S, D = q.shape
@@ -440,15 +437,10 @@ def _check_lens(lens, name, B):
         raise ValueError(f"{name} must have shape [B] = [{B}], got {tuple(lens.shape)}")
 
 
-def _check_out(out, ref, ref_name, shape):
+def _check_out(op, out, ref, ref_name, shape):
     if out is None:
         return torch.empty(shape, dtype=ref.dtype, device=ref.device)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if out.dtype != ref.dtype:
-        raise ValueError(f"out dtype {out.dtype} does not match {ref_name} dtype {ref.dtype}; expected {ref.dtype}")
-    if out.stride(-1) != 1:
-        raise ValueError(f"out must have a contiguous last dim (stride 1), got stride {out.stride(-1)}")
+    check_operand(op, "out", out, ref.dtype, ref_name, shape=shape)
     _check_aligned(out, "out")
     return out
 
@@ -495,7 +487,7 @@ def prefill_attention(qkv, k_cache, v_cache, seq_lens, scale, *, out=None) -> to
     _check_lens(seq_lens, "seq_lens", B)
     check_device("prefill_attention", {"qkv": qkv, "k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens,
                                        "out": out}, _prefill_attn_kernel)
-    out = _check_out(out, qkv, "qkv", (B, T, H * D))
+    out = _check_out("prefill_attention", out, qkv, "qkv", (B, T, H * D))
     if B == 0 or T == 0:
         return out
     q, k, v = split_heads(qkv, H)
@@ -514,7 +506,7 @@ def prefill_attention_separate(q, k, v, scale, *, out=None) -> torch.Tensor:
     if T < S:
         raise ValueError(f"prefill over S={S} queries needs at least S keys, k/v hold T={T}")
     check_device("prefill_attention_separate", {"q": q, "k": k, "v": v, "out": out}, _prefill_attn_kernel)
-    out = _check_out(out, q, "q", (B, S, H * D))
+    out = _check_out("prefill_attention_separate", out, q, "q", (B, S, H * D))
     if B == 0 or S == 0:
         return out
     lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
@@ -644,7 +636,7 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
                                       "out": out}, _decode_attn_kernel)
     if check_lens or cache_lens.device.type == "cpu":
         _check_cache_room(cache_lens, S, k_cache.shape[2])
-    out = _check_out(out, qkv, "qkv", (B, S, H * D))
+    out = _check_out("decode_attention", out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
         num_splits = workspace.num_splits if workspace is not None else default_num_splits(B, H, k_cache.shape[2])
     q, k, v = split_heads(qkv, H)
@@ -673,7 +665,7 @@ def decode_attention_separate(q, k, v, past_len: int, scale, *, kv_start=None, o
         _check_lens(kv_start, "kv_start", B)
     check_device("decode_attention_separate", {"q": q, "k": k, "v": v, "kv_start": kv_start, "out": out},
                  _decode_attn_kernel)
-    out = _check_out(out, q, "q", (B, S, H * D))
+    out = _check_out("decode_attention_separate", out, q, "q", (B, S, H * D))
     if num_splits is None:
         num_splits = default_num_splits(B, H, past_len + S)
     lens = torch.full((B,), past_len, dtype=torch.int32, device=q.device)

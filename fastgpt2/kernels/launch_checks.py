@@ -20,6 +20,19 @@ def check_dtype(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} dtype {t.dtype} is not supported; use one of {', '.join(map(str, DTYPES))}")
 
 
+def check_operand(op: str, name: str, t, dtype: torch.dtype, ref: str = "x", shape=None) -> None:
+    """`t` (argument `name` of `op`): a tensor of `shape` (when given), of `dtype` (argument `ref`'s: one
+    dtype for all of a launch's tensors), with a contiguous last dim. Anything else is a ValueError
+    naming `op`, the argument and what was expected."""
+    if not isinstance(t, torch.Tensor) or (shape is not None and tuple(t.shape) != tuple(shape)):
+        raise ValueError(f"{op}: {name} has shape {tuple(getattr(t, 'shape', ()))}, "
+                         f"expected {tuple(shape) if shape is not None else 'a tensor'}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} is {t.dtype}, {ref} is {dtype}; mixed dtypes are not supported")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have a contiguous last dim (strides {tuple(t.stride())})")
+
+
 def check_device(op: str, tensors: dict[str, torch.Tensor | None], kernel) -> torch.device:
     """The one device of `tensors` ({name: tensor}; None entries, optional tensors not given, are
     skipped), where `kernel` can run: CUDA, or the CPU in the interpreter. Anything else is a

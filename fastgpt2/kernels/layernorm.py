@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .contract import CompileSpec, check_spec_dtype, kernel_signature
-from .launch_checks import check_device, check_dtype
+from .launch_checks import check_device, check_dtype, check_operand
 
 # BLOCK_N -> num_warps. The launcher picks BLOCK_N = max(128, next_power_of_2(N)); this table is
 # every config it can produce (compile_specs enumerates it). N <= 2048 covers GPT-2 (max 1600); a
@@ -89,25 +89,6 @@ def _block_n(n: int) -> int:
     return max(MIN_BLOCK_N, triton.next_power_of_2(n))
 
 
-def _check_rows(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"add_layer_norm: {name} has shape {tuple(t.shape)}, expected {shape}")
-    if t.dtype != dtype:
-        raise ValueError(f"add_layer_norm: {name} is {t.dtype}, x is {dtype}; mixed dtypes are not supported")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"add_layer_norm: {name} must have a contiguous last dim (strides {t.stride()})")
-
-
-def _check_vector(op: str, name: str, t: torch.Tensor, n: int, dtype: torch.dtype) -> None:
-    """weight / bias: a contiguous [n] vector of the I/O dtype."""
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected ({n},)")
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: {name} is {t.dtype}, the inputs are {dtype}; mixed dtypes are not supported")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{op}: {name} must be contiguous")
-
-
 def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=None):
     """y = layer_norm(s), s = x + residual (or x when residual is None). Returns (y, s).
 
@@ -121,22 +102,22 @@ def add_layer_norm(x, residual, weight, bias, eps, *, out=None, residual_out=Non
     m, n = x.shape
     if n == 0 or n > MAX_N:
         raise ValueError(f"add_layer_norm: row length N={n} is not supported (1 <= N <= {MAX_N})")
-    _check_rows("x", x, (m, n), x.dtype)
+    check_operand("add_layer_norm", "x", x, x.dtype)
     if residual is not None:
-        _check_rows("residual", residual, (m, n), x.dtype)
+        check_operand("add_layer_norm", "residual", residual, x.dtype, shape=(m, n))
     elif residual_out is not None:
         raise ValueError("add_layer_norm: residual_out was given but residual is None (s would be x itself)")
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_vector("add_layer_norm", name, t, n, x.dtype)
+        check_operand("add_layer_norm", name, t, x.dtype, shape=(n,))
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
-        _check_rows("out", out, (m, n), x.dtype)
+        check_operand("add_layer_norm", "out", out, x.dtype, shape=(m, n))
     if residual is not None:
         if residual_out is None:
             residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
         else:
-            _check_rows("residual_out", residual_out, (m, n), x.dtype)
+            check_operand("add_layer_norm", "residual_out", residual_out, x.dtype, shape=(m, n))
     check_device("add_layer_norm", {"x": x, "residual": residual, "weight": weight, "bias": bias, "out": out,
                                     "residual_out": residual_out}, _add_layernorm_kernel)
 
@@ -186,12 +167,12 @@ def embed_layer_norm(ids, start, wte, wpe, weight, bias, eps, *, out=None, resid
     if start is not None and (tuple(start.shape) != (b,) or start.dtype != torch.int32):
         raise ValueError(f"embed_layer_norm: start must be [B]={b} int32, got {tuple(start.shape)} {start.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
-        _check_vector("embed_layer_norm", name, t, n, wte.dtype)
+        check_operand("embed_layer_norm", name, t, wte.dtype, "wte", shape=(n,))
     m = b * seq
     out = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if out is None else out
     h = torch.empty((m, n), dtype=wte.dtype, device=wte.device) if residual_out is None else residual_out
-    _check_rows("out", out, (m, n), wte.dtype)
-    _check_rows("residual_out", h, (m, n), wte.dtype)
+    check_operand("embed_layer_norm", "out", out, wte.dtype, "wte", shape=(m, n))
+    check_operand("embed_layer_norm", "residual_out", h, wte.dtype, "wte", shape=(m, n))
     ids = ids.contiguous()
     check_device("embed_layer_norm", {"ids": ids, "start": start, "wte": wte, "wpe": wpe, "weight": weight,
                                       "bias": bias, "out": out, "residual_out": h}, _add_layernorm_kernel)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .contract import ACTIVATIONS, DTYPES, CompileSpec, check_spec_dtype, kernel_signature
-from .launch_checks import check_device, check_dtype, pdl_launch_options
+from .launch_checks import check_device, check_dtype, check_operand, pdl_launch_options
 
 # SM counts of the targets the decode plan is built for; a CUDA device's own count is read from it
 TARGET_SMS = {"sm_90": 132, "sm_80": 108}  # H100 / H200 SXM, A100
@@ -392,15 +392,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a0 < b1 and b0 < a1
 
 
-def _check_2d(op, name, t, shape, dtype):
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-        raise ValueError(f"{op}: {name} has shape {tuple(getattr(t, 'shape', ()))}, expected {shape}")
-    if t.dtype != dtype:
-        raise ValueError(f"{op}: {name} is {t.dtype}, x is {dtype}; mixed dtypes are not supported")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{op}: {name} must have a contiguous last dim (strides {t.stride()})")
-
-
 def _check_workspace(op, workspace, p: GemmPlan, m, n, device):
     if workspace is None:
         return
@@ -429,35 +420,24 @@ def _launch(op, x, w, b, *, activation, residual, out, w_layout, norm, workspace
         layout = f"[K={k}, N] (Conv1D layout" if w_layout == "kn" else f"[N, K={k}] (w_layout='nk'"
         raise ValueError(f"{op}: w has shape {tuple(w.shape)}, expected {layout}, x is {tuple(x.shape)})")
     tensors = {"x": x, "w": w}
-    _check_2d(op, "x", x, (m, k), x.dtype)
-    if w.dtype != x.dtype:
-        raise ValueError(f"{op}: w is {w.dtype}, x is {x.dtype}; mixed dtypes are not supported")
-    if w.shape[-1] > 1 and w.stride(-1) != 1:
-        raise ValueError(f"{op}: w must have a contiguous last dim (strides {w.stride()})")
+    check_operand(op, "x", x, x.dtype)
+    check_operand(op, "w", w, x.dtype)
     if b is not None:
-        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (n,):
-            raise ValueError(f"{op}: b has shape {tuple(getattr(b, 'shape', ()))}, expected ({n},)")
-        if b.dtype != x.dtype:
-            raise ValueError(f"{op}: b is {b.dtype}, x is {x.dtype}; mixed dtypes are not supported")
-        if n > 1 and b.stride(0) != 1:
-            raise ValueError(f"{op}: b must be contiguous")
+        check_operand(op, "b", b, x.dtype, shape=(n,))
         tensors["b"] = b
     if residual is not None:
-        _check_2d(op, "residual", residual, (m, n), x.dtype)
+        check_operand(op, "residual", residual, x.dtype, shape=(m, n))
         tensors["residual"] = residual
     if out is not None:
-        _check_2d(op, "out", out, (m, n), x.dtype)
+        check_operand(op, "out", out, x.dtype, shape=(m, n))
         tensors["out"] = out
     if norm is not None:
         nw, nb, eps, norm_out = norm
         if norm_out is None:
             norm_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         norm = (nw, nb, eps, norm_out)
-        for name, t in (("norm_weight", nw), ("norm_bias", nb)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,) or t.dtype != x.dtype or (n > 1 and t.stride(0) != 1):
-                raise ValueError(f"{op}: {name} must be a contiguous ({n},) {x.dtype} vector, got "
-                                 f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', '')}")
-        _check_2d(op, "norm_out", norm_out, (m, n), x.dtype)
+        for name, t, shape in (("norm_weight", nw, (n,)), ("norm_bias", nb, (n,)), ("norm_out", norm_out, (m, n))):
+            check_operand(op, name, t, x.dtype, shape=shape)
         tensors.update(norm_weight=nw, norm_bias=nb, norm_out=norm_out)
     device = check_device(op, tensors, _linear_kernel)
     launch_options = pdl_launch_options(op, pdl, device, _linear_kernel)

@@ -373,7 +373,7 @@ def test_separate_errors():
         A.prefill_attention_separate(q, k[:1], k[:1], 1.0)
     with pytest.raises(ValueError, match=r"past_len must be an int with 0 <= past_len and past_len \+ S <= T \(S=3, T=10\), got 8"):
         A.decode_attention_separate(q, k, k, 8, 1.0)
-    with pytest.raises(ValueError, match=r"k dtype torch.float16 does not match q dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"decode_attention_separate: k is torch.float16, q is torch.float32; mixed dtypes"):
         A.decode_attention_separate(q, k.half(), k.half(), 2, 1.0)
     with pytest.raises(ValueError, match=r"q must be 4-d"):
         A.decode_attention_separate(q[0], k, k, 2, 1.0)
@@ -402,7 +402,7 @@ def _valid(B=2, T=4, H=2, D=32, dtype=torch.float32, Tmax=8):
 
 def test_prefill_errors():
     qkv, kc, vc, lens = _valid()
-    with pytest.raises(ValueError, match=r"k_cache dtype torch.float16 does not match qkv dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"prefill_attention: k_cache is torch.float16, qkv is torch.float32; mixed dtypes"):
         A.prefill_attention(qkv, kc.half(), vc, lens, 1.0)
     with pytest.raises(ValueError, match=r"prefill_attention: qkv dtype torch.float64 is not supported; use one of "
                                          r"torch.float32, torch.float16, torch.bfloat16"):
@@ -437,13 +437,13 @@ def test_decode_errors():
     qkv, kc, vc, lens = _valid(T=1)
     with pytest.raises(ValueError, match=r"1 <= S <= 8, got S=9"):
         A.decode_attention(torch.zeros((2, 9, qkv.shape[2]), device=DEVICE), kc, vc, lens, 1.0)
-    with pytest.raises(ValueError, match=r"v_cache dtype torch.float16 does not match qkv dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"decode_attention: v_cache is torch.float16, qkv is torch.float32; mixed dtypes"):
         A.decode_attention(qkv, kc, vc.half(), lens, 1.0)
     with pytest.raises(ValueError, match=r"cache_lens dtype torch.int64 is not supported, expected torch.int32"):
         A.decode_attention(qkv, kc, vc, lens.long(), 1.0)
     with pytest.raises(ValueError, match=r"num_splits must be an int >= 1, got 0"):
         A.decode_attention(qkv, kc, vc, lens, 1.0, num_splits=0)
-    with pytest.raises(ValueError, match=r"out dtype torch.float16 does not match qkv dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"decode_attention: out is torch.float16, qkv is torch.float32; mixed dtypes"):
         A.decode_attention(qkv, kc, vc, lens, 1.0, out=torch.empty((2, 1, 64), dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match=r"k_cache shape .* != v_cache shape"):
         A.decode_attention(qkv, kc, vc[:, :, :4], lens, 1.0)

@@ -203,6 +203,10 @@ def test_embed_layer_norm_errors():
         embed_layer_norm(ids, start, wte.double(), wpe.double(), w.double(), bias.double(), 1e-5)
     with pytest.raises(ValueError, match="embed_layer_norm: tensors on different devices"):
         embed_layer_norm(ids, start.to("meta"), wte, wpe, w, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"^embed_layer_norm: out has shape \(6, 15\), expected \(6, 16\)"):
+        embed_layer_norm(ids, start, wte, wpe, w, bias, 1e-5, out=torch.empty(6, 15))  # names the launcher called
+    with pytest.raises(ValueError, match=r"^embed_layer_norm: residual_out is torch.float16, wte is torch.float32"):
+        embed_layer_norm(ids, start, wte, wpe, w, bias, 1e-5, residual_out=torch.empty(6, 16, dtype=torch.float16))
 
 
 # -- compile specs (no kernel launches) ---------------------------------------------------------
