@@ -167,9 +167,10 @@ def reference_model(model: GPT2):
             hf_dict[key] = None
     hf_cfg = HFConfig(**hf_dict)
     hf = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="eager", dtype=model.dtype)
-    state = {"transformer." + k: v for k, v in model.weights.items() if k != "lm_head.weight"}
+    weights = model.plain_weights()
+    state = {"transformer." + k: v for k, v in weights.items() if k != "lm_head.weight"}
     if not model.config.tie_word_embeddings:
-        state["lm_head.weight"] = model.weights["lm_head.weight"]
+        state["lm_head.weight"] = weights["lm_head.weight"]
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):
         raise RuntimeError(f"reference model does not take fastgpt2's weights: missing {missing}, unexpected {unexpected}")
@@ -374,12 +375,13 @@ def run(options: BenchOptions) -> BenchResult:
         first = GPT2.from_pretrained(o.model, device=device, dtype=dtype, backend=backends[0])
     cfg = first.config
     models = {first.backend: first}
-    for backend in backends[1:]:  # the same tensors: nothing is copied
-        model = GPT2(cfg, first.weights, device=device, dtype=dtype, backend=backend)
+    for backend in backends[1:]:  # the same tensors: nothing is copied (CUDA: no backend packs its weights)
+        model = GPT2(cfg, first.plain_weights(), device=device, dtype=dtype, backend=backend)
         models.setdefault(model.backend, model)
     engine_models = dict(models)  # engine name (in brackets) -> model; the step count is per backend
     if o.pdl:  # the Triton model again, on the same tensors, its decode steps launched with PDL
-        engine_models["triton+pdl"] = GPT2(cfg, first.weights, device=device, dtype=dtype, backend="triton", pdl=True)
+        engine_models["triton+pdl"] = GPT2(cfg, first.plain_weights(), device=device, dtype=dtype, backend="triton",
+                                           pdl=True)
     if o.prompt_len + o.new_tokens > cfg.n_positions:
         raise BenchError(f"--prompt-len + --new-tokens must be <= n_positions ({cfg.n_positions})")
     hf = reference_model(first) if o.reference else None

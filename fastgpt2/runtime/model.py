@@ -110,8 +110,35 @@ class GPT2Network:
                          scale=cfg.attn_scale(i))
             for i in range(cfg.n_layer)
         ]
+        # nothing held twice: a GEMM weight the backend prepared into storage of its own replaces the plain
+        # tensor (a column-major [K, N] view holds the same values; a oneDNN-packed one is no [K, N] tensor:
+        # plain_weights() recovers its values)
+        for i, lw in enumerate(self.layers):
+            for field in _GEMM_FIELDS:
+                key, prepared = f"h.{i}.{_LAYER_KEYS[field]}", getattr(lw, field)
+                if prepared is not w[key]:
+                    if prepared.is_mkldnn:
+                        del w[key]
+                    else:
+                        w[key] = prepared
         # the layernorm that follows layer i's MLP: layer i+1's ln_1, ln_f after the last
         self.next_norm = [(lw.ln_1_w, lw.ln_1_b) for lw in self.layers[1:]] + [self.ln_f]
+
+    def plain_weights(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor by its key (without ``transformer.``), GEMM weights as [K, N] tensors:
+        ``weights``, plus the values of each oneDNN-packed GEMM weight recovered by one product with the
+        identity (exact: every term but one is a zero). For another model or transformers on the same
+        values; the packed ones are copies."""
+        out, shapes = dict(self.weights), expected_shapes(self.config)
+        for i, lw in enumerate(self.layers):
+            for field in _GEMM_FIELDS:
+                key = f"h.{i}.{_LAYER_KEYS[field]}"
+                if key not in out:
+                    k, n = shapes[key]  # [K, N]
+                    eye = torch.eye(k, dtype=self.dtype, device=self.device)
+                    out[key] = self.ops.linear(eye, getattr(lw, field), torch.zeros(n, dtype=self.dtype,
+                                                                                     device=self.device))
+        return out
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
