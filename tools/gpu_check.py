@@ -38,7 +38,7 @@ profiler                 30 s   one graphed gpt2 fp16 decode step under torch.pr
 
 ``--dry`` (automatic when torch.cuda.is_available() is False): the stages that need CUDA report
 "skipped: no CUDA"; environment, a tiny CPU bench and step_model run, so the script is exercised
-end to end on any machine (tests/runtime/test_gpu_check.py).
+end to end on any machine (tests/tools/test_gpu_check.py).
 
 Options: --only STAGE[,STAGE] runs those stages alone; --timeout STAGE=SECONDS overrides one
 stage's timeout (repeatable); --budget SECONDS caps the whole run; --list prints the stages.

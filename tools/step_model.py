@@ -46,7 +46,7 @@ from fastgpt2.runtime.graphs import graph_cache_len
 
 
 def _load_roofline():
-    """tools/roofline.py (not a package module), loaded by path as tests/runtime/test_bench.py does."""
+    """tools/roofline.py (not a package module), loaded by path as tests/tools/test_bench.py does."""
     spec = importlib.util.spec_from_file_location("roofline", Path(__file__).resolve().parent / "roofline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
