@@ -19,7 +19,7 @@ LAYERS = [
     ["fastgpt2.kernels.attention", "fastgpt2.kernels.layernorm", "fastgpt2.kernels.linear"],
     ["fastgpt2.runtime.config"],
     ["fastgpt2.runtime.loader", "fastgpt2.runtime.kv_cache", "fastgpt2.runtime.tokenizer",
-     "fastgpt2.runtime.cpu_paths"],
+     "fastgpt2.runtime.cpu_paths", "fastgpt2.runtime.plan"],
     ["fastgpt2.runtime.ops"],
     ["fastgpt2.runtime.model"],
     ["fastgpt2.runtime.sampling"],

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import FastGPT2Error
 from ..kernels.contract import DTYPE_NAMES
+from . import plan
 from .config import GPT2Config
 from .kv_cache import KVCache
 from .loader import BLOCK_WEIGHTS, expected_shapes, load_checkpoint, read_hf_model
@@ -206,11 +207,9 @@ class GPT2Network:
         return self.ops.lm_head(y, self.lm_head, workspace)
 
     def decode_gemm_shapes(self, batch: int, s: int) -> list[tuple[int, int, int]]:
-        """(M, N, K) of every GEMM of a decode step of `batch` sequences of s new tokens: QKV, attention
-        out, MLP up, MLP down (M = batch * s rows), the lm_head (the last token of each sequence)."""
-        c, m = self.config, batch * s
-        e, inner = c.n_embd, c.inner_dim
-        return [(m, 3 * e, e), (m, e, e), (m, inner, e), (m, e, inner), (batch, c.vocab_size, e)]
+        """(M, N, K) of every GEMM of a decode step of `batch` sequences of s new tokens, from the step's
+        plan (runtime/plan.py): QKV, attention out, MLP up, MLP down, the lm_head."""
+        return plan.gemm_shapes(self.config, batch, s)
 
     def decode_workspace(self, cache: KVCache, batch: int, s: int, pdl: bool = False):
         """The scratch of a decode step (``ops.decode_workspace``), made once, before a capture; pdl: its

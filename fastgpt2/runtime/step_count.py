@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import plan
 from .config import GPT2Config
 from .generate import GPT2
 from .graphs import DecodeStep
@@ -31,21 +32,8 @@ from .graphs import DecodeStep
 # ops that launch no kernel: allocation and metadata
 _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "set_", "resize_"}
 
-# which fusions the Triton decode step has (kept beside the code that implements them)
-FUSIONS = {
-    "triton": [
-        "token + position embedding gather fused into layer 0's ln_1 (embed_layer_norm)",
-        "attention-output residual add and ln_2 fused into its GEMM's epilogue (linear_norm)",
-        "MLP-output residual add and the next layernorm (ln_f after the last layer) fused into the "
-        "MLP down GEMM's epilogue (linear_norm)",
-        "bias + activation fused into the c_fc GEMM epilogue",
-        "split-K partials (fp32) reduced by the last program of each tile, inside the GEMM (no reduce pass)",
-        "K/V cache write fused into the attention kernels (prefill and decode)",
-        "flash-decoding's split combine done by the last split of each head, inside the attention kernel",
-        "lm_head on fastgpt2's GEMM kernel, reading the [V, E] table as it is",
-    ],
-    "torch": [],
-}
+# which fusions each backend's decode step has: the Triton step's are its plan's (runtime/plan.py)
+FUSIONS = {"triton": plan.fusions(), "torch": []}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ counted from the profiler on CUDA."""
 import pytest
 import torch
 
+from fastgpt2.runtime import plan as step_plan
 from fastgpt2.runtime.step_count import count_ops, measure_step_count
 
 
@@ -41,10 +42,11 @@ def test_triton_decode_step_fits_the_budget():
     # decode attention splits, and K long enough that the GEMMs split K: every in-kernel reduction runs)
     count = measure_step_count("triton", unit="ops")
     assert count.unit == "ops" and count.per_layer <= 6 and count.per_step <= 4, count
-    # what they are: per layer QKV, attention, attention-out + ln_2, MLP up, MLP down + next layernorm;
-    # per step the embedding (+ layer 0's ln_1), the lm_head, the greedy choice (torch.max: the argmax)
-    # and the length update
-    assert (count.per_layer, count.per_step) == (5, 4), count
+    # what they are: the plan's ops (runtime/plan.py), one launch each: per layer QKV, attention,
+    # attention-out + ln_2, MLP up, MLP down + next layernorm; per step the embedding (+ layer 0's ln_1),
+    # the lm_head, the greedy choice (torch.max: the argmax) and the length update
+    assert (count.per_layer, count.per_step) == (len(step_plan.per_layer()), len(step_plan.per_step())) == (5, 4), count
+    assert count.fusions == step_plan.fusions()
     from fastgpt2.kernels.attention import default_num_splits
     from fastgpt2.kernels.linear import plan
 
