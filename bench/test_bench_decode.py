@@ -19,7 +19,8 @@ from benchlib import DECODE_RESULTS, DEVICE, SMALL, median_seconds
 
 from fastgpt2.benchmark import hf_prefill_kwargs, measure_bandwidth, reference_model, sync
 from fastgpt2.hf import cache_argument
-from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.config import GPT2Config, kv_read_bytes
+from fastgpt2.runtime.plan import decode_weight_bytes
 from fastgpt2.runtime.cpu_paths import cpu_capability
 from fastgpt2.runtime.generate import GPT2
 from fastgpt2.runtime.model import resolve_dtype

@@ -13,7 +13,7 @@ them alike instead of on whichever ran last:
   public generate() (greedy, no early stop), so the figure holds everything a user pays per token;
   the first new token comes from the prefill's logits, so new_tokens - 1 decode steps remain.
 - ms/token: one decode step (a new token for every sequence of the batch), in ms.
-- weight GB/s: ``decode_weight_bytes`` (runtime/config.py) / step time; % roofline: that over the
+- weight GB/s: ``decode_weight_bytes`` (runtime/plan.py) / step time; % roofline: that over the
   memory bandwidth ``measure_bandwidth`` measured in this run (the decode step cannot read its
   weights faster).
 - KV read/step: ``kv_read_bytes`` (runtime/config.py) of the last decode step (K and V of every
@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .errors import BackendError, FastGPT2Error
-from .runtime.config import PRESETS, GPT2Config, decode_weight_bytes, kv_read_bytes
+from .runtime.config import PRESETS, GPT2Config, kv_read_bytes
+from .runtime.plan import decode_weight_bytes
 from .runtime.cpu_paths import cpu_capability, cpu_features
 from .runtime.generate import GPT2
 from .runtime.model import resolve_device, resolve_dtype

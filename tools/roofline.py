@@ -4,7 +4,7 @@
 
 A decode step reads every weight once, so it can take no less than (weight bytes per step) / (HBM
 bandwidth). For each GPT-2 size and each GPU this prints that bound, in µs per step and tokens/s,
-as a markdown table. Bytes per step come from `fastgpt2.runtime.config.decode_weight_bytes` (the
+as a markdown table. Bytes per step come from `fastgpt2.runtime.plan.decode_weight_bytes` (the
 function `fastgpt2 bench` uses; its docstring has the formula), the configs from GPT2Config's
 presets, bandwidths from the vendors' datasheets. The KV cache is left out: at batch 1 and short
 contexts it is small beside the weights (`fastgpt2 bench` reports it). These are bounds, not
@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from fastgpt2.kernels.contract import DTYPE_NAMES
-from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes
+from fastgpt2.runtime.config import GPT2Config
+from fastgpt2.runtime.plan import decode_weight_bytes
 
 MODELS = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # name -> HBM bandwidth in GB/s (1e9 bytes/s), datasheet figures

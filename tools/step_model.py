@@ -3,8 +3,8 @@
     python tools/step_model.py [--gpu H200|H100|A100] [--model gpt2 ...] [--batch 1,8]
                                [--dtype float16] [--context 128] [--cache-len N] [--pdl] [--json FILE]
 
-For every kernel the step launches (the op sequence of ``fastgpt2.runtime.model``'s docstring, with
-the fusions of ``fastgpt2.runtime.step_count.FUSIONS``) this lists the bytes it moves (weights,
+For every kernel the step launches (the step's plan, ``fastgpt2.runtime.plan``: its ops in order, each
+one kernel, with their fusions, GEMM shapes and weights) this lists the bytes it moves (weights,
 activations, KV cache read and written, in the model dtype; split partials in fp32), the programs
 it launches (the grid its launcher computes, from the launchers' own helpers: the GEMMs' ``plan``
 for the GPU's SM count, ``default_num_splits``, one layernorm program per row), the waves, and a
@@ -41,8 +41,10 @@ from fastgpt2.kernels import attention as _attention
 from fastgpt2.kernels.contract import DTYPE_NAMES
 from fastgpt2.kernels.contract import DTYPES
 from fastgpt2.kernels.linear import plan
-from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.config import GPT2Config, kv_read_bytes
+from fastgpt2.runtime import plan as step_plan
 from fastgpt2.runtime.graphs import graph_cache_len
+from fastgpt2.runtime.plan import decode_weight_bytes
 
 
 def _load_roofline():
@@ -121,40 +123,43 @@ def step_kernels(cfg: GPT2Config, batch: int, dtype: torch.dtype, context: int, 
     """The kernels of one greedy decode step, one row per distinct kernel with its count per step.
     Bytes are per launch; weight_bytes the share of them that is weights (as decode_weight_bytes
     counts them), kv_bytes the K/V cache share (read and written)."""
-    i, b, e, v, n, h = dtype.itemsize, batch, cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_head
-    inner, d = cfg.inner_dim, cfg.head_dim
+    i, b, e, n, h = dtype.itemsize, batch, cfg.n_embd, cfg.n_layer, cfg.n_head
+    d = cfg.head_dim
     f32, idx = 4, 8  # fp32 partials, int64 token ids
     splits, dec_programs = decode_grids(b, h, cache_len)
-    ln_rows = layernorm_programs(b)
-    # gathers 1 row of wte and of wpe per sequence + ln_1 of layer 0; reads ids and lengths, writes a, h
-    embed_w = (2 * b * e + 2 * e) * i
-    out = [_kernel("embed + ln_1 (embed_layer_norm)", 1, ln_rows, embed_w + b * (idx + 4) + 2 * b * e * i, embed_w)]
-
-    def gemm(name, k_dim, n_dim, count=n, bias=True, extra_io=0, norm=False):
-        """x [b, k] @ w [k, n] (+ bias): weights, x, y; split-K partials (fp32, written and read back);
-        extra_io: further activations (residual in, the stream out); norm: layernorm weights, y read
-        back (from L2) and the normalised rows written."""
-        p = gemm_plan(b, n_dim, k_dim, dtype, sms)
-        w = (k_dim * n_dim + (n_dim if bias else 0) + (2 * n_dim if norm else 0)) * i
-        act = (b * k_dim + b * n_dim + extra_io + (2 * b * n_dim if norm else 0)) * i
-        partials = 2 * p.split_k * b * n_dim * f32 if p.split_k > 1 else 0
-        label = f"{name} [BN={p.block_n}" + (f", split-K {p.split_k}]" if p.split_k > 1 else "]")
-        return _kernel(label, count, p.programs(b, n_dim), w + act + partials, w)
-
-    out.append(gemm("QKV GEMM (c_attn)", e, 3 * e))
-    # q, k_new, v_new from qkv; the cached K/V of `context` positions; the new K/V written; lengths;
-    # with splits, the fp32 partials written and read back by the combining program, then out
-    kv = 2 * b * context * e * i + 2 * b * e * i
-    partials = 2 * b * h * splits * (d + 2) * f32 if splits > 1 else 0
-    out.append(_kernel(f"decode attention ({splits} split{'s combined in-kernel' if splits > 1 else ''})", n,
-                       dec_programs, 3 * b * e * i + kv + b * 4 + partials + b * e * i, kv_bytes=kv))
-    out.append(gemm("attn-out GEMM + residual + ln_2 (linear_norm)", e, e, extra_io=b * e, norm=True))
-    out.append(gemm("c_fc GEMM + gelu", e, inner))
-    # the MLP residual add + the next layer's ln_1 (ln_f after the last layer) in the epilogue
-    out.append(gemm("c_proj GEMM + residual + next ln_1 / ln_f (linear_norm)", inner, e, extra_io=b * e, norm=True))
-    out.append(gemm("lm_head GEMM (the [V, E] table as it is)", e, v, count=1, bias=False))
-    out.append(_kernel("argmax (torch.max over V)", 1, LIBRARY_PROGRAMS, b * v * i + b * (i + idx), kind="torch"))
-    out.append(_kernel("length update (lengths += 1)", 1, LIBRARY_PROGRAMS, 2 * b * 4, kind="torch"))
+    shapes = dict(zip((op.gemm for op in step_plan.STEP if op.gemm), step_plan.gemm_shapes(cfg, b)))
+    out = []
+    for op in step_plan.STEP:  # one kernel per op of the plan, in its order
+        count = n if op.per_layer else 1
+        w = step_plan.op_weight_elements(cfg, op, b) * i  # the weights it reads (the plan's)
+        if op.op == "embed_layer_norm":
+            # gathers 1 row of wte and of wpe per sequence + ln_1 of layer 0; reads ids and lengths, writes a, h
+            out.append(_kernel(op.name, count, layernorm_programs(b), w + b * (idx + 4) + 2 * b * e * i, w))
+        elif op.gemm:
+            # x [b, k] @ w [k, n] (+ bias), weights as the plan counts them; x, y; split-K partials (fp32,
+            # written and read back); linear_norm: the residual in and the stream out, y read back (from L2)
+            # and the normalised rows written
+            _, n_dim, k_dim = shapes[op.gemm]
+            p = gemm_plan(b, n_dim, k_dim, dtype, sms)
+            norm = op.op == "linear_norm"
+            act = (b * k_dim + b * n_dim + (b * e + 2 * b * n_dim if norm else 0)) * i
+            partials = 2 * p.split_k * b * n_dim * f32 if p.split_k > 1 else 0
+            label = f"{op.name} [BN={p.block_n}" + (f", split-K {p.split_k}]" if p.split_k > 1 else "]")
+            out.append(_kernel(label, count, p.programs(b, n_dim), w + act + partials, w))
+        elif op.op == "decode_attention":
+            # q, k_new, v_new from qkv; the cached K/V of `context` positions; the new K/V written; lengths;
+            # with splits, the fp32 partials written and read back by the combining program, then out
+            kv = 2 * b * context * e * i + 2 * b * e * i
+            partials = 2 * b * h * splits * (d + 2) * f32 if splits > 1 else 0
+            label = f"{op.name} ({splits} split{'s combined in-kernel' if splits > 1 else ''})"
+            out.append(_kernel(label, count, dec_programs, 3 * b * e * i + kv + b * 4 + partials + b * e * i,
+                               kv_bytes=kv))
+        elif op.op == "choose":
+            out.append(_kernel(op.name, count, LIBRARY_PROGRAMS, b * cfg.vocab_size * i + b * (i + idx), kind="torch"))
+        elif op.op == "advance":
+            out.append(_kernel(op.name, count, LIBRARY_PROGRAMS, 2 * b * 4, kind="torch"))
+        else:
+            raise ValueError(f"the step model has no bytes for the plan's op {op.op!r} ({op.name})")
     return out
 
 

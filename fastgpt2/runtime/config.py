@@ -174,27 +174,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------
 # Bytes a decode step reads: the roofline's numerator (fastgpt2 bench, tools/roofline.py)
 # --------------------------------------------------------------------------------------------
-def decode_weight_bytes(cfg: GPT2Config, batch: int = 1, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of weights one decode step reads, every weight read once, in the model dtype.
-
-    With E = n_embd, I = inner dim (4E by default), L = n_layer, V = vocab_size, B = batch:
-
-        per layer   ln_1 (2E) + c_attn (E*3E + 3E) + attn.c_proj (E*E + E)
-                    + ln_2 (2E) + c_fc (E*I + I) + mlp.c_proj (I*E + E)    = 4E^2 + 2EI + 9E + I
-        ln_f        2E
-        lm_head     V*E   (wte read whole when tied; the untied lm_head.weight otherwise)
-        embedding   B*E (wte rows) + B*E (wpe rows): the step gathers one row of each per sequence
-
-        bytes = itemsize(dtype) * (L * (4E^2 + 2EI + 9E + I) + 2E + V*E + 2*B*E)
-
-    The KV cache is not a weight: see ``kv_read_bytes``. GPT-2 small in fp16 at batch 1:
-    247,309,824 bytes (the full 124.4M parameters would be 248.9 MB; the step skips the other
-    1023 rows of wpe).
-    """
-    e, v = cfg.n_embd, cfg.vocab_size
-    return dtype.itemsize * (cfg.n_layer * cfg.layer_parameters + 2 * e + v * e + 2 * batch * e)
-
-
 def kv_read_bytes(cfg: GPT2Config, batch: int, kv_len: int, dtype: torch.dtype) -> int:
     """K and V bytes one decode step reads when each of `batch` sequences attends over `kv_len`
     positions (its own new token included): 2 * n_layer * batch * kv_len * n_embd * itemsize."""

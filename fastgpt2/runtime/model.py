@@ -2,18 +2,8 @@
 going through one backend (runtime/ops.py). Prefill, decode and the full forward; no generation
 (runtime/generate.py builds ``fastgpt2.GPT2`` on top of this class).
 
-The network (M = tokens in the step, E = n_embd, I = inner dim):
-    a, h = embed_layer_norm(ids, start, wte, wpe, ln_1 of layer 0)   [M, E]  gathers + add + layernorm
-    per layer:
-      qkv  = linear(a, c_attn)                  [M, 3E]
-      att  = attention(qkv, cache[layer])       [M, E]   prefill or decode; writes K/V in place
-      h    = linear(att, attn.c_proj, +h)       [M, E]   residual add in the GEMM epilogue
-      m, _ = layer_norm(h, ln_2)                [M, E]
-      f    = linear(m, c_fc, activation)        [M, I]   bias + activation in the epilogue
-      p    = linear(f, mlp.c_proj)              [M, E]
-      a, h = layer_norm(p, +h, next ln_1)       [M, E]   residual add fused into the next layernorm
-                                                         (ln_f after the last layer)
-    logits = a @ wte^T                          [M, V]   (the tied lm_head; a torch matmul)
+The ops a step runs, in order, with their GEMMs, weights and fusions, are the step's plan
+(runtime/plan.py); ``_blocks`` runs them (tests/runtime/test_plan.py checks that it runs exactly those).
 """
 from __future__ import annotations
 

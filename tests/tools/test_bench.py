@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastgpt2.cli import main
-from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.config import GPT2Config, kv_read_bytes
+from fastgpt2.runtime.plan import decode_weight_bytes
 from fastgpt2.runtime.generate import GPT2
 from fastgpt2.runtime.kv_cache import KVCache
 

@@ -13,7 +13,8 @@ from triton.runtime.jit import KernelInterface
 from fastgpt2.kernels.attention import decode_attention, default_num_splits
 from fastgpt2.kernels.layernorm import add_layer_norm
 from fastgpt2.kernels.linear import linear, plan
-from fastgpt2.runtime.config import GPT2Config, decode_weight_bytes, kv_read_bytes
+from fastgpt2.runtime.config import GPT2Config, kv_read_bytes
+from fastgpt2.runtime.plan import decode_weight_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
