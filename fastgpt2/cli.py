@@ -69,6 +69,14 @@ def _generate(args) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------------
+def _write_json(path: str | None, result) -> None:
+    """--json: the result's to_dict() to `path` (when given), and say so."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        print(f"\nwrote {path}")
+
+
 def _parse_batches(text: str) -> tuple[int, ...]:
     """--batch's integers; whether they are positive (and any at all) is benchmark.run's check."""
     try:
@@ -95,10 +103,7 @@ def _bench(args) -> int:
     except BenchError as exc:  # bench's own refusals exit with the message (status 1), as they always have
         raise SystemExit(f"fastgpt2 bench: error: {exc}") from None
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     if args.plot:
         plot_decode(result, args.plot)
         print(f"wrote {args.plot}")
@@ -127,10 +132,7 @@ def _bench_serving(args) -> int:
     except BenchError as exc:
         raise SystemExit(f"fastgpt2 bench-serving: error: {exc}") from None
     print(format_load(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 
