@@ -98,14 +98,7 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) is "
                 f"{len(prompt) + max_new_tokens}, past the engine's {self.max_len} positions per slot; shorten the "
                 f"prompt, generate fewer tokens or build the engine with a larger max_len (at most n_positions)")
-        if sampling.do_sample:
-            if not sampling.temperature > 0:
-                raise InputError(f"temperature must be > 0 when sampling, got {sampling.temperature!r}")
-            if sampling.top_k is not None and (isinstance(sampling.top_k, bool) or not isinstance(sampling.top_k, int)
-                                               or sampling.top_k < 1):
-                raise InputError(f"top_k must be an integer >= 1 (or None), got {sampling.top_k!r}")
-            if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
-                raise InputError(f"top_p must be in (0, 1] (or None), got {sampling.top_p!r}")
+        sampling.check()
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         request = Request(next(self._ids), prompt, max_new_tokens, sampling, int(seed), frozenset(map(int, stop_token_ids)))

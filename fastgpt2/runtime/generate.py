@@ -27,15 +27,7 @@ def _eos_list(eos_token_id) -> list:
 def _check_args(model: GPT2Network, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if do_sample:
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
-    elif temperature != 1.0 or top_k is not None or top_p is not None:
-        raise InputError("temperature, top_k and top_p shape sampling; pass do_sample=True to use them (greedy ignores them)")
+    Sampling(bool(do_sample), temperature, top_k, top_p).check()
     eos = _eos_list(eos_token_id)
     vocab = model.config.vocab_size
     for tok in eos + ([] if pad_token_id is None else [pad_token_id]):

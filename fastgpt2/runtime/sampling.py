@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import InputError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -18,6 +20,21 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+
+    def check(self) -> "Sampling":
+        """Itself, or an InputError naming the bad setting (settings without do_sample are one)."""
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise InputError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+            k = self.top_k
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise InputError(f"top_k must be an integer >= 1 (or None), got {k!r}")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise InputError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
+        elif self.temperature != 1.0 or self.top_k is not None or self.top_p is not None:
+            raise InputError("temperature, top_k and top_p shape sampling; pass do_sample=True to use them "
+                             "(greedy ignores them)")
+        return self
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):

@@ -209,3 +209,11 @@ def test_graphed_engine_equals_the_eager_one_on_a_random_schedule():
         runs.append([h.tokens for h in handles])
         assert (len(engine.graphs) > 0) == graphed  # one graph per sampling variant met
     assert runs[0] == runs[1]
+
+
+def test_settings_without_sampling_are_refused_as_generate_refuses_them():
+    engine = Engine(model_for("torch"), max_batch=1)
+    with pytest.raises(fastgpt2.InputError, match="pass do_sample=True to use them"):
+        engine.add([1], 2, Sampling(False, 0.7))
+    with pytest.raises(fastgpt2.InputError, match="top_k must be an integer >= 1"):
+        engine.add([1], 2, Sampling(True, 1.0, 0))
