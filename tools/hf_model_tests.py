@@ -110,8 +110,8 @@ def _outcomes(junit: Path) -> dict[str, tuple[str, str]]:
             node = case.find(tag)
             if node is not None:
                 outcome = {"failure": "failed"}.get(tag, tag)
-                message = (node.get("message") or node.text or "").strip().splitlines()[0][:300] if (
-                    node.get("message") or node.text) else ""
+                text = (node.get("message") or node.text or "").strip()
+                message = text.splitlines()[0][:300] if text else ""
                 break
         out[name] = (outcome, message)
     return out
@@ -151,9 +151,11 @@ def main(argv=None) -> int:
                              capture_output=True, text=True, check=True).stdout.strip()
     plain, plain_s, _ = _run(args.python, args.tests.resolve(), args.out.resolve(), False, args.pytest_args)
     patched, patched_s, routes = _run(args.python, args.tests.resolve(), args.out.resolve(), True, args.pytest_args)
-    regressions = {name: patched.get(name, ("missing", ""))[1] or patched.get(name, ("missing", ""))[0]
-                   for name, (outcome, _) in plain.items()
-                   if outcome == "passed" and patched.get(name, ("missing",))[0] != "passed"}
+    regressions = {}  # passed unpatched, not patched: the patched failure's message (or its outcome)
+    for name, (outcome, _) in plain.items():
+        got, message = patched.get(name, ("missing", ""))
+        if outcome == "passed" and got != "passed":
+            regressions[name] = message or got
     fixed = sorted(n for n, (o, _) in patched.items() if o == "passed" and plain.get(n, ("",))[0] != "passed")
     counts = {label: dict(Counter(o for o, _ in runs.values()))
               for label, runs in (("unpatched", plain), ("patched", patched))}
