@@ -12,16 +12,20 @@
 The engine owns the KV cache as `max_batch` slots of `max_len` positions, the per-slot lengths on
 the device, the decode step's scratch and each slot's sampling parameters (``RowSampler``: device
 tensors, so a step serves any mix of greedy and sampled requests). A request waits in a queue until
-a slot is free; ``step`` first decodes one token for every running request (one step over all
-slots: a fixed shape, so a request's tokens are the same whatever runs beside it), then prefills
-waiting requests into free slots (each prompt alone) and emits their first token. A request that
-stops (a stop token, its max_new_tokens, or ``cancel``) frees its slot at once, for the next step.
+a slot is free; ``step`` first decodes one token for every running request, then prefills waiting
+requests into free slots (those that land in neighbouring slots as one ragged batch) and emits their
+first token. A request that stops (a stop token, its max_new_tokens, or ``cancel``) frees its slot at
+once, for the next step. ``reserve`` grows the slots or their length in place (running requests keep
+their cache); ``GPT2.generate`` / ``stream`` run on their model's one engine (``GPT2.engine``).
 
-On CUDA the decode step (embed -> layers -> lm_head -> every slot's next token -> idle slots
-emptied) is captured in a CUDA graph after a warm-up run, one graph per sampling variant (all greedy;
-some sampled; some sampled with top-k/top-p: ``RowSampler.variant``), never per setting: the settings
-are device tensors the graph reads. Replay equals the eager step. ``GPT2.generate`` / ``stream``
-still run on the graphed decode steps of runtime/graphs.py.
+The decode step runs over the slots 0 .. n-1, n the highest occupied slot + 1 (requests take the
+lowest free slot), not over every slot: a lone request costs a batch-1 step. On CUDA n is rounded
+up to a power of two (a slot-count bucket) and the step (embed -> layers -> lm_head -> each slot's
+next token -> idle slots emptied) is captured in a CUDA graph after a warm-up run, one graph per
+bucket and sampling variant (all greedy; some sampled; some sampled with top-k/top-p:
+``RowSampler.variant``), never per setting: the settings are device tensors the graph reads. Replay
+equals the eager step. A row's result does not depend on the rows beside it or on n (the kernels
+and the CPU's GEMMs compute each row alone; tested by tests/runtime/test_engine.py).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from typing import Sequence
 import torch
 
 from .graphs import GraphError, graph_cache_len, resolve_use_cuda_graph
-from .kv_cache import CacheError
+from .kv_cache import CacheError, KVCache
 from .model import GPT2Network, InputError
 from .sampling import RowSampler, Sampling
 
@@ -56,29 +60,72 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def length(self) -> int:
+        """Tokens in its cache slot once its last token is decoded: prompt + new tokens."""
+        return len(self.prompt) + len(self.tokens)
+
+
+def slot_bucket(n: int, max_batch: int) -> int:
+    """The slot count a graphed step runs over for n occupied slots: the next power of two, at most
+    max_batch (so a few graphs cover every n)."""
+    bucket = 1
+    while bucket < n:
+        bucket *= 2
+    return min(bucket, max_batch)
+
 
 class Engine:
     def __init__(self, model: GPT2Network, max_batch: int = 8, max_len: int | None = None,
-                 use_cuda_graph: bool | None = None):
+                 use_cuda_graph: bool | None = None, pdl: bool | None = None):
         """max_batch: slots (requests decoding at once); max_len: positions per slot (prompt + new
         tokens), at most the model's n_positions (default); use_cuda_graph: replay the decode step
-        from CUDA graphs (default: True on CUDA; an error elsewhere)."""
+        from CUDA graphs (default: True on CUDA; an error elsewhere); pdl: launch the step's GEMM and
+        attention kernels with programmatic dependent launch (None: the model's own ``pdl``)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model
-        self.cache = model.new_cache(max_batch, max_len)  # [L, slots, H, max_len, D]; CacheError past n_positions
-        self.max_batch, self.max_len = max_batch, self.cache.max_len
-        device = model.device
-        self.sampler = RowSampler(max_batch, model.config.vocab_size, device)
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)  # [slots] each slot's last token
-        self.active = torch.zeros(max_batch, dtype=torch.bool, device=device)  # [slots] decoding now
-        self.workspace = model.decode_workspace(self.cache, max_batch, 1)  # the kernels' scratch, made once
-        self.use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, device)
-        self.graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}  # sampling variant -> its captured step
-        self._pool = None  # the graphs' shared memory pool
-        self.slots: list[Request | None] = [None] * max_batch
+        self.use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, model.device)
+        self.pdl = model.pdl if pdl is None else pdl
+        self.slots: list[Request | None] = []
         self.queue: deque[Request] = deque()
         self._ids = itertools.count()
+        self.max_batch = self.max_len = 0
+        self._allocate(max_batch, max_len or model.config.n_positions)
+
+    def _allocate(self, max_batch: int, max_len: int) -> None:
+        """(Re)build the slots' state at this size, keeping what the old state held (running requests
+        keep their cache rows, lengths, last tokens and sampling)."""
+        model, device = self.model, self.model.device
+        cache = KVCache(model.config, max_batch, max_len, model.dtype, device)  # CacheError past n_positions
+        sampler = RowSampler(max_batch, model.config.vocab_size, device)
+        tokens = torch.zeros(max_batch, dtype=torch.long, device=device)  # [slots] each slot's last token
+        active = torch.zeros(max_batch, dtype=torch.bool, device=device)  # [slots] decoding now
+        if self.max_batch:  # growing: copy the old slots into the first rows and positions
+            b, t = self.max_batch, self.max_len
+            cache.k[:, :b, :, :t].copy_(self.cache.k)
+            cache.v[:, :b, :, :t].copy_(self.cache.v)
+            cache.lengths[:b].copy_(self.cache.lengths)
+            sampler.copy_rows(self.sampler)
+            tokens[:b].copy_(self.tokens)
+            active[:b].copy_(self.active)
+        self.cache, self.sampler, self.tokens, self.active = cache, sampler, tokens, active
+        self.slots += [None] * (max_batch - len(self.slots))
+        self.max_batch, self.max_len = max_batch, max_len
+        self.workspaces: dict[int, object] = {}  # slot count -> the kernels' scratch for a step over that many
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (slot count, sampling variant) -> its captured step and that step's logits (a static buffer)
+        self._pool = None  # the graphs' shared memory pool
+        self.logits: torch.Tensor | None = None  # [n, V] the last decode step's logits of slots 0 .. n-1
+
+    def reserve(self, max_batch: int, max_len: int) -> None:
+        """Grow to at least `max_batch` slots of `max_len` positions (never shrinks; a no-op when both
+        fit). Running and waiting requests carry on; the CUDA graphs are captured again."""
+        if max_len > self.model.config.n_positions:
+            raise CacheError(f"{max_len} positions per slot is past this model's n_positions "
+                             f"({self.model.config.n_positions})")
+        if max_batch > self.max_batch or max_len > self.max_len:
+            self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -125,77 +172,117 @@ class Engine:
         return [r for r in self.slots if r is not None]
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self) -> list[tuple[Request, int]]:
-        """One token for every running request (a decode step over all slots), then the first token of
-        each waiting request that a free slot admits (its prompt prefilled alone). Returns (request,
-        token) in that order; finished requests have left their slots."""
+    def step(self, use_cuda_graph: bool | None = None) -> list[tuple[Request, int]]:
+        """One token for every running request (a decode step over the occupied slots), then the first
+        token of each waiting request that a free slot admits. Returns (request, token) in that order;
+        finished requests have left their slots. use_cuda_graph: this step's choice (None: the
+        engine's; graphed and eager steps give the same tokens)."""
+        graphed = self.use_cuda_graph if use_cuda_graph is None else resolve_use_cuda_graph(use_cuda_graph,
+                                                                                             self.model.device)
         out: list[tuple[Request, int]] = []
         running = [r for r in self.slots if r is not None]
         if running:
-            if self.use_cuda_graph:
-                variant = self.sampler.variant()
-                graph = self.graphs.get(variant) or self._capture(variant)
-                graph.replay()
-            else:  # eager: attend over a power-of-two bound of the longest running sequence, not the whole cache
-                longest = max(len(r.prompt) + len(r.tokens) for r in running)  # its length after this step
-                self._decode(graph_cache_len(longest, self.max_len))
-            chosen = self.tokens.tolist()  # the step's one host sync
+            n = max(r.slot for r in running) + 1
+            if self.model.device.type == "cuda":  # static: a bucket of slots over the whole cache, graphed or not
+                n = slot_bucket(n, self.max_batch)
+                if graphed:
+                    variant = (n, *self.sampler.variant(slice(0, n)))
+                    graph, self.logits = self.graphs.get(variant) or self._capture(variant)
+                    graph.replay()
+                else:
+                    self._decode(n)
+            else:  # the CPU: attend over a power-of-two bound of the longest sequence, not the whole cache
+                lengths = {r.length for r in running}
+                uniform = len(running) == n and len(lengths) == 1  # slots 0 .. n-1 all hold the same length
+                self._decode(n, graph_cache_len(max(lengths), self.max_len), max(lengths) - 1 if uniform else None)
+            chosen = self.tokens[:n].tolist()  # the step's one host sync
             for request in running:
                 out.append((request, chosen[request.slot]))
                 self._emit(request, chosen[request.slot])
-        while self.queue and None in self.slots:
-            request = self.queue.popleft()
-            slot = self.slots.index(None)
-            token = self._prefill(request, slot)
-            out.append((request, token))
-            self._emit(request, token)
+        self._admit(out)
         return out
 
-    def _decode(self, kv_len: int | None = None) -> None:
-        """The device work of a decode step over every slot, no host sync (what a graph captures, over
-        the whole cache: kv_len None). kv_len: a bound >= every slot's length after the step (the torch
-        backend attends over that many positions; the kernels read the lengths on the device)."""
-        kv_len = self.max_len if kv_len is None else kv_len
-        logits = self.model._decode_logits(self.tokens[:, None], self.cache, kv_len, None, self.workspace)
-        self.sampler(logits, self.tokens)  # [slots]: every slot's next token (idle slots' are ignored)
-        self.cache.lengths.masked_fill_(~self.active, 0)  # idle slots stay empty, never past their end
+    def _workspace(self, n: int):
+        if n not in self.workspaces:  # made before any capture that uses it
+            self.workspaces[n] = self.model.decode_workspace(self.cache, n, 1, pdl=self.pdl)
+        return self.workspaces[n]
 
-    def _capture(self, variant: tuple[bool, bool]):
-        """Capture the decode step of this sampling variant, after a warm-up run on a side stream (Triton
-        compiles there, never inside the capture) whose effects are undone."""
-        device = self.model.device
-        state = [t.clone() for t in (self.cache.lengths, self.tokens, self.sampler.draws)]
+    def _decode(self, n: int, kv_len: int | None = None, uniform_len: int | None = None) -> torch.Tensor:
+        """The device work of a decode step over slots 0 .. n-1, no host sync (what a graph captures, over
+        the whole cache: kv_len None). kv_len: a bound >= every slot's length after the step (the torch
+        backend attends over that many positions; the kernels read the lengths on the device);
+        uniform_len: every one of the n slots' length before the step, when the host knows they agree."""
+        kv_len = self.max_len if kv_len is None else kv_len
+        rows = slice(0, n)
+        logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, uniform_len,
+                                           self._workspace(n))  # [n, V]
+        self.sampler(logits, self.tokens[rows], rows)  # each slot's next token (idle slots' are ignored)
+        self.cache.lengths[rows].masked_fill_(~self.active[rows], 0)  # idle slots stay empty, never past their end
+        self.logits = logits
+        return logits
+
+    def _capture(self, variant: tuple[int, bool, bool]):
+        """Capture the decode step over `variant[0]` slots of this sampling variant, after a warm-up run
+        on a side stream (Triton compiles there, never inside the capture) whose effects are undone."""
+        n, device = variant[0], self.model.device
+        self._workspace(n)
+        live = (self.cache.lengths, self.tokens, self.sampler.draws)
+        state = [t.clone() for t in live]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self._decode()
+            self._decode(n)
         torch.cuda.current_stream(device).wait_stream(side)
-        for live, saved in zip((self.cache.lengths, self.tokens, self.sampler.draws), state):
-            live.copy_(saved)  # (its K/V writes sit where the real step writes before it reads)
+        for tensor, saved in zip(live, state):
+            tensor.copy_(saved)  # (its K/V writes sit where the real step writes before it reads)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                self._decode()
+                logits = self._decode(n)
         except RuntimeError as exc:
-            raise GraphError(f"capturing the engine's decode step failed ({exc}); Engine(..., use_cuda_graph=False) "
+            raise GraphError(f"capturing the engine's decode step failed ({exc}); use_cuda_graph=False "
                              f"runs it eagerly") from exc
         torch.cuda.synchronize(device)
-        self.graphs[variant] = graph
-        return graph
+        self.graphs[variant] = (graph, logits)
+        return graph, logits
 
-    def _prefill(self, request: Request, slot: int) -> int:
-        """Prefill the request's prompt into `slot` (alone: [1, T]) and choose its first token."""
-        self.slots[slot], request.slot = request, slot
-        self.sampler.set_row(slot, request.sampling, request.seed)
-        ids = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)  # [1, T]
-        lens = torch.tensor([len(request.prompt)], dtype=torch.int32, device=self.model.device)
-        logits = self.model.prefill(ids, lens, self.cache.rows(slot, slot + 1))  # [1, V]
-        rows = slice(slot, slot + 1)
+    def _admit(self, out: list[tuple[Request, int]]) -> None:
+        """Prefill waiting requests into the free slots (lowest first), neighbouring slots as one ragged
+        batch, and emit each one's first token."""
+        admitted: list[Request] = []
+        while self.queue and None in self.slots:
+            request = self.queue.popleft()
+            slot = self.slots.index(None)
+            self.slots[slot], request.slot = request, slot
+            self.sampler.set_row(slot, request.sampling, request.seed)
+            admitted.append(request)
+        runs: list[list[Request]] = []
+        for request in sorted(admitted, key=lambda r: r.slot):
+            if runs and runs[-1][-1].slot + 1 == request.slot:
+                runs[-1].append(request)
+            else:
+                runs.append([request])
+        first = {request.id: token for run in runs for request, token in zip(run, self._prefill(run))}
+        for request in admitted:  # in arrival order
+            out.append((request, first[request.id]))
+            self._emit(request, first[request.id])
+
+    def _prefill(self, run: list[Request]) -> list[int]:
+        """Prefill the requests of neighbouring slots as one batch [R, T] (right-padded) and choose
+        each one's first token."""
+        a, b = run[0].slot, run[-1].slot + 1
+        device = self.model.device
+        width = max(len(r.prompt) for r in run)
+        ids = torch.tensor([r.prompt + [0] * (width - len(r.prompt)) for r in run], dtype=torch.long,
+                           device=device)  # [R, T]
+        lens = torch.tensor([len(r.prompt) for r in run], dtype=torch.int32, device=device)  # [R]
+        logits = self.model.prefill(ids, lens, self.cache.rows(a, b))  # [R, V]
+        rows = slice(a, b)
         self.sampler(logits, self.tokens[rows], rows)
-        self.active[slot] = True
-        return int(self.tokens[slot])
+        self.active[rows] = True
+        return self.tokens[rows].tolist()
 
     def _emit(self, request: Request, token: int) -> None:
         request.tokens.append(token)

@@ -1,18 +1,20 @@
-"""Generation: the prefill + decode loop over the preallocated cache, greedy or sampled
-(temperature, top-k, top-p), per-row EOS stopping, seeded sampling, streaming; and ``GPT2``, the
-public model: the network (runtime/model.py) with ``generate`` / ``stream`` methods and its pool of
-captured decode steps.
+"""Generation: ``generate`` / ``stream`` over a batch of prompts, greedy or sampled (temperature,
+top-k, top-p), per-row EOS stopping, seeded sampling, streaming; and ``GPT2``, the public model: the
+network (runtime/model.py) with those methods and its engine (runtime/engine.py), on which they run:
+each row is a request of the engine, so every prompt is generated exactly as it would be alone.
 
-Batches may be ragged (left-padded, as transformers expects for generation): each row is moved to
-start at cache position 0, so every prompt is generated exactly as it would be alone.
+Batches may be ragged (left-padded, as transformers expects for generation); each row's tokens
+start at position 0 of its cache slot.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .graphs import GraphPool, resolve_use_cuda_graph
+from .engine import Engine, slot_bucket
+from .graphs import graph_cache_len, resolve_use_cuda_graph
 from .model import GPT2Network, InputError, prepare_batch
 from .sampling import Sampling
 
@@ -52,13 +54,15 @@ def stream(
     use_cuda_graph: bool | None = None,
     stop_check_every: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """An iterator over each step's next tokens [B] (rows that already stopped yield the pad token).
-    Arguments are checked here, before the first step.
+    """An iterator over each step's next tokens [B] (rows that already stopped yield the pad token),
+    ending once every row has stopped. Arguments are checked here, before the first step.
 
-    use_cuda_graph: replay the decode step from a CUDA graph (default: True on CUDA; the CPU runs
-    the same step eagerly). stop_check_every: how often (in steps) the host reads whether every row
-    has stopped, the one host sync of the loop (default: 1 on the CPU, 8 on CUDA); up to N-1 extra
-    pad steps may be yielded, and generate() trims them."""
+    The rows run as requests of the model's engine (``model.engine``, shared by every stream and
+    generate call of the model: one cache), so a row's tokens are the ones that prompt gets alone.
+    seed: row 0 samples from `seed`, row b from a seed derived from (seed, b); None: fresh seeds.
+    use_cuda_graph: replay the decode step from CUDA graphs (default: True on CUDA; the CPU runs the
+    same step eagerly). stop_check_every is deprecated and ignored: the engine reads each step's
+    tokens and stops a row at its EOS."""
     eos, pad = _check_args(model, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     ids, _, lens = prepare_batch(model, input_ids, attention_mask, require_left_padding=True)
     total = int(lens.max()) + max_new_tokens
@@ -68,44 +72,48 @@ def stream(
             f"past this model's n_positions ({model.config.n_positions}); shorten the prompt or generate fewer tokens"
         )
     use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, model.device)
-    if stop_check_every is None:
-        stop_check_every = 8 if model.device.type == "cuda" else 1
-    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
-        raise InputError(f"stop_check_every must be an integer >= 1, got {stop_check_every!r}")
+    if stop_check_every is not None:
+        warnings.warn("stop_check_every is deprecated and has no effect: generation runs on the model's engine, "
+                      "which reads every step's tokens and stops each row at its EOS", DeprecationWarning, stacklevel=2)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"seed must be an integer (or None), got {seed!r}")
     sampling = Sampling(do_sample, temperature, top_k, top_p) if do_sample else Sampling()
-    return _steps(model, ids, lens, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph, stop_check_every)
+    prompts = [row[:n].tolist() for row, n in zip(ids.cpu(), lens.tolist())]
+    return _steps(model, prompts, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph)
 
 
-def _steps(model, ids, lens, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph, stop_check_every):
-    """The prefill + decode loop behind stream(): arguments already checked."""
+def row_seed(seed: int, row: int) -> int:
+    """Row `row`'s seed in a batch generated with `seed`: the seed itself for row 0 (so a prompt alone
+    samples as the engine's request with that seed), splitmix64 of (seed, row) for the others; 62 bits."""
+    if row == 0:
+        return seed % 2**62
+    x = (seed * 0x9E3779B97F4A7C15 + row) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**62
+
+
+def _steps(model, prompts, total, max_new_tokens, sampling, eos, pad, seed, use_cuda_graph):
+    """The rows as the engine's requests, one step's tokens [B] at a time: arguments already checked."""
     if max_new_tokens == 0:
         return
-    b = ids.shape[0]
-    pool = model.graphs
-    step = pool.lease(b, total, sampling, seed, use_cuda_graph)  # this stream's own step, until it ends
+    engine = model.engine
+    b = len(prompts)
+    # room for this batch beside what already runs or waits (a power of two of slots, the step's length bucket)
+    engine.reserve(slot_bucket(len(engine.running) + len(engine.queue) + b, 2**30),
+                   graph_cache_len(total, model.config.n_positions))
+    requests = [engine.add(p, max_new_tokens, sampling, None if seed is None else row_seed(seed, i), eos)
+                for i, p in enumerate(prompts)]
     try:
-        yield from _decode(model, step, ids, lens, max_new_tokens, eos, pad, stop_check_every)
-    finally:  # exhausted, closed or collected: the step goes back to the pool
-        pool.release(step)
-
-
-def _decode(model, step, ids, lens, max_new_tokens, eos, pad, stop_check_every):
-    b, cache = ids.shape[0], step.cache
-    eos_ids = torch.tensor(eos, device=model.device, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool, device=model.device)
-
-    tokens = step.start(model.prefill(ids, lens.to(model.device, torch.int32), cache))  # [B], static
-    for i in range(max_new_tokens):
-        if i:
-            step()  # reads tokens, writes the next ones into the same buffer
-        if len(eos):
-            tokens.masked_fill_(done, pad)  # in place: a stopped row feeds the pad token on
-            done |= torch.isin(tokens, eos_ids)
-        yield tokens.clone()
-        if i + 1 == max_new_tokens:
-            return
-        if len(eos) and (i + 1) % stop_check_every == 0 and bool(done.all()):
-            return
+        for i in range(max_new_tokens):
+            while any(len(r.tokens) <= i and not r.finished for r in requests):
+                engine.step(use_cuda_graph)  # every running request gets its next token, this stream's too
+            yield torch.tensor([r.tokens[i] if i < len(r.tokens) else pad for r in requests], device=model.device)
+            if all(r.finished and len(r.tokens) <= i + 1 for r in requests):
+                return
+    finally:  # exhausted, closed or collected: its rows leave the engine
+        for r in requests:
+            engine.cancel(r)
 
 
 def generate(
@@ -129,13 +137,6 @@ def generate(
     if not steps:
         return prompt.clone()
     new = torch.stack(steps, 1)  # [B, n]
-    eos = kwargs.get("eos_token_id")
-    if eos is not None and len(steps) > 1:
-        # with stop_check_every > 1 the loop may run past the step where every row had stopped
-        eos_ids = torch.tensor(_eos_list(eos), device=new.device)
-        stopped = torch.isin(new, eos_ids).cummax(1).values.all(0)  # [n]: every row has hit EOS by then
-        if bool(stopped.any()):
-            new = new[:, : int(stopped.int().argmax()) + 1]
     return torch.cat([prompt, new.to(device=prompt.device, dtype=prompt.dtype)], 1)
 
 
@@ -145,15 +146,16 @@ class GPT2(GPT2Network):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._graphs = None
+        self._engine = None
 
     @property
-    def graphs(self) -> GraphPool:
-        """This model's pool of decode steps (runtime/graphs.py: eager and CUDA-graphed, each leased to one
-        stream at a time), built on first use."""
-        if self._graphs is None:
-            self._graphs = GraphPool(self)
-        return self._graphs
+    def engine(self) -> Engine:
+        """This model's engine (runtime/engine.py), built on first use with one slot of 16 positions:
+        generate and stream grow it to what their batches need, and every stream of the model shares it
+        (one cache, whatever the sampling settings)."""
+        if self._engine is None:
+            self._engine = Engine(self, max_batch=1, max_len=min(16, self.config.n_positions))
+        return self._engine
 
     def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
         """prompt + new tokens [B, T + n]: see ``generate`` (this module) for every argument."""

@@ -152,6 +152,13 @@ class RowSampler:
         self.seed[row] = seed
         self.draws[row] = 0
 
+    def copy_rows(self, other: "RowSampler") -> None:
+        """Take over the rows of a smaller sampler (an engine growing its slots): rows 0 .. other.batch-1."""
+        b = other.batch
+        for name in ("sample", "temperature", "top_k", "top_p", "seed", "draws"):
+            getattr(self, name)[:b].copy_(getattr(other, name))
+        self.host[:b] = other.host
+
     def variant(self, rows: slice | None = None) -> tuple[bool, bool]:
         """(any row samples, any sampled row filters): the work a call over `rows` does, from the host
         mirror. A CUDA graph captures one variant and replays it for any settings of the same variant."""
