@@ -30,6 +30,7 @@ and the CPU's GEMMs compute each row alone; tested by tests/runtime/test_engine.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -90,6 +91,7 @@ class Engine:
         self.slots: list[Request | None] = []
         self.queue: deque[Request] = deque()
         self._ids = itertools.count()
+        self.lock = threading.RLock()  # add, cancel, step and reserve hold it: threads may share an engine
         self.max_batch = self.max_len = 0
         self._allocate(max_batch, max_len or model.config.n_positions)
 
@@ -124,8 +126,9 @@ class Engine:
         if max_len > self.model.config.n_positions:
             raise CacheError(f"{max_len} positions per slot is past this model's n_positions "
                              f"({self.model.config.n_positions})")
-        if max_batch > self.max_batch or max_len > self.max_len:
-            self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
+        with self.lock:
+            if max_batch > self.max_batch or max_len > self.max_len:
+                self._allocate(max(max_batch, self.max_batch), max(max_len, self.max_len))
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -148,19 +151,22 @@ class Engine:
         sampling.check()
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        request = Request(next(self._ids), prompt, max_new_tokens, sampling, int(seed), frozenset(map(int, stop_token_ids)))
-        self.queue.append(request)
+        with self.lock:
+            request = Request(next(self._ids), prompt, max_new_tokens, sampling, int(seed),
+                              frozenset(map(int, stop_token_ids)))
+            self.queue.append(request)
         return request
 
     def cancel(self, request: Request) -> None:
         """Stop a request now: its slot (or its place in the queue) is free for the next step."""
-        if request.finished:
-            return
-        if request.slot is None:
-            self.queue.remove(request)
-            request.finish_reason = "cancelled"
-        else:
-            self._finish(request, "cancelled")
+        with self.lock:
+            if request.finished:
+                return
+            if request.slot is None:
+                self.queue.remove(request)
+                request.finish_reason = "cancelled"
+            else:
+                self._finish(request, "cancelled")
 
     @property
     def busy(self) -> bool:
@@ -179,6 +185,10 @@ class Engine:
         engine's; graphed and eager steps give the same tokens)."""
         graphed = self.use_cuda_graph if use_cuda_graph is None else resolve_use_cuda_graph(use_cuda_graph,
                                                                                              self.model.device)
+        with self.lock:
+            return self._step(graphed)
+
+    def _step(self, graphed: bool) -> list[tuple[Request, int]]:
         out: list[tuple[Request, int]] = []
         running = [r for r in self.slots if r is not None]
         if running:

@@ -98,16 +98,16 @@ def _steps(model, prompts, total, max_new_tokens, sampling, eos, pad, seed, use_
     if max_new_tokens == 0:
         return
     engine = model.engine
-    b = len(prompts)
-    # room for this batch beside what already runs or waits (a power of two of slots, the step's length bucket)
-    engine.reserve(slot_bucket(len(engine.running) + len(engine.queue) + b, 2**30),
-                   graph_cache_len(total, model.config.n_positions))
-    requests = [engine.add(p, max_new_tokens, sampling, None if seed is None else row_seed(seed, i), eos)
-                for i, p in enumerate(prompts)]
+    with engine.lock:  # room for this batch beside what already runs or waits, then its requests
+        engine.reserve(slot_bucket(len(engine.running) + len(engine.queue) + len(prompts), 2**30),
+                       graph_cache_len(total, model.config.n_positions))  # (powers of two: few sizes, few graphs)
+        requests = [engine.add(p, max_new_tokens, sampling, None if seed is None else row_seed(seed, i), eos)
+                    for i, p in enumerate(prompts)]
     try:
         for i in range(max_new_tokens):
-            while any(len(r.tokens) <= i and not r.finished for r in requests):
-                engine.step(use_cuda_graph)  # every running request gets its next token, this stream's too
+            with engine.lock:
+                while any(len(r.tokens) <= i and not r.finished for r in requests):
+                    engine.step(use_cuda_graph)  # every running request gets its next token, this stream's too
             yield torch.tensor([r.tokens[i] if i < len(r.tokens) else pad for r in requests], device=model.device)
             if all(r.finished and len(r.tokens) <= i + 1 for r in requests):
                 return

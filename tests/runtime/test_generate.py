@@ -155,8 +155,8 @@ def test_eos_stops_each_row_and_pads(model):
 
 def test_generation_stops_early_when_every_row_is_done(model):
     """Several EOS ids and a pad token of its own: every row stops (at different steps), the
-    output ends at the step where the last row stopped, whichever stop_check_every, and the
-    stream yields exactly that many steps."""
+    output ends at the step where the last row stopped, and the stream yields exactly that many
+    steps. stop_check_every, deprecated, warns and changes nothing."""
     ids = _prompt(3, 4, seed=3)
     free = model.generate(ids, 12)[:, 4:].tolist()
     eos, pad = [free[0][3], free[1][6], free[2][4]], 0
@@ -164,8 +164,10 @@ def test_generation_stops_early_when_every_row_is_done(model):
     rows, stops = _stopped(free, eos, pad)
     assert len(set(stops)) == 3 and max(stops) < 11  # rows stop at different steps, before the end
     want = torch.cat([ids, torch.tensor(rows)], 1)  # [B, 4 + max(stops) + 1]
+    assert torch.equal(model.generate(ids, 12, eos_token_id=eos, pad_token_id=pad), want), f"stops {stops}"
     for every in (1, 4):
-        out = model.generate(ids, 12, eos_token_id=eos, pad_token_id=pad, stop_check_every=every)
+        with pytest.warns(DeprecationWarning, match="stop_check_every is deprecated"):
+            out = model.generate(ids, 12, eos_token_id=eos, pad_token_id=pad, stop_check_every=every)
         assert torch.equal(out, want), f"stop_check_every={every}, stops {stops}"
     assert len(list(model.stream(ids, 12, eos_token_id=eos, pad_token_id=pad))) == max(stops) + 1
 
@@ -228,3 +230,63 @@ def test_forward_rejects_prompts_longer_than_n_positions(model):
 def test_stream_checks_its_arguments_before_the_first_step(model):
     with pytest.raises(InputError, match="max_new_tokens must be an integer >= 0"):
         model.stream(_prompt(), -3)  # raises at the call, not at the first next()
+
+
+# -- one engine per model: streams share its cache ------------------------------------------------
+FIVE_SETTINGS = [dict(), dict(do_sample=True, seed=1), dict(do_sample=True, temperature=0.7, top_k=5, seed=2),
+                 dict(do_sample=True, top_p=0.8, seed=3), dict(do_sample=True, temperature=1.3, top_k=12, top_p=0.9,
+                                                               seed=4)]
+
+
+def _live_caches(foreign=()):
+    """Every KVCache alive now, but those in `foreign` (other tests' models')."""
+    import gc
+
+    from fastgpt2.runtime.kv_cache import KVCache
+
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is KVCache and not any(o is f for f in foreign)]
+
+
+def test_five_streams_with_five_sampling_settings_hold_one_cache():
+    """Five streams, five sampling settings, interleaved step by step: the model holds one cache (its
+    engine's, five rows of it in use at once), and each stream's tokens are that prompt's alone."""
+    foreign = _live_caches()
+    model = fastgpt2.GPT2(CFG, _weights())
+    prompts = [_prompt(1, t, seed=t) for t in (3, 5, 1, 8, 2)]
+    alone = [model.generate(p, 10, **kw)[0, p.shape[1]:].tolist() for p, kw in zip(prompts, FIVE_SETTINGS)]
+    streams = [model.stream(p, 10, **kw) for p, kw in zip(prompts, FIVE_SETTINGS)]
+    got = [[] for _ in streams]
+    for i, step in enumerate(zip(*streams)):
+        for row, tokens in zip(got, step):
+            row.append(int(tokens[0]))
+        caches = _live_caches(foreign)
+        assert caches == [model.engine.cache], caches  # one cache, not one per setting
+        if i == 0:  # every stream has started: five requests decode side by side
+            assert len(model.engine.running) == 5
+    assert got == alone
+    assert len({tuple(t) for t in got}) == 5
+    assert not model.engine.busy and model.engine.max_batch == 8  # 5 rows at once: the next power of two
+    for p, kw in zip(prompts, FIVE_SETTINGS):  # sequential settings: still that one cache
+        model.generate(p, 4, **kw)
+    assert _live_caches(foreign) == [model.engine.cache]
+
+
+def test_threads_sharing_the_model_get_each_prompt_alone():
+    import threading
+
+    model = fastgpt2.GPT2(CFG, _weights())
+    prompts = [_prompt(2, t, seed=t) for t in (4, 6, 9)]
+    alone = [model.generate(p, 12, do_sample=True, seed=7) for p in prompts]
+    out = [None] * len(prompts)
+
+    def work(i):
+        out[i] = model.generate(prompts[i], 12, do_sample=True, seed=7)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(out, alone))
+    assert not model.engine.busy
