@@ -114,7 +114,7 @@ def layernorm_programs(rows: int) -> int:
 def decode_grids(batch: int, n_head: int, cache_len: int) -> tuple[int, int]:
     """-> (num_splits, decode programs), as _launch_decode: grid (B*H, num_splits); the last split of
     each (b, h) to finish combines the splits in the same kernel."""
-    splits = _attention.default_num_splits(batch, n_head, cache_len)
+    splits = _attention.default_num_splits(n_head, cache_len)
     return splits, batch * n_head * splits
 
 

@@ -55,7 +55,7 @@ _DECODE_CONFIGS = {
     ("fp32", 128): (32, 8, 2),
 }
 
-# num_splits heuristic: aim for about this many decode programs, but keep at least
+# num_splits heuristic: aim for about this many decode programs per sequence, but keep at least
 # _MIN_KEYS_PER_SPLIT cache positions (of Tmax) per split, and at most _MAX_SPLITS splits.
 _TARGET_PROGRAMS = 256
 _MIN_KEYS_PER_SPLIT = 128
@@ -514,9 +514,11 @@ def prefill_attention_separate(q, k, v, scale, *, out=None) -> torch.Tensor:
     return out
 
 
-def default_num_splits(B: int, H: int, Tmax: int) -> int:
-    """How many programs share one (b, h)'s key axis in decode: from static sizes only."""
-    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(1, B * H))
+def default_num_splits(H: int, Tmax: int) -> int:
+    """How many programs share one (b, h)'s key axis in decode: from static sizes only, never the batch
+    (a sequence's key splits, so its result, must not depend on how many sequences decode beside it;
+    a batch of B launches B times the programs of one)."""
+    by_occupancy = triton.cdiv(_TARGET_PROGRAMS, max(1, H))
     by_length = triton.cdiv(Tmax, _MIN_KEYS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
 
@@ -564,11 +566,11 @@ def _workspace(BH: int, S: int, D: int, num_splits: int, device) -> DecodeWorksp
 
 def decode_workspace(k_cache: torch.Tensor, B: int, S: int, num_splits: int | None = None) -> DecodeWorkspace:
     """The scratch ``decode_attention`` needs for B sequences of S new tokens over caches shaped like
-    k_cache [Bmax, H, Tmax, D]; num_splits defaults to ``default_num_splits(B, H, Tmax)``, what
+    k_cache [Bmax, H, Tmax, D]; num_splits defaults to ``default_num_splits(H, Tmax)``, what
     decode_attention picks without one."""
     _, H, Tmax, D = k_cache.shape
     _check_decode_s(S)
-    num_splits = default_num_splits(B, H, Tmax) if num_splits is None else num_splits
+    num_splits = default_num_splits(H, Tmax) if num_splits is None else num_splits
     _check_num_splits(num_splits)
     return _workspace(B * H, S, D, num_splits, k_cache.device)
 
@@ -638,7 +640,7 @@ def decode_attention(qkv, k_cache, v_cache, cache_lens, scale, *, out=None, num_
         _check_cache_room(cache_lens, S, k_cache.shape[2])
     out = _check_out("decode_attention", out, qkv, "qkv", (B, S, H * D))
     if num_splits is None:
-        num_splits = workspace.num_splits if workspace is not None else default_num_splits(B, H, k_cache.shape[2])
+        num_splits = workspace.num_splits if workspace is not None else default_num_splits(H, k_cache.shape[2])
     q, k, v = split_heads(qkv, H)
     _launch_decode(q, k, v, k_cache, v_cache, cache_lens, out, scale, num_splits, write_kv=True, workspace=workspace,
                    pdl=pdl)
@@ -667,7 +669,7 @@ def decode_attention_separate(q, k, v, past_len: int, scale, *, kv_start=None, o
                  _decode_attn_kernel)
     out = _check_out("decode_attention_separate", out, q, "q", (B, S, H * D))
     if num_splits is None:
-        num_splits = default_num_splits(B, H, past_len + S)
+        num_splits = default_num_splits(H, past_len + S)
     lens = torch.full((B,), past_len, dtype=torch.int32, device=q.device)
     new = slice(past_len, past_len + S)
     _launch_decode(q, k[:, :, new], v[:, :, new], k, v, lens, out, scale, num_splits, write_kv=False,

@@ -115,8 +115,8 @@ class GemmPlan:
 
 def plan(m: int, n: int, k: int, dtype: str, sms: int) -> GemmPlan:
     """The launch of an [M, K] @ [K, N] GEMM in dtype ("fp32" / "fp16" / "bf16") on a GPU of `sms`
-    SMs. Decode (M <= 64): the widest BLOCK_N whose tiles, split over K (at least one K tile per
-    split), reach MIN_WAVES * sms programs; if none does, the narrowest with every K tile its own
+    SMs. Decode (M <= 64): the widest BLOCK_N whose tiles of one row block, split over K (at least one
+    K tile per split), reach MIN_WAVES * sms programs (so the plan is the same for every M <= 64); if none does, the narrowest with every K tile its own
     split (K too short to fill the GPU). Prefill: one program per output tile."""
     cfg = pick_config(m)
     block_k, num_stages = cfg.tiles(dtype)
@@ -124,7 +124,9 @@ def plan(m: int, n: int, k: int, dtype: str, sms: int) -> GemmPlan:
     if not cfg.splits:
         return GemmPlan(cfg, cfg.block_ns[0], block_k, num_stages, 1, k_tiles * block_k)
     want = MIN_WAVES * sms
-    rows = triton.cdiv(m, cfg.block_m)
+    # the split is chosen as for one block of rows, whatever M: a row's sums (their K split) must not
+    # depend on how many rows run beside it (the engine steps 1 to 64 slots; more rows: more programs)
+    rows = 1
     for block_n in cfg.block_ns:
         splits_wanted = triton.cdiv(want, rows * triton.cdiv(n, block_n))
         if splits_wanted <= k_tiles:

@@ -202,9 +202,9 @@ class Engine:
                 else:
                     self._decode(n)
             else:  # the CPU: attend over a power-of-two bound of the longest sequence, not the whole cache
-                lengths = {r.length for r in running}
-                uniform = len(running) == n and len(lengths) == 1  # slots 0 .. n-1 all hold the same length
-                self._decode(n, graph_cache_len(max(lengths), self.max_len), max(lengths) - 1 if uniform else None)
+                # (always the masked ragged path, never the uniform-length one: a row's result must not
+                # depend on whether its neighbours' lengths equal its own)
+                self._decode(n, graph_cache_len(max(r.length for r in running), self.max_len))
             chosen = self.tokens[:n].tolist()  # the step's one host sync
             for request in running:
                 out.append((request, chosen[request.slot]))
@@ -217,16 +217,14 @@ class Engine:
             self.workspaces[n] = self.model.decode_workspace(self.cache, n, 1, pdl=self.pdl)
         return self.workspaces[n]
 
-    def _decode(self, n: int, kv_len: int | None = None, uniform_len: int | None = None) -> torch.Tensor:
+    def _decode(self, n: int, kv_len: int | None = None) -> torch.Tensor:
         """The device work of a decode step over slots 0 .. n-1, no host sync (what a graph captures, over
         the whole cache: kv_len None). kv_len: a bound >= every slot's length after the step (the torch
-        backend attends over that many positions; the kernels read the lengths on the device);
-        uniform_len: every one of the n slots' length before the step, when the host knows they agree."""
+        backend attends over that many positions; the kernels read the lengths on the device)."""
         kv_len = self.max_len if kv_len is None else kv_len
         rows = slice(0, n)
-        logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, uniform_len,
-                                           self._workspace(n))  # [n, V]
-        self.sampler(logits, self.tokens[rows], rows)  # each slot's next token (idle slots' are ignored)
+        logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, None, self._workspace(n))
+        self.sampler(logits, self.tokens[rows], rows)  # [n, V] -> each slot's next token (idle slots' are ignored)
         self.cache.lengths[rows].masked_fill_(~self.active[rows], 0)  # idle slots stay empty, never past their end
         self.logits = logits
         return logits

@@ -217,3 +217,36 @@ def test_settings_without_sampling_are_refused_as_generate_refuses_them():
         engine.add([1], 2, Sampling(False, 0.7))
     with pytest.raises(fastgpt2.InputError, match="top_k must be an integer >= 1"):
         engine.add([1], 2, Sampling(True, 1.0, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_logits_are_bit_identical_alone_and_beside_others(dtype):
+    """The engine steps over its occupied slots only, so a request alone runs a 1-row step and beside
+    others an n-row one (n up to 8 here): its logits must not change by a bit. Widths large enough
+    for the CPU's real GEMM kernels (K = 256, 1024; a 1000-token head)."""
+    cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=256, n_head=4, vocab_size=1000, n_positions=64)
+    model = fastgpt2.GPT2.from_config(cfg, device="cpu", dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, 1000, (9,), generator=g).tolist()
+    others = [torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (7,), generator=g)]
+
+    def run(neighbours):
+        engine = Engine(model, max_batch=8)
+        for ids in neighbours[:3]:
+            engine.add(ids, 12)
+        request = engine.add(prompt, 12)
+        for ids in neighbours[3:]:
+            engine.add(ids, 12)
+        engine.step()  # admits every request
+        rows = []
+        while not request.finished:
+            engine.step()
+            rows.append(engine.logits[request.slot].clone() if not request.finished else None)
+        return request.tokens, rows[:-1]
+
+    tokens_alone, alone = run([])
+    tokens_beside, beside = run(others)
+    assert tokens_alone == tokens_beside
+    assert len(alone) == len(beside) == 10
+    for i, (a, b) in enumerate(zip(alone, beside)):
+        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())

@@ -50,7 +50,7 @@ def test_triton_decode_step_fits_the_budget():
     from fastgpt2.kernels.attention import default_num_splits
     from fastgpt2.kernels.linear import plan
 
-    assert plan(1, 64, 4 * 64, "fp32", 132).split_k > 1 and default_num_splits(1, 1, 1024) > 1  # the measured model's
+    assert plan(1, 64, 4 * 64, "fp32", 132).split_k > 1 and default_num_splits(1, 1024) > 1  # the measured model's
     assert count.by_name == {"triton:_linear_kernel": 2 * 4 + 1, "triton:_decode_attn_kernel": 2,
                              "triton:_add_layernorm_kernel": 1, "aten:max": 1, "aten:add_": 1}, count.by_name
 

@@ -101,7 +101,7 @@ def test_attention_programs_are_the_launched_grids(tool, monkeypatch, batch, hea
     grids = _capture_grids(monkeypatch)
     decode_attention(qkv, k_cache, v_cache, lens, d**-0.5)
     splits, programs = tool.decode_grids(batch, heads, tmax)
-    assert splits == default_num_splits(batch, heads, tmax)
+    assert splits == default_num_splits(heads, tmax)
     assert grids == [("_decode_attn_kernel", (batch * heads, splits))]  # the splits are combined in-kernel
     assert programs == batch * heads * splits
 
