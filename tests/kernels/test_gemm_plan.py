@@ -50,3 +50,16 @@ def test_a_short_k_gets_no_empty_splits():
     assert p.split_k == triton.cdiv(200, p.block_k) == 4
     # the widest tile that reaches the bound is kept: gpt2's QKV at batch 1 stays 64 wide
     assert L.plan(1, 2304, 768, "fp16", 132).block_n == 64 and L.plan(1, 768, 768, "fp16", 132).block_n == 32
+
+
+def test_a_decode_plan_is_the_same_for_every_row_count():
+    """The engine steps 1..64 slots: a row's K split (so the order of its sums) must not depend on
+    how many rows run beside it; only the row blocks of the grid grow with M."""
+    for target, sms in L.TARGET_SMS.items():
+        for e in MODELS.values():
+            for name, n, k in _gemms(e):
+                for dtype in ("fp16", "bf16", "fp32"):
+                    one = L.plan(1, n, k, dtype, sms)
+                    for m in (2, 7, 16, 17, 33, 64):
+                        assert L.plan(m, n, k, dtype, sms) == one, (target, e, name, dtype, m)
+    assert L.plan(65, 768, 768, "fp16", 132).config.name == "prefill"  # past 64 rows: the prefill plan
