@@ -25,7 +25,7 @@ parity_bfloat16          25 s   fastgpt2 parity --dtype bfloat16
 bench_gpt2_fp16          40 s   fastgpt2 bench --model gpt2 --batch 1,8,32 --dtype float16
                                 --prompt-len 32 --new-tokens 64 --runs 2 --warmup 1 (vs transformers)
 pdl                      25 s   gpt2 fp16, batch 1 and 8, graphed: the decode step with and without
-                                programmatic dependent launch (DecodeStep(pdl=)): same logits bit for
+                                programmatic dependent launch (Engine(pdl=)): same logits bit for
                                 bit over 32 steps, then µs/step of each (CUDA events, 200 replays)
                                 beside tools/step_model.py's two predictions -> pdl.json
                                 (skipped on a GPU older than sm_90)
@@ -229,20 +229,20 @@ import json, sys
 from collections import defaultdict
 import torch
 import fastgpt2
-from fastgpt2.runtime.graphs import DecodeStep
+from fastgpt2.runtime.engine import Engine
 from fastgpt2.runtime.step_count import step_count
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 out_txt, out_json, out_count = sys.argv[1], sys.argv[2], sys.argv[3]
 model = fastgpt2.GPT2.from_config(fastgpt2.GPT2Config.from_name("gpt2"), device="cuda", dtype=torch.float16)
-ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
-model.generate(ids, 8)  # compiles the kernels and captures the generator's graph
-cache = model.new_cache(1, 128)
-step = DecodeStep(model, cache, use_cuda_graph=True)
-step.start(model.prefill(ids, torch.full((1,), 16, dtype=torch.int32, device="cuda"), cache))
-step()  # captures this step's graph
-step()
+ids = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
+engine = Engine(model, max_batch=1, max_len=128, use_cuda_graph=True)
+engine.add(ids, 64)  # runs past every step below
+engine.step()  # admits it: the prefill and its first token
+engine.step()  # the first decode step: a warm-up run (compiles the kernels), then its graph is captured
+engine.step()
+(graph, _), = engine.graphs.values()  # the one graph: 1 slot, greedy
 torch.cuda.synchronize()
 
 
@@ -258,13 +258,14 @@ def profiled(fn):
     return count, total
 
 
-count, total = profiled(step)  # one graph replay
+count, total = profiled(graph.replay)  # one graph replay: the step's device work, not its token read-back
 what = "one graphed decode step (graph replay)"
 if not count:  # a profiler that does not see inside graph replays: the same step, eager
-    eager = DecodeStep(model, cache, use_cuda_graph=False)
-    eager.tokens.copy_(step.tokens)
-    eager()
-    count, total = profiled(eager)
+    eager = Engine(model, max_batch=1, max_len=128, use_cuda_graph=False)
+    eager.add(ids, 64)
+    eager.step()  # admits it
+    eager.step()  # the first decode step (its scratch is made)
+    count, total = profiled(lambda: eager._decode(1))  # the device work of one decode step over its slot
     what = "one EAGER decode step (the profiler saw no kernels in the graph replay)"
 rows = sorted(total, key=total.get, reverse=True)
 step_us = sum(total.values())
@@ -292,7 +293,7 @@ PDL_SNIPPET = r"""
 import importlib.util, json, sys
 import torch
 import fastgpt2
-from fastgpt2.runtime.graphs import DecodeStep
+from fastgpt2.runtime.engine import Engine
 
 out_json, step_model_path = sys.argv[1], sys.argv[2]
 if torch.cuda.get_device_capability() < (9, 0):
@@ -306,25 +307,25 @@ model = fastgpt2.GPT2.from_config(fastgpt2.GPT2Config.from_name("gpt2"), device=
 prompt, check_steps, timed_steps = 16, 32, 200
 rows, mismatches = [], []
 for batch in (1, 8):
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch)).cuda()
-    lens = torch.full((batch,), prompt, dtype=torch.int32, device="cuda")
-    steps = {}
-    for pdl in (False, True):
-        cache = model.new_cache(batch, 512)
-        steps[pdl] = DecodeStep(model, cache, use_cuda_graph=True, pdl=pdl)
-        steps[pdl].start(model.prefill(ids, lens, cache))
-    for i in range(check_steps):  # the first call captures each graph
-        for pdl in (False, True):
-            steps[pdl]()
-        if not (torch.equal(steps[True].logits, steps[False].logits) and torch.equal(steps[True].tokens, steps[False].tokens)):
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    engines = {}
+    for pdl in (False, True):  # the same prompts in slots 0 .. batch-1 of each engine
+        engines[pdl] = Engine(model, max_batch=batch, max_len=512, use_cuda_graph=True, pdl=pdl)
+        for row in ids:
+            engines[pdl].add(row, 512 - prompt)  # runs past every checked and timed step
+        engines[pdl].step()  # admits them: the prefill and each one's first token
+    for i in range(check_steps):  # the first step captures each engine's graph
+        out = {pdl: [t for _, t in engines[pdl].step()] for pdl in (False, True)}
+        if not (torch.equal(engines[True].logits, engines[False].logits) and out[True] == out[False]):
             mismatches.append((batch, i))
     measured = {}
     for pdl in (False, True):
+        (graph, _), = engines[pdl].graphs.values()  # the one graph: batch slots, greedy
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        for _ in range(timed_steps):
-            steps[pdl]()
+        for _ in range(timed_steps):  # the step's device work (its cache lengths advance on the device), no read-back
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
         measured[pdl] = start.elapsed_time(end) * 1e3 / timed_steps  # µs per step

@@ -1,9 +1,12 @@
 """Choosing the next token from logits: greedy, or sampled after transformers' warpers
-(temperature, top-k, top-p). Used by the decode step (runtime/graphs.py) for the prefill's last
-logits and every step after, inside a CUDA graph on CUDA.
+(temperature, top-k, top-p). ``RowSampler`` chooses each row's token with its own settings, as
+device tensors: the engine's decode step (runtime/engine.py) runs it on the prefill's last logits
+and on every step's, inside a CUDA graph on CUDA. ``filter_logits`` is the warpers for one setting,
+the reference the per-row filter follows.
 
-Sampling draws with the exponential race (argmax of p / q with q ~ Exp(1), an exact sample of p)
-from a seeded generator on the model's device: no host sync, capturable, and a seed reproduces a run.
+Sampling draws with the exponential race (argmax of p / q with q ~ Exp(1), an exact sample of p),
+its noise from a counter-based generator (``race_noise``) on the model's device: no host sync,
+capturable, and a seed reproduces a run.
 """
 from __future__ import annotations
 
@@ -53,44 +56,6 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         drop_sorted = mass_before >= top_p  # the top token always stays (mass_before = 0 < top_p)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
-
-
-class TokenChooser:
-    """Writes the next tokens [B] chosen from logits [B, V] into a caller's static buffer, with no
-    host sync (so a CUDA graph can capture it): argmax, or a seeded sample."""
-
-    def __init__(self, sampling: Sampling, batch: int, device: torch.device, seed: int | None = None):
-        self.sampling = sampling
-        self.batch = batch
-        self._best = None  # [B] the chosen tokens' scores (torch.max's values output; static once made)
-        self.generator = None
-        if sampling.do_sample:
-            self.generator = torch.Generator(device=device)
-            self.reseed(seed)
-
-    def reseed(self, seed: int | None) -> None:
-        if self.generator is not None:
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(seed)
-
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        """tokens [B] (long) = the next tokens after logits [B, V], in place."""
-        s = self.sampling
-        if not s.do_sample:
-            self._argmax(logits, tokens)
-            return
-        probs = filter_logits(logits, s.temperature, s.top_k, s.top_p).softmax(-1)  # [B, V] fp32
-        race = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
-        self._argmax(probs.div_(race), tokens)
-
-    def _argmax(self, x: torch.Tensor, tokens: torch.Tensor) -> None:
-        """tokens = x.argmax(-1) for x [B, V], through torch.max: the same first maximal index, and
-        on the CPU faster than torch.argmax over a GPT-2 vocabulary (README, "CPU (measured)")."""
-        if self._best is None or self._best.dtype != x.dtype:  # allocated before any capture
-            self._best = torch.empty(self.batch, dtype=x.dtype, device=x.device)
-        torch.max(x, dim=-1, out=(self._best, tokens))
 
 
 # -- per-row sampling: one step serves any mix of settings ------------------------------------------

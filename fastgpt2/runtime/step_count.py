@@ -7,9 +7,10 @@
   TorchDispatchMode. Views, allocations and other metadata-only ops are not counted. On CUDA every
   op is at least one kernel, so an op count is a lower bound of the kernel count.
 
-``step_count(backend)`` measures the decode step of a 1-layer and a 2-layer model; the difference is
-the per-layer count, the rest the per-step count (embedding, ln_f, lm_head, next-token choice,
-length update).
+``step_count(backend)`` measures one decode step of the engine (runtime/engine.py: the step that
+generate and stream run) of a 1-layer and a 2-layer model; the difference is the per-layer count,
+the rest the per-step count (embedding, ln_f, lm_head, next-token choice, length update, idle slots
+emptied).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import plan
 from .config import GPT2Config
 from .generate import GPT2
-from .graphs import DecodeStep
+from .engine import Engine, slot_bucket
 
 # ops that launch no kernel: allocation and metadata
 _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "set_", "resize_"}
@@ -103,17 +104,25 @@ def count_ops():
         KernelInterface.__getitem__ = original
 
 
-def _decode_step(model, batch: int = 1, prompt_len: int = 5) -> DecodeStep:
-    """A greedy eager decode step of `model` after a prefill and one step (the first call may build
-    things once), ready to be counted."""
+def _decode_step(model, batch: int = 1, prompt_len: int = 5):
+    """One greedy eager decode step of an engine of `model` over `batch` running requests, ready to be
+    counted: a callable. The requests are admitted (prefilled) and one decode step is run first (the
+    first may build things once). The engine's slots are n_positions long: on CUDA the step attends
+    over the whole cache, so decode attention splits and reduces (the Triton kernels split by the
+    cache's length on any device). On CUDA the callable is the step's device work as ``Engine.step``
+    runs it (and a graph captures it) without the step's read-back of the chosen tokens (a copy, no
+    kernel); elsewhere it is ``Engine.step`` itself (the read-back is no op)."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    cache = model.new_cache(batch, cfg.n_positions)  # a long cache: decode attention splits and reduces
-    step = DecodeStep(model, cache, use_cuda_graph=False)
-    lens = torch.full((batch,), prompt_len, dtype=torch.int32, device=model.device)
-    step.start(model.prefill(ids.to(model.device), lens, cache))
-    step()
-    return step
+    engine = Engine(model, max_batch=batch, max_len=cfg.n_positions, use_cuda_graph=False)
+    for row in ids:
+        engine.add(row, cfg.n_positions - prompt_len)  # never finishes while it is counted
+    engine.step()  # admits them: the prefills and their first tokens
+    engine.step()  # one decode step over slots 0 .. batch-1
+    if model.device.type == "cuda":
+        n = slot_bucket(batch, engine.max_batch)
+        return lambda: engine._decode(n)
+    return engine.step
 
 
 def count_kernels(fn) -> Counter:
@@ -138,7 +147,7 @@ def measure_step_count(backend: str, unit: str | None = None, n_embd: int = 64, 
     counts = {}
     for n_layer in (1, 2):
         cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=128, n_positions=1024)
-        step = _decode_step(GPT2.from_config(cfg, device=device, backend=backend))
+        step = _decode_step(GPT2.from_config(cfg, device=device, backend=backend))  # a callable
         if unit == "kernels":
             counts[n_layer] = count_kernels(step)
         else:

@@ -1,14 +1,15 @@
 """Decode steps through the preallocated cache, teacher-forced, logits against transformers.
 
 A ragged batch is prefilled right-padded, then fed given tokens for 24+ steps through
-``GPT2.decode`` (one token, then S = 3 tokens per step) and through the ``DecodeStep`` the generator
-uses; every step's logits are compared with transformers' full fp32 forward over the whole sequence
-at the same position. Cache lengths 129, 300 and 512 make the Triton decode attention run with 2, 3
-and 4 key splits (``default_num_splits``: one per 128 cache positions here), so the fp32 partials and
-their reduce are on the path; each split covers ceil(ceil(L / splits) / BLOCK_N) * BLOCK_N of a row's
-L cached keys, so with the rows' 9 .. 94 cached keys some splits are full, one is ragged and the
-shorter rows' last splits are empty. A cache of 100 positions runs the single-split kernel that
-writes its output directly.
+``GPT2.decode`` (one token, then S = 3 tokens per step) and through the engine's decode step (the
+step generate and stream run: each row a request in its own slot); every step's logits are
+compared with transformers' full fp32 forward over the whole sequence at the same position. Cache
+lengths 129, 300 and 512 make the Triton decode attention run with 2, 3 and 4 key splits
+(``default_num_splits``: one per 128 cache positions here), so the fp32 partials and their reduce
+are on the path; each split covers ceil(ceil(L / splits) / BLOCK_N) * BLOCK_N of a row's L cached
+keys, so with the rows' 9 .. 94 cached keys some splits are full, one is ragged and the shorter
+rows' last splits are empty. A cache of 100 positions runs the single-split kernel that writes its
+output directly.
 
 Tolerance (fp32): max |Δlogits| <= 2e-5 * max |reference| + 2e-5, per step.
 """
@@ -19,7 +20,7 @@ import torch
 from hf_reference import hf_model, save_checkpoint
 
 import fastgpt2
-from fastgpt2.runtime.graphs import DecodeStep
+from fastgpt2.runtime.engine import Engine
 
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,17 +87,22 @@ def _check_decode(model, hf, lens, tokens, max_len, label):
     assert cache.lengths.tolist() == [n + STEPS + 9 for n in lens]
 
 
-def _check_decode_step(model, hf, lens, tokens, max_len, label):
-    """The generator's DecodeStep (eager here; graphed on CUDA in tests/runtime/test_decode_step.py),
-    teacher-forced by writing each fed token into its token buffer."""
+def _check_engine_step(model, hf, lens, tokens, max_len, label):
+    """The engine's decode step (eager here; graphed on CUDA in tests/runtime/test_engine_step.py):
+    each row a request, admitted into slots 0 .. B-1 by one step (one ragged prefill), then
+    teacher-forced by writing each fed token into the engine's token buffer before each step."""
     ref = _reference(hf, lens, tokens)
-    cache, logits = _prefill(model, tokens, lens, max_len)
-    step = DecodeStep(model, cache, use_cuda_graph=False)
-    step.start(logits)
+    engine = Engine(model, max_batch=len(lens), max_len=max_len, use_cuda_graph=False)
+    requests = [engine.add(tokens[b, :n], STEPS + 2) for b, n in enumerate(lens)]
+    engine.step()  # admits every request: the prefill and each one's first token, no decode
+    assert [r.slot for r in requests] == list(range(len(lens))) and engine.logits is None
     for i in range(STEPS):
-        step.tokens.copy_(_fed(tokens, lens, i)[:, 0])
-        step()
-        _close(step.logits.cpu(), torch.stack([r[n + i] for r, n in zip(ref, lens)]), f"{label} DecodeStep {i}")
+        engine.tokens[: len(lens)].copy_(_fed(tokens, lens, i)[:, 0].to(model.device))
+        out = engine.step()
+        assert [r for r, _ in out] == requests  # a decode step, in slot order
+        _close(engine.logits.cpu(), torch.stack([r[n + i] for r, n in zip(ref, lens)]), f"{label} engine step {i}")
+        assert [t for _, t in out] == engine.logits.argmax(-1).tolist()  # greedy: each slot's own logits
+    assert [r.length for r in requests] == [n + STEPS + 1 for n in lens]
 
 
 def _model(tmp_path, hf, backend):
@@ -109,20 +115,20 @@ def test_decode_logits_torch_backend(tmp_path, name, max_len):
     hf, lens, tokens = _case(name, max_len, seed=30 + max_len)
     model = _model(tmp_path, hf, "torch")
     _check_decode(model, hf, lens, tokens, max_len, f"torch {name} cache {max_len}")
-    _check_decode_step(model, hf, lens, tokens, max_len, f"torch {name} cache {max_len}")
+    _check_engine_step(model, hf, lens, tokens, max_len, f"torch {name} cache {max_len}")
 
 
 @pytest.mark.skipif(not TRITON, reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)")
 @pytest.mark.parametrize("name, max_len, splits", [("plain", 129, 2), ("crfm", 300, 3), ("head64", 512, 4),
                                                    ("plain", 100, 1)])
 def test_decode_logits_triton_backend(tmp_path, name, max_len, splits):
-    """The kernels in the interpreter (slow: the DecodeStep path, the same device work as GPT2.decode's,
+    """The kernels in the interpreter (slow: the engine's step, the same device work as GPT2.decode's,
     is run for one cache only)."""
     from fastgpt2.kernels.attention import default_num_splits
 
     hf, lens, tokens = _case(name, max_len, seed=60 + max_len)
-    assert default_num_splits(len(lens), hf.config.n_head, max_len) == splits
+    assert default_num_splits(hf.config.n_head, max_len) == splits
     model = _model(tmp_path, hf, "triton")
     _check_decode(model, hf, lens, tokens, max_len, f"triton {name} cache {max_len}")
     if max_len == 129:
-        _check_decode_step(model, hf, lens, tokens, max_len, f"triton {name} cache {max_len}")
+        _check_engine_step(model, hf, lens, tokens, max_len, f"triton {name} cache {max_len}")

@@ -1,5 +1,5 @@
 """The decode step's plan (runtime/plan.py) against the code: a decode step calls exactly the plan's
-ops, in its order, with its GEMM shapes (the generator's DecodeStep and the engine's step, on the
+ops, in its order, with its GEMM shapes (the engine's step, which generate and stream run, on the
 torch backend and on the Triton kernels in the interpreter); the weight bytes are the plan's sum; the
 README's table says the plan's counts."""
 import os
@@ -11,7 +11,6 @@ import torch
 import fastgpt2
 from fastgpt2.runtime import plan
 from fastgpt2.runtime.engine import Engine
-from fastgpt2.runtime.graphs import DecodeStep
 
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 CFG = fastgpt2.GPT2Config(n_layer=3, n_embd=64, n_head=2, n_inner=96, vocab_size=101, n_positions=32)
@@ -51,30 +50,22 @@ class Recorder:
         return call
 
 
-def run_steps(model, kind):
+def run_steps(model):
     ids = torch.randint(0, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
-    if kind == "DecodeStep":
-        cache = model.new_cache(2, CFG.n_positions)
-        step = DecodeStep(model, cache, use_cuda_graph=False)
-        step.start(model.prefill(ids, torch.full((2,), 5, dtype=torch.int32), cache))
-        recorder = Recorder(model)
-        step()
-    else:
-        engine = Engine(model, max_batch=2, use_cuda_graph=False)
-        for row in ids:
-            engine.add(row, 3)
-        engine.step()  # the prefills
-        recorder = Recorder(model)
-        engine.step()  # one decode step over both slots
+    engine = Engine(model, max_batch=2, use_cuda_graph=False)
+    for row in ids:
+        engine.add(row, 3)
+    engine.step()  # the prefills
+    recorder = Recorder(model)
+    engine.step()  # one decode step over both slots
     return recorder.calls
 
 
-@pytest.mark.parametrize("kind", ["DecodeStep", "Engine"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON, reason="no CUDA and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)"))])
-def test_a_decode_step_runs_the_plans_ops_in_order_with_its_gemm_shapes(backend, kind):
+def test_a_decode_step_runs_the_plans_ops_in_order_with_its_gemm_shapes(backend):
     model = fastgpt2.GPT2.from_config(CFG, dtype=torch.float32, backend=backend, seed=1)
-    calls = run_steps(model, kind)
+    calls = run_steps(model)
     assert [name for name, _ in calls] == expected_calls(CFG)
     gemms = [shape for _, shape in calls if shape is not None]
     shapes = plan.gemm_shapes(CFG, batch=2)
