@@ -102,7 +102,7 @@ class Engine:
         cache = KVCache(model.config, max_batch, max_len, model.dtype, device)  # CacheError past n_positions
         sampler = RowSampler(max_batch, model.config.vocab_size, device)
         tokens = torch.zeros(max_batch, dtype=torch.long, device=device)  # [slots] each slot's last token
-        active = torch.zeros(max_batch, dtype=torch.bool, device=device)  # [slots] decoding now
+        active = torch.zeros(max_batch, dtype=torch.int32, device=device)  # [slots] 1: decoding now, 0: idle
         if self.max_batch:  # growing: copy the old slots into the first rows and positions
             b, t = self.max_batch, self.max_len
             cache.k[:, :b, :, :t].copy_(self.cache.k)
@@ -223,9 +223,10 @@ class Engine:
         backend attends over that many positions; the kernels read the lengths on the device)."""
         kv_len = self.max_len if kv_len is None else kv_len
         rows = slice(0, n)
-        logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, None, self._workspace(n))
+        # a running slot's length grows by 1, an idle one's by 0: it stays empty, never past its end
+        logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, None, self._workspace(n),
+                                           advance=self.active[rows])
         self.sampler(logits, self.tokens[rows], rows)  # [n, V] -> each slot's next token (idle slots' are ignored)
-        self.cache.lengths[rows].masked_fill_(~self.active[rows], 0)  # idle slots stay empty, never past their end
         self.logits = logits
         return logits
 
@@ -289,7 +290,7 @@ class Engine:
         logits = self.model.prefill(ids, lens, self.cache.rows(a, b))  # [R, V]
         rows = slice(a, b)
         self.sampler(logits, self.tokens[rows], rows)
-        self.active[rows] = True
+        self.active[rows] = 1
         return self.tokens[rows].tolist()
 
     def _emit(self, request: Request, token: int) -> None:
@@ -303,6 +304,6 @@ class Engine:
         slot = request.slot
         request.finish_reason, request.slot = reason, None
         self.slots[slot] = None
-        self.active[slot] = False
+        self.active[slot] = 0
         self.cache.lengths[slot] = 0
         self.sampler.set_row(slot, Sampling(), 0)  # an idle slot draws nothing

@@ -79,7 +79,7 @@ class GPT2Network:
                  pack_weights: bool = True, pdl: bool = False):
         """pack_weights=False: the backend uses `weights` as they are, never a repacked copy (for
         weights shared with another live model, whose in-place updates must be seen). pdl: the
-        decode steps (``DecodeStep``, so generate/stream) launch their GEMM and attention kernels
+        decode steps (the engine's, so generate/stream) launch their GEMM and attention kernels
         with programmatic dependent launch (Triton backend on a CUDA GPU of compute capability
         9.0+, else a BackendError): each may be scheduled while the kernel before it finishes."""
         self.config = cfg
@@ -240,13 +240,14 @@ class GPT2Network:
         return logits
 
     def _decode_logits(self, ids: torch.Tensor, cache: KVCache, kv_len: int, uniform_len: int | None = None,
-                       workspace=None):
+                       workspace=None, advance: torch.Tensor | None = None):
         """The device work of a decode step, no host bookkeeping and no host sync (a CUDA graph
         captures exactly this). kv_len: a host bound >= every length + S (the torch path slices the
         cache to it; a captured step passes the cache's max_len). uniform_len: every sequence's
         length when they are known to be equal (None in a captured step). workspace: the attention's
         scratch from ``decode_workspace`` (a captured step allocates it before the capture; None:
-        allocated per call)."""
+        allocated per call). advance: what each length grows by, [B] int32 on the device (the engine's
+        S for a running slot, 0 for an idle one, which so stays empty); None: S for every sequence."""
         b, s = ids.shape
         lengths = cache.lengths[:b]
         upcast = self.config.reorder_and_upcast_attn
@@ -258,7 +259,7 @@ class GPT2Network:
 
         with torch.inference_mode():
             h = self._blocks(ids, lengths, attend, workspace)  # [B*S, E], after ln_f; positions from lengths
-            lengths += s
+            lengths += s if advance is None else advance
             return self._logits(h.view(b, s, -1)[:, -1], workspace)
 
     @torch.inference_mode()

@@ -104,6 +104,7 @@ class RowSampler:
         self.seed = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
         self.draws = torch.zeros(batch, dtype=torch.long, device=device)  # [B] draws made by each row
         self.vocab = torch.arange(vocab_size, dtype=torch.long, device=device)  # [V]
+        self.best = torch.empty(batch, dtype=torch.float32, device=device)  # [B] torch.max's values output
         self.host: list[Sampling] = [Sampling()] * batch
 
     def set_row(self, row: int, sampling: Sampling, seed: int) -> None:
@@ -136,7 +137,9 @@ class RowSampler:
         rows = slice(None) if rows is None else rows
         sample, filtered = self.variant(rows)
         x = logits.float()
-        torch.argmax(x, dim=-1, out=tokens)  # greedy: the first maximal logit
+        # greedy: the first maximal logit, through torch.max (on the CPU 3-4x faster than torch.argmax
+        # over a GPT-2 vocabulary: README, "CPU (measured)")
+        torch.max(x, dim=-1, out=(self.best[rows], tokens))
         if not sample:
             return
         x = x / self.temperature[rows, None]
