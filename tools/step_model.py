@@ -65,7 +65,7 @@ ACHIEVABLE_BW_FRACTION = 0.9
 # previous kernel), in µs. ASSUMPTION.
 KERNEL_FLOOR_US = 3.0
 # The same floor for a Triton kernel launched with programmatic dependent launch after another one
-# (``DecodeStep(pdl=True)``): its launch and scheduling overlap the previous kernel's tail, leaving
+# (``Engine(pdl=True)``): its launch and scheduling overlap the previous kernel's tail, leaving
 # the drain and the wait. The kernel after a torch op (the step's first) keeps KERNEL_FLOOR_US.
 # ASSUMPTION (the GPU check's pdl stage measures the step both ways).
 PDL_KERNEL_FLOOR_US = 1.5

@@ -497,7 +497,7 @@ def linear(x, w, b, *, activation="none", residual=None, out=None, w_layout="kn"
     allocated per call when the plan splits). sms: the SM count the plan fills (default: the device's;
     tests use it to pick splits). pdl: launch with programmatic dependent launch (CUDA, compute
     capability 9.0+; a ValueError elsewhere): the kernel may be scheduled before the previous one on
-    the stream finishes and waits for it on the GPU (the decode step's option, ``DecodeStep(pdl=)``).
+    the stream finishes and waits for it on the GPU (the decode step's option, ``Engine(pdl=)``).
     """
     return _launch("linear", x, w, b, activation=activation, residual=residual, out=out, w_layout=w_layout,
                    norm=None, workspace=workspace, sms=sms, pdl=pdl)[0]

@@ -40,6 +40,7 @@ import torch
 from .graphs import GraphError, graph_cache_len, resolve_use_cuda_graph
 from .kv_cache import CacheError, KVCache
 from .model import GPT2Network, InputError
+from .ops import resolve_pdl
 from .sampling import RowSampler, Sampling
 
 
@@ -87,7 +88,7 @@ class Engine:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model
         self.use_cuda_graph = resolve_use_cuda_graph(use_cuda_graph, model.device)
-        self.pdl = model.pdl if pdl is None else pdl
+        self.pdl = model.pdl if pdl is None else resolve_pdl(pdl, model.backend, model.device)  # refused here
         self.slots: list[Request | None] = []
         self.queue: deque[Request] = deque()
         self._ids = itertools.count()

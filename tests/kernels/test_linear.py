@@ -301,7 +301,7 @@ def test_pdl_outside_a_hopper_gpu_is_a_clear_error():
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
-        pytest.skip("this GPU runs PDL (tests/runtime/test_decode_step.py checks it)")
+        pytest.skip("this GPU runs PDL (tests/runtime/test_engine_step.py checks it)")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3, 40, generator=g).to(dev)
     w = torch.randn(40, 24, generator=g).to(dev)

@@ -236,11 +236,8 @@ def test_pdl_where_it_cannot_run_is_a_clear_error(monkeypatch):
         fastgpt2.GPT2.from_config(CFG, device="cpu", pdl=True)
     model = fastgpt2.GPT2.from_config(CFG, device="cpu")
     assert model.pdl is False and "pdl" not in repr(model)
-    engine = Engine(model, max_batch=1, max_len=16, pdl=True)
-    engine.add([1, 2], 3)
-    engine.step()  # the prefill: no decode step, no decode scratch
     with pytest.raises(BackendError, match="pass pdl=False"):
-        engine.step()  # the first decode step makes its scratch with pdl: refused
+        Engine(model, max_batch=1, max_len=16, pdl=True)  # refused when the engine is built
     with pytest.raises(BackendError, match="True or False"):
         ops.resolve_pdl("yes", "triton", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
