@@ -20,11 +20,12 @@ def pdl_launches(monkeypatch):
 
     from fastgpt2 import benchmark
     from fastgpt2.kernels import attention, linear
+    from fastgpt2.runtime import engine as engine_module
     from fastgpt2.runtime import model as model_module
 
     interpreted = not torch.cuda.is_available()
     if interpreted:
-        for module in (model_module, benchmark):
+        for module in (model_module, engine_module, benchmark):
             monkeypatch.setattr(module, "resolve_pdl", lambda pdl, backend, dev: pdl)
         for module in (attention, linear):
             monkeypatch.setattr(module, "pdl_launch_options", lambda op, pdl, dev, kernel: {"launch_pdl": True} if pdl else {})
