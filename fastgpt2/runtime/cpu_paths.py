@@ -71,12 +71,11 @@ def cpu_features() -> tuple[str, ...]:
 
 
 # Private, for tests and measurements: force one CPU GEMM path (a CpuPath.gemm name: "onednn_packed",
-# "onednn_from_2", "addmm_nk" or "addmm") for every TorchOps on the CPU that packs its weights; the
-# environment variable _FASTGPT2_CPU_PATH sets it at import (e.g. for `fastgpt2 bench`). Not an API.
+# "addmm_nk" or "addmm") for every TorchOps on the CPU that packs its weights; the environment variable
+# _FASTGPT2_CPU_PATH sets it at import (e.g. for `fastgpt2 bench`). Not an API.
 _FORCE_CPU_PATH: str | None = os.environ.get("_FASTGPT2_CPU_PATH") or None
 
-_GEMM_NAMES = {"onednn_packed": "oneDNN packed", "onednn_from_2": "MKL addmm, oneDNN packed from 2 rows",
-               "addmm_nk": "addmm on [N, K] weights", "addmm": "addmm"}
+_GEMM_NAMES = {"onednn_packed": "oneDNN packed", "addmm_nk": "addmm on [N, K] weights", "addmm": "addmm"}
 
 
 @dataclass(frozen=True)
@@ -84,27 +83,28 @@ class CpuPath:
     """Which GEMM and lm_head path the torch backend runs on this CPU for one dtype, chosen once, at
     construction (``TorchOps``), from the CPU's capability and ``_onednn_probe``. GEMMs (``gemm``):
 
-    - "onednn_packed": every GEMM weight prepacked for oneDNN at construction (bf16 on AVX-512)
-    - "onednn_from_2": MKL's addmm for one row, oneDNN's packed GEMM (a copy made lazily) from 2 rows (fp32)
+    - "onednn_packed": every GEMM weight prepacked for oneDNN at construction, the packed form replacing
+      the plain one (bf16 on AVX-512, fp32 on AVX-512 or AVX2)
     - "addmm_nk": addmm on weights stored [N, K] (a column-major [K, N] view), made once at construction:
       torch's own reduced-precision GEMV/GEMM kernels (bf16/fp16 where oneDNN is not used)
     - "addmm": plain addmm on the [K, N] (Conv1D) weights (fp32 where oneDNN cannot run; any dtype, forced)
 
-    lm_head (``head``): "w @ y^T" (a GEMV for one row over the [V, E] table; fp32, bf16 with AMX) or
-    "y @ w^T" (bf16 without AMX, fp16).
+    lm_head (``head``): "oneDNN y @ w^T" (oneDNN's matmul over the plain, column-major [V, E] table, no
+    packed copy: fp32 where its GEMMs are oneDNN's), "w @ y^T" (a GEMV for one row over the [V, E] table;
+    fp32 on addmm, bf16 with AMX) or "y @ w^T" (bf16 without AMX, fp16).
     """
 
     dtype: torch.dtype
-    gemm: str  # "onednn_packed" | "onednn_from_2" | "addmm_nk" | "addmm"
+    gemm: str  # "onednn_packed" | "addmm_nk" | "addmm"
     capability: str  # torch.backends.cpu.get_cpu_capability()
     amx: bool = False
     forced: bool = False  # set through the private switch, not chosen
-    head: str = "w @ y^T"  # the lm_head's product: "w @ y^T" | "y @ w^T"
+    head: str = "w @ y^T"  # the lm_head's product: "oneDNN y @ w^T" | "w @ y^T" | "y @ w^T"
 
     @property
     def name(self) -> str:
         """e.g. "bf16: oneDNN packed (AVX512)", "bf16: addmm on [N, K] weights (AVX2)",
-        "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)", "fp32: MKL addmm (DEFAULT)"."""
+        "fp32: oneDNN packed (AVX512+AMX)", "fp32: MKL addmm (DEFAULT)"."""
         dtype = DTYPES.get(self.dtype, str(self.dtype).removeprefix("torch."))
         what = "MKL addmm" if self.gemm == "addmm" and self.dtype == torch.float32 else _GEMM_NAMES[self.gemm]
         isa = self.capability + ("+AMX" if self.amx and self.capability == "AVX512" else "")
@@ -115,15 +115,23 @@ class CpuPath:
 
 
 # the GEMM paths each dtype can take; the first is the one chosen where the CPU runs it (see choose_cpu_path)
-_CPU_GEMMS = {torch.bfloat16: ("onednn_packed", "addmm_nk", "addmm"), torch.float32: ("onednn_from_2", "addmm"),
+_CPU_GEMMS = {torch.bfloat16: ("onednn_packed", "addmm_nk", "addmm"), torch.float32: ("onednn_packed", "addmm"),
               torch.float16: ("addmm_nk", "addmm")}
+# the capabilities under which a dtype's "onednn_packed" is chosen (where its probe passes too)
+_ONEDNN_CAPABILITIES = {torch.bfloat16: ("AVX512",), torch.float32: ("AVX512", "AVX2")}
 
 
-def _cpu_head(dtype: torch.dtype, amx: bool) -> str:
-    """The lm_head's product: w @ y^T for fp32 (the column-major table's GEMV, see TorchOps) and bf16
-    on AMX (the Xeon's measurement); y @ w^T elsewhere (AMD EPYC AVX-512 bf16, GPT-2 small's head:
-    4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2 kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""
-    return "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
+def _cpu_head(dtype: torch.dtype, amx: bool, gemm: str) -> str:
+    """The lm_head's product: for fp32 on oneDNN's GEMMs, oneDNN's matmul over the column-major table
+    up to 64 rows (the product found whose rows do not depend on the row count, with no copy of the
+    table: MKL's w @ y^T over it gives rows other bits than its GEMV from 12 rows on under AVX-512,
+    from 2 under AVX2, see TorchOps); w @ y^T for fp32 on addmm (the column-major table's GEMV) and
+    bf16 on AMX (the Xeon's measurement); y @ w^T elsewhere
+    (AMD EPYC AVX-512 bf16, GPT-2 small's head: 4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2
+    kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""
+    if dtype == torch.float32:
+        return "oneDNN y @ w^T" if gemm == "onednn_packed" else "w @ y^T"
+    return "w @ y^T" if dtype == torch.bfloat16 and amx else "y @ w^T"
 
 
 def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
@@ -134,7 +142,7 @@ def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
     | bf16  | AVX512          | runs         | onednn_packed |
     | bf16  | AVX512          | fails        | addmm_nk      |
     | bf16  | AVX2, any other | (not asked)  | addmm_nk      |
-    | fp32  | AVX512 or AVX2  | runs         | onednn_from_2 |
+    | fp32  | AVX512 or AVX2  | runs         | onednn_packed |
     | fp32  | AVX512 or AVX2  | fails        | addmm         |
     | fp32  | any other       | (not asked)  | addmm         |
     | fp16  | any             | (not asked)  | addmm_nk      |
@@ -142,7 +150,6 @@ def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
     `forced` (the private switch) takes a GEMM path by name; one this dtype has no such path for, or
     one this CPU cannot run (the probe fails), is a BackendError naming the capability."""
     cap, amx = cpu_capability(), _amx()
-    head = _cpu_head(dtype, amx)
     choices = _CPU_GEMMS.get(dtype, ("addmm",))
     if forced is not None:
         if forced not in choices:
@@ -151,15 +158,14 @@ def choose_cpu_path(dtype: torch.dtype, forced: str | None = None) -> CpuPath:
         if why is not None:
             raise BackendError(f"CPU path {forced!r} for {dtype} cannot run on this CPU (torch's CPU capability "
                                f"is {cap}): {why}")
-        return CpuPath(dtype, forced, cap, amx, forced=True, head=head)
+        return CpuPath(dtype, forced, cap, amx, forced=True, head=_cpu_head(dtype, amx, forced))
     fast, fallback = choices[0], choices[1] if len(choices) > 1 else choices[0]
     if fast == "onednn_packed":
-        ok = cap == "AVX512" and _onednn_probe(dtype) is None
-    elif fast == "onednn_from_2":
-        ok = cap in ("AVX512", "AVX2") and _onednn_probe(dtype) is None
+        ok = cap in _ONEDNN_CAPABILITIES[dtype] and _onednn_probe(dtype) is None
     else:
         ok = True
-    return CpuPath(dtype, fast if ok else fallback, cap, amx, head=head)
+    gemm = fast if ok else fallback
+    return CpuPath(dtype, gemm, cap, amx, head=_cpu_head(dtype, amx, gemm))
 
 
 def cpu_path_for(dtype: torch.dtype, pack_weights: bool = True, forced: str | None = None) -> CpuPath:
@@ -168,5 +174,5 @@ def cpu_path_for(dtype: torch.dtype, pack_weights: bool = True, forced: str | No
     nothing probed."""
     if not pack_weights:
         amx = _amx()
-        return CpuPath(dtype, "addmm", cpu_capability(), amx, head=_cpu_head(dtype, amx))
+        return CpuPath(dtype, "addmm", cpu_capability(), amx, head=_cpu_head(dtype, amx, "addmm"))
     return choose_cpu_path(dtype, forced if forced is not None else _FORCE_CPU_PATH)

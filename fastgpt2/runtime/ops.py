@@ -173,19 +173,29 @@ class TorchOps:
       one. Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ, and
       torch's addmm then runs its own kernels, a scalar loop on the [K, N] Conv1D layout), and for
       float16: addmm on weights stored [N, K] once at construction.
-    - float32: addmm (MKL) for one row, where it streams at the memory's speed (oneDNN is slower
-      there); from 2 rows oneDNN's packed GEMM is faster, so a packed copy of each weight, the
-      lm_head's included, is made on the first such call: the extra memory (one more copy of the
-      weights) is paid only by batched or prefill use. That needs an AVX-512 or AVX2 CPU where
-      oneDNN runs fp32; elsewhere MKL's addmm for every row count.
-    - the lm_head: a GEMV for one row. In float32 its weight is stored column-major (a [V, E] view of
-      [E, V] storage, no second copy), which MKL's GEMV streams faster than row-major [V, E]; the
-      tied embedding then gathers strided rows (a cost that grows with the tokens gathered, small for
-      decode). float32 from 2 rows: the packed copy above; bfloat16 with AMX: wte @ y^T up to 64 rows
-      (the large matrix on the left: faster than y @ wte^T, as fast as a packed copy, no copy of
-      wte); bfloat16 without AMX and float16: y @ wte^T (``CpuPath.head``)."""
+    - float32 on an AVX-512 or AVX2 CPU where oneDNN runs fp32: the GEMM weights are prepacked once
+      for oneDNN, the packed form replacing the plain one (one copy of each weight), for every row
+      count. The engine decodes only its occupied slots, so a row's result must not depend on how
+      many rows share its GEMM: oneDNN's packed op gives a row the same bits at every row count from
+      2 on (measured to 1024 rows under AVX-512, to 16 under AVX2), but one row alone other bits where
+      K is long (AVX-512, K >= 1536: GPT-2's MLP down-projection), so one row runs as ONE_ROW_AS rows,
+      the row repeated (as fast as one row alone; 2 rows are slower). MKL's addmm is not row-count
+      invariant (its rows change from 4 rows on) and no faster: GPT-2 small's 48 GEMMs (340 MB), AMD
+      EPYC (AVX-512), 2 threads: addmm 23 ms at 1 row vs oneDNN's 14, 49 at 8 rows vs oneDNN's 15.
+      Elsewhere: MKL's addmm for every row count.
+    - the lm_head: in float32 its weight is stored column-major (a [V, E] view of [E, V] storage, no
+      second copy), which MKL's GEMV streams faster than row-major [V, E]; the tied embedding then
+      gathers strided rows (a cost that grows with the tokens gathered, small for decode). float32
+      on oneDNN: oneDNN's matmul over that table up to 64 rows, each row's bits the same at every row
+      count (MKL's GEMV and w @ y^T over it are not: w @ y^T's rows differ from the GEMV's from 12
+      rows on under AVX-512, from 2 under AVX2; and w @ y^T takes 131 ms for 8 rows of GPT-2 small's
+      head on that EPYC, oneDNN 10.5; for 1 row the GEMV 6.7, oneDNN 8.1). float32 on addmm: the
+      GEMV for one row, w @ y^T up to 64 rows. bfloat16 with AMX: wte @ y^T up to 64 rows (the large
+      matrix on the left: faster than y @ wte^T, as fast as a packed copy, no copy of wte); bfloat16
+      without AMX and float16: y @ wte^T (``CpuPath.head``). Above 64 rows (a forward() over long
+      sequences): y @ wte^T."""
 
-    PACK_FROM_ROWS = 2  # float32: oneDNN's packed GEMM from this many rows on, MKL below
+    ONE_ROW_AS = 4  # float32 on oneDNN: a 1-row GEMM runs as this many rows, the row repeated (see above)
 
     name = "torch"
 
@@ -201,10 +211,11 @@ class TorchOps:
         self.cpu_path = cpu_paths.cpu_path_for(dtype, pack_weights, _cpu_path) if cpu else None
         gemm = self.cpu_path.gemm if cpu else "addmm"
         self.packed = gemm == "onednn_packed"
+        # float32's packed op: one row runs as ONE_ROW_AS rows (see the class), so every row count sums alike
+        self.pad_one_row = self.packed and dtype == torch.float32
         self.store_nk = gemm == "addmm_nk"
-        # id(weight) -> (weight, its _version when packed, packed copy); None: this path packs nothing lazily
-        self.lazy_packed = {} if gemm == "onednn_from_2" else None
         self.head_y_wt = cpu and self.cpu_path.head == "y @ w^T"
+        self.head_onednn = cpu and self.cpu_path.head == "oneDNN y @ w^T"
         self.head_column_major = pack_weights and cpu and dtype == torch.float32
 
     def prepare_linear(self, w: torch.Tensor):
@@ -233,9 +244,10 @@ class TorchOps:
 
     def linear(self, x, w, b, activation="none", residual=None, workspace=None):
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
-        elif self.lazy_packed is not None and x.shape[0] >= self.PACK_FROM_ROWS:
-            y = torch.ops.mkldnn._linear_pointwise(x, self._lazily_packed(w, w_is_kn=True), b, "none", [], "")
+            if self.pad_one_row and x.shape[0] == 1:  # the row repeated, the copies discarded (see the class)
+                y = torch.ops.mkldnn._linear_pointwise(x.expand(self.ONE_ROW_AS, -1), w, b, "none", [], "")[:1]
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # [M, N] = b + x @ w
         else:
             y = torch.addmm(b, x, w)  # [M, N] = b + x @ w (Conv1D layout, as transformers computes it)
         if activation != "none":
@@ -247,27 +259,18 @@ class TorchOps:
     def linear_norm(self, x, w, b, residual, weight, bias, eps, workspace=None):
         return self.layer_norm(self.linear(x, w, b), residual, weight, bias, eps)  # s = (x @ w + b) + residual
 
-    def _lazily_packed(self, w, w_is_kn: bool):
-        """oneDNN's packed form of the float32 weight w ([K, N] when w_is_kn, else [N, K]), made on
-        its first use and kept; keyed by the tensor itself (held, so its id stays its own) and made
-        again when w was updated in place since (its version counter moved)."""
-        entry = self.lazy_packed.get(id(w))
-        if entry is None or entry[0] is not w or entry[1] != w._version:
-            entry = self.lazy_packed[id(w)] = (w, w._version,
-                                                cpu_paths.onednn_pack((w.t() if w_is_kn else w).contiguous()))
-        return entry[2]
-
     def lm_head(self, y, w, workspace=None):
-        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class): y @ w^T
-        where the path's head says so, else a GEMV for one row; from PACK_FROM_ROWS rows the float32
-        packed copy of w, else w @ y^T up to 64 rows."""
+        """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class and
+        ``CpuPath.head``): oneDNN's matmul over the column-major table up to 64 rows (fp32 on oneDNN),
+        y @ w^T where the path's head says so, else a GEMV for one row, w @ y^T up to 64 rows; y @ w^T
+        above 64 rows (a forward() over long sequences)."""
         n = y.shape[0]
         if not self.cpu or self.head_y_wt:
             return y @ w.t()
+        if self.head_onednn and n <= 64:  # the same bits per row at every row count (see the class)
+            return torch.ops.mkldnn._linear_pointwise(y, w, None, "none", [], "")
         if n == 1:
             return torch.mv(w, y[0])[None]
-        if self.lazy_packed is not None and n >= self.PACK_FROM_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(y, self._lazily_packed(w, w_is_kn=False), None, "none", [], "")
         if n > 64:
             return y @ w.t()
         return torch.mm(w, y.t()).t().contiguous()

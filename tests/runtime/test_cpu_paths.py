@@ -14,7 +14,7 @@ from fastgpt2.runtime.ops import TorchOps
 CPU = torch.device("cpu")
 # every path: (dtype, CpuPath.gemm)
 PATHS = [(torch.bfloat16, "onednn_packed"), (torch.bfloat16, "addmm_nk"), (torch.bfloat16, "addmm"),
-         (torch.float32, "onednn_from_2"), (torch.float32, "addmm"), (torch.float16, "addmm_nk"),
+         (torch.float32, "onednn_packed"), (torch.float32, "addmm"), (torch.float16, "addmm_nk"),
          (torch.float16, "addmm")]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # relative to the reference's max
 AVX2_BF16_ERROR = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
@@ -61,14 +61,14 @@ def test_every_forced_path_matches_the_plain_float32_product(dtype, gemm):
     _skip_unless_runs(dtype, gemm)
     ops = TorchOps(CPU, dtype, _cpu_path=gemm)
     assert ops.cpu_path.gemm == gemm and ops.cpu_path.forced and ops.cpu_path.dtype == dtype
-    assert ops.packed == (gemm == "onednn_packed") and (ops.lazy_packed is not None) == (gemm == "onednn_from_2")
+    assert ops.packed == (gemm == "onednn_packed")
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(100, 300, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
     pw = ops.prepare_linear(w)
     assert pw.is_mkldnn == (gemm == "onednn_packed")
     if not pw.is_mkldnn:  # the same [K, N] values, stored [N, K] for addmm_nk
         assert torch.equal(pw, w) and pw.stride() == ((1, 100) if gemm == "addmm_nk" else (300, 1))
-    for m in (1, 2, 7, 33):  # one row (a GEMV), the packing threshold, odd sizes
+    for m in (1, 2, 7, 33):  # one row (fp32 packed: run as two), odd sizes
         x = torch.randn(m, 100, generator=g).to(dtype)
         residual = torch.randn(m, 300, generator=g).to(dtype)
         ref = torch.nn.functional.gelu(torch.addmm(b.float(), x.float(), w.float()), approximate="tanh")
@@ -76,8 +76,6 @@ def test_every_forced_path_matches_the_plain_float32_product(dtype, gemm):
         y = ops.linear(x, pw, b, "gelu_tanh", residual)
         assert y.dtype == dtype and y.shape == (m, 300)
         assert (y.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max(), (m, gemm)
-    if gemm == "onednn_from_2":
-        assert len(ops.lazy_packed) == 1  # packed on its first >= 2-row call
 
 
 @pytest.mark.parametrize("amx", [False, True])
@@ -86,20 +84,21 @@ def test_every_lm_head_path_matches_the_plain_float32_product(monkeypatch, dtype
     _skip_unless_runs(dtype, gemm)
     monkeypatch.setattr(cpu_paths, "_amx", lambda: amx)  # AMX picks w @ y^T for bf16: both heads run anywhere
     ops = TorchOps(CPU, dtype, _cpu_path=gemm)
-    head = "w @ y^T" if dtype == torch.float32 or (dtype == torch.bfloat16 and amx) else "y @ w^T"
+    if dtype == torch.float32:  # oneDNN over the column-major table where the GEMMs are oneDNN's
+        head = "oneDNN y @ w^T" if gemm == "onednn_packed" else "w @ y^T"
+    else:
+        head = "w @ y^T" if dtype == torch.bfloat16 and amx else "y @ w^T"
     assert ops.cpu_path.head == head
     g = torch.Generator().manual_seed(4)
     table = torch.randn(301, 48, generator=g).to(dtype)
     wh = ops.prepare_lm_head(table)
     assert torch.equal(wh, table)
-    for n in (1, 2, 8, 65):  # the GEMV, the fp32 packed copy or w @ y^T, y @ w^T
+    for n in (1, 2, 8, 65):  # the GEMV or oneDNN, w @ y^T or oneDNN, y @ w^T above 64 rows
         y = torch.randn(n, 48, generator=g).to(dtype)
         ref = torch.nn.functional.linear(y.float(), table.float())
         logits = ops.lm_head(y, wh)
         assert logits.dtype == dtype and logits.shape == (n, 301) and logits.is_contiguous()
         assert (logits.float() - ref).abs().max() <= TOL[dtype] * ref.abs().max(), (n, gemm)
-    if gemm == "onednn_from_2":
-        assert len(ops.lazy_packed) == 1  # the table, packed on its first >= 2-row call
 
 
 @pytest.mark.parametrize("dtype,gemm", PATHS, ids=[f"{str(d)[6:]}-{g}" for d, g in PATHS])
@@ -139,17 +138,18 @@ def test_the_path_follows_the_capability_and_the_probe(monkeypatch, cap, probe):
     ok = probe == "runs"
     expected = {
         torch.bfloat16: "onednn_packed" if ok and cap == "AVX512" else "addmm_nk",
-        torch.float32: "onednn_from_2" if ok and cap in ("AVX512", "AVX2") else "addmm",
+        torch.float32: "onednn_packed" if ok and cap in ("AVX512", "AVX2") else "addmm",
         torch.float16: "addmm_nk",
     }
     names = {
         torch.bfloat16: (f"bf16: oneDNN packed ({cap})" if expected[torch.bfloat16] == "onednn_packed"
                          else f"bf16: addmm on [N, K] weights ({cap})"),
-        torch.float32: (f"fp32: MKL addmm, oneDNN packed from 2 rows ({cap})" if expected[torch.float32] != "addmm"
+        torch.float32: (f"fp32: oneDNN packed ({cap})" if expected[torch.float32] == "onednn_packed"
                         else f"fp32: MKL addmm ({cap})"),
         torch.float16: f"fp16: addmm on [N, K] weights ({cap})",
     }
-    heads = {torch.bfloat16: "y @ w^T", torch.float32: "w @ y^T", torch.float16: "y @ w^T"}  # no AMX
+    heads = {torch.bfloat16: "y @ w^T", torch.float16: "y @ w^T",  # no AMX
+             torch.float32: "oneDNN y @ w^T" if expected[torch.float32] == "onednn_packed" else "w @ y^T"}
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         packs.clear()
         path = choose_cpu_path(dtype)
@@ -190,9 +190,10 @@ def test_a_forced_path_this_cpu_cannot_run_is_a_backend_error_naming_the_capabil
     with pytest.raises(BackendError, match="capability is AVX2"):
         fastgpt2.GPT2.from_config(fastgpt2.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
                                                       n_positions=16), dtype=torch.bfloat16)
-    with pytest.raises(BackendError, match=r"'onednn_packed' does not exist for torch.float32 \(choose one of "
-                                           r"\('onednn_from_2', 'addmm'\)\)"):
-        TorchOps(CPU, torch.float32, _cpu_path="onednn_packed")
+    with pytest.raises(BackendError, match=r"'addmm_nk' does not exist for torch.float32 \(choose one of "
+                                           r"\('onednn_packed', 'addmm'\)\)"):
+        TorchOps(CPU, torch.float32, _cpu_path="addmm_nk")
+    assert TorchOps(CPU, torch.float32, _cpu_path="onednn_packed").packed  # oneDNN runs fp32 on AVX2
     with pytest.raises(BackendError, match="'onednn_packed' does not exist for torch.float16"):
         TorchOps(CPU, torch.float16, _cpu_path="onednn_packed")
     with pytest.raises(BackendError, match="'nope' does not exist for torch.float16"):
@@ -214,7 +215,9 @@ def test_bfloat16_on_a_simulated_avx2_cpu_builds_and_matches_transformers_float3
     for layer in model.layers:  # stored [N, K] once, no oneDNN form
         assert not layer.qkv_w.is_mkldnn and layer.qkv_w.shape == (64, 192) and layer.qkv_w.stride() == (1, 64)
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=3)  # same seeded weights
-    assert fp32.ops.cpu_path.name == "fp32: MKL addmm, oneDNN packed from 2 rows (AVX2)"  # fp32 runs there
+    assert fp32.ops.cpu_path.name == "fp32: oneDNN packed (AVX2)"  # oneDNN runs fp32 there
+    assert fp32.ops.packed and all(layer.qkv_w.is_mkldnn for layer in fp32.layers)
+    assert fp32.ops.cpu_path.head == "oneDNN y @ w^T" and fp32.wte.stride() == (1, 97)  # one table
     hf = reference_model(fp32)  # transformers, float32, eager attention
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -231,5 +234,5 @@ def test_amx_is_named_and_keeps_the_xeons_lm_head(monkeypatch):
     monkeypatch.setattr(cpu_paths, "_onednn_probe", lambda dtype: None)
     bf16, fp32 = choose_cpu_path(torch.bfloat16), choose_cpu_path(torch.float32)
     assert bf16.name == "bf16: oneDNN packed (AVX512+AMX)" and bf16.head == "w @ y^T"
-    assert fp32.name == "fp32: MKL addmm, oneDNN packed from 2 rows (AVX512+AMX)" and fp32.head == "w @ y^T"
+    assert fp32.name == "fp32: oneDNN packed (AVX512+AMX)" and fp32.head == "oneDNN y @ w^T"
     assert choose_cpu_path(torch.bfloat16, "addmm").name == "bf16: addmm (AVX512+AMX, forced)"

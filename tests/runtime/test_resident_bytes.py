@@ -54,13 +54,7 @@ def checkpoint_bytes(cfg, dtype) -> int:
                if not (k == "lm_head.weight" and cfg.tie_word_embeddings)) * dtype.itemsize
 
 
-FP32_TWICE = pytest.mark.xfail(strict=True, reason=(
-    "open (issue 23): the CPU float32 path keeps a oneDNN-packed copy of every GEMM weight and of the "
-    "table beside the plain ones from the first GEMM of >= 2 rows, a prefill's included (addmm for one "
-    "row, packed from two: chosen by measurement); which one form serves both is to be measured"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, pytest.param(torch.float32, marks=FP32_TWICE)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_a_model_and_its_engine_hold_the_weights_once_and_one_cache(dtype):
     model = fastgpt2.GPT2.from_config(CFG, dtype=dtype, seed=1)
     engine = Engine(model, max_batch=5)
