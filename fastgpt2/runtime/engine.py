@@ -203,9 +203,12 @@ class Engine:
                 else:
                     self._decode(n)
             else:  # the CPU: attend over a power-of-two bound of the longest sequence, not the whole cache
-                # (always the masked ragged path, never the uniform-length one: a row's result must not
-                # depend on whether its neighbours' lengths equal its own)
-                self._decode(n, graph_cache_len(max(r.length for r in running), self.max_len))
+                # (the torch backend attends each row alone over exactly its keys: a row's result must not
+                # depend on its neighbours, which one batched or masked attention would let it)
+                lengths = [0] * n  # each slot's length before this step (idle slots hold none)
+                for r in running:
+                    lengths[r.slot] = r.length - 1
+                self._decode(n, graph_cache_len(max(lengths) + 1, self.max_len), tuple(lengths))
             chosen = self.tokens[:n].tolist()  # the step's one host sync
             for request in running:
                 out.append((request, chosen[request.slot]))
@@ -218,15 +221,16 @@ class Engine:
             self.workspaces[n] = self.model.decode_workspace(self.cache, n, 1, pdl=self.pdl)
         return self.workspaces[n]
 
-    def _decode(self, n: int, kv_len: int | None = None) -> torch.Tensor:
+    def _decode(self, n: int, kv_len: int | None = None, row_lens: tuple[int, ...] | None = None) -> torch.Tensor:
         """The device work of a decode step over slots 0 .. n-1, no host sync (what a graph captures, over
         the whole cache: kv_len None). kv_len: a bound >= every slot's length after the step (the torch
-        backend attends over that many positions; the kernels read the lengths on the device)."""
+        backend attends over that many positions; the kernels read the lengths on the device); row_lens:
+        each slot's length before the step, when the host knows them (the CPU step)."""
         kv_len = self.max_len if kv_len is None else kv_len
         rows = slice(0, n)
         # a running slot's length grows by 1, an idle one's by 0: it stays empty, never past its end
         logits = self.model._decode_logits(self.tokens[rows, None], self.cache, kv_len, None, self._workspace(n),
-                                           advance=self.active[rows])
+                                           advance=self.active[rows], row_lens=row_lens)
         self.sampler(logits, self.tokens[rows], rows)  # [n, V] -> each slot's next token (idle slots' are ignored)
         self.logits = logits
         return logits

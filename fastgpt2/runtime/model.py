@@ -240,18 +240,20 @@ class GPT2Network:
         return logits
 
     def _decode_logits(self, ids: torch.Tensor, cache: KVCache, kv_len: int, uniform_len: int | None = None,
-                       workspace=None, advance: torch.Tensor | None = None):
+                       workspace=None, advance: torch.Tensor | None = None, row_lens: tuple[int, ...] | None = None):
         """The device work of a decode step, no host bookkeeping and no host sync (a CUDA graph
         captures exactly this). kv_len: a host bound >= every length + S (the torch path slices the
         cache to it; a captured step passes the cache's max_len). uniform_len: every sequence's
         length when they are known to be equal (None in a captured step). workspace: the attention's
         scratch from ``decode_workspace`` (a captured step allocates it before the capture; None:
         allocated per call). advance: what each length grows by, [B] int32 on the device (the engine's
-        S for a running slot, 0 for an idle one, which so stays empty); None: S for every sequence."""
+        S for a running slot, 0 for an idle one, which so stays empty); None: S for every sequence.
+        row_lens: every sequence's length, known on the host, to attend each row alone (the engine's CPU
+        step: a row's bits must not depend on its neighbours; ``ops.decode_context``)."""
         b, s = ids.shape
         lengths = cache.lengths[:b]
         upcast = self.config.reorder_and_upcast_attn
-        ctx = self.ops.decode_context(lengths, s, kv_len, uniform_len)  # once per step, for every layer
+        ctx = self.ops.decode_context(lengths, s, kv_len, uniform_len, row_lens)  # once per step, for every layer
 
         def attend(i, scale, qkv):
             return self.ops.decode_attention(qkv, cache.k[i], cache.v[i], lengths, scale, upcast, kv_len, ctx,

@@ -40,7 +40,18 @@ class RaggedDecode:
     kv_len: int  # keys sliced from the cache
 
 
-DecodeContext = Union[UniformDecode, RaggedDecode, None]  # None: the op builds (or needs) none
+@dataclass(frozen=True)
+class PerRowDecode:
+    """A decode step's shared context when each sequence's length is known on the host and every row's
+    attention must be computed alone (the engine's: a row's bits must not depend on its neighbours;
+    torch's SDPA gives a row other bits in a batch than alone, and over a masked longer key range)."""
+
+    lengths: tuple[int, ...]  # [B] each sequence's length before the step
+    pos: torch.Tensor  # [B, S] int64: cache positions the new K/V go to
+    rows: torch.Tensor  # [B, 1] int64: the batch index of each row
+
+
+DecodeContext = Union[UniformDecode, RaggedDecode, PerRowDecode, None]  # None: the op builds (or needs) none
 
 
 @dataclass(frozen=True)
@@ -90,8 +101,10 @@ class Ops(Protocol):
         """qkv [B, T, 3E], k_cache/v_cache [Bmax, H, Tmax, D], seq_lens [B] int32 -> [B, T, E]. Writes
         the K/V of t < seq_lens[b] at cache positions t; rows t >= seq_lens[b] are 0."""
 
-    def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None) -> DecodeContext:
-        """What every layer's decode attention shares in one step, built once per step."""
+    def decode_context(self, cache_lens, s: int, kv_len: int, uniform_len: int | None = None,
+                       row_lens: tuple[int, ...] | None = None) -> DecodeContext:
+        """What every layer's decode attention shares in one step, built once per step. row_lens: each
+        sequence's length, known on the host, when each row must be attended alone (the engine)."""
 
     def decode_workspace(self, k_cache, batch: int, s: int, gemm_shapes, pdl: bool = False):
         """The scratch a decode step needs for `batch` sequences of s new tokens over caches shaped
@@ -170,7 +183,7 @@ class TorchOps:
 
     - bfloat16 on AVX-512 where oneDNN runs bf16: the GEMM weights are prepacked once for oneDNN
       (AMX), which reads them faster than addmm at batch 1 and 8; the packed form replaces the plain
-      one. Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ, and
+      one (one row runs as ONE_ROW_AS rows, as float32's below). Elsewhere (AVX2: oneDNN refuses bf16 without avx_ne_convert or AVX-512 BW/VL/DQ, and
       torch's addmm then runs its own kernels, a scalar loop on the [K, N] Conv1D layout), and for
       float16: addmm on weights stored [N, K] once at construction.
     - float32 on an AVX-512 or AVX2 CPU where oneDNN runs fp32: the GEMM weights are prepacked once
@@ -195,7 +208,7 @@ class TorchOps:
       without AMX and float16: y @ wte^T (``CpuPath.head``). Above 64 rows (a forward() over long
       sequences): y @ wte^T."""
 
-    ONE_ROW_AS = 4  # float32 on oneDNN: a 1-row GEMM runs as this many rows, the row repeated (see above)
+    ONE_ROW_AS = 4  # oneDNN's packed op: a 1-row GEMM runs as this many rows, the row repeated (see above)
 
     name = "torch"
 
@@ -211,8 +224,9 @@ class TorchOps:
         self.cpu_path = cpu_paths.cpu_path_for(dtype, pack_weights, _cpu_path) if cpu else None
         gemm = self.cpu_path.gemm if cpu else "addmm"
         self.packed = gemm == "onednn_packed"
-        # float32's packed op: one row runs as ONE_ROW_AS rows (see the class), so every row count sums alike
-        self.pad_one_row = self.packed and dtype == torch.float32
+        # the packed op (float32, bfloat16): one row runs as ONE_ROW_AS rows (see the class), so every row
+        # count sums alike
+        self.pad_one_row = self.packed
         self.store_nk = gemm == "addmm_nk"
         self.head_y_wt = cpu and self.cpu_path.head == "y @ w^T"
         self.head_onednn = cpu and self.cpu_path.head == "oneDNN y @ w^T"
@@ -285,12 +299,16 @@ class TorchOps:
         pad = torch.arange(t, device=qkv.device)[None, :] >= seq_lens[:, None]  # [B, T]
         return out.masked_fill_(pad[:, :, None], 0)
 
-    def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
+    def decode_context(self, cache_lens, s, kv_len, uniform_len=None, row_lens=None):
         """The write positions [B, S], the row index [B, 1] and the visibility mask [B, 1, S, kv_len];
-        or, when every sequence holds `uniform_len` tokens (known on the host), just that length."""
+        or, when every sequence holds `uniform_len` tokens (known on the host), just that length; or,
+        with row_lens, each row's own length (each row attended alone, over exactly its keys)."""
+        b, device = cache_lens.shape[0], cache_lens.device
+        if row_lens is not None:
+            pos = torch.tensor(row_lens, device=device)[:, None] + torch.arange(s, device=device)  # [B, S]
+            return PerRowDecode(tuple(row_lens), pos, torch.arange(b, device=device)[:, None])
         if uniform_len is not None:
             return UniformDecode(uniform_len, s)
-        b, device = cache_lens.shape[0], cache_lens.device
         pos = cache_lens[:, None].long() + torch.arange(s, device=device)  # [B, S]
         rows = torch.arange(b, device=device)[:, None]  # [B, 1]
         return RaggedDecode(pos, rows, causal_visible(kv_len, pos)[:, None], kv_len)  # mask [B, 1, S, kv_len]
@@ -311,9 +329,12 @@ class TorchOps:
             k_cache[:b, :, length : length + s].copy_(k)  # in place at the sequences' length
             v_cache[:b, :, length : length + s].copy_(v)
             return self.decode_attention_separate(q, k_cache[:b], v_cache[:b], length, scale, upcast)
-        pos, rows, mask, kv_len = ctx.pos, ctx.rows, ctx.mask, ctx.kv_len
-        k_cache[rows, :, pos] = k.transpose(1, 2)  # in place at each sequence's own length
-        v_cache[rows, :, pos] = v.transpose(1, 2)
+        k_cache[ctx.rows, :, ctx.pos] = k.transpose(1, 2)  # in place at each sequence's own length
+        v_cache[ctx.rows, :, ctx.pos] = v.transpose(1, 2)
+        if isinstance(ctx, PerRowDecode):  # each row alone, over exactly its keys: [1, H, S, length + S]
+            return torch.cat([self.decode_attention_separate(q[r:r + 1], k_cache[r:r + 1], v_cache[r:r + 1], length,
+                                                             scale, upcast) for r, length in enumerate(ctx.lengths)])
+        mask, kv_len = ctx.mask, ctx.kv_len
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
@@ -396,8 +417,8 @@ class TritonOps:
         # scores and softmax are always fp32 in the kernel, which is what upcast asks for
         return self._attention.prefill_attention(qkv, k_cache, v_cache, seq_lens, scale)
 
-    def decode_context(self, cache_lens, s, kv_len, uniform_len=None):
-        return None  # the kernel reads the lengths on the device
+    def decode_context(self, cache_lens, s, kv_len, uniform_len=None, row_lens=None):
+        return None  # the kernel reads the lengths on the device (each row's programs its own)
 
     def decode_workspace(self, k_cache, batch, s, gemm_shapes, pdl=False):
         return StepScratch(self._attention.decode_workspace(k_cache, batch, s),

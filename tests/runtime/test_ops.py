@@ -151,14 +151,14 @@ _MKL_ADDMM = ("MKL's fp32 addmm: rows depend on the row count (AVX-512: rows 0-3
               "8 and 16); the fallback where oneDNN cannot run fp32")
 _BF16_K3072 = ("bf16, K = 3072: a row alone (1 row) gets other bits than the same row among 2 or more rows, "
                "which agree with each other up to 64 rows (here rows 13 and 14 of 16 differ); the same on all "
-               "three bf16 paths. fp32's packed path runs one row as 4 rows for this (TorchOps); bf16 does not")
+               "three bf16 paths. The packed path (fp32 and bf16) runs one row as 4 rows for this (TorchOps); the addmm "
+               "paths do not")
 KNOWN_VARIANT = {
     ("float32", "addmm", "linear-768x3072"): (("AVX512", "AVX2"), _MKL_ADDMM),
     ("float32", "addmm", "linear-3072x768"): (("AVX512", "AVX2"), _MKL_ADDMM),
     ("float32", "addmm", "lm_head-2003x768"): (("AVX512", "AVX2"), (
         "the fp32 addmm path's head: MKL's w @ y^T over the column-major table gives every row other bits than "
         "its GEMV (one row), from 12 rows on (AVX-512) or from 2 (AVX2)")),
-    ("bfloat16", "onednn_packed", "linear-3072x768"): (("AVX512",), _BF16_K3072),
     ("bfloat16", "addmm_nk", "linear-3072x768"): (("AVX512",), _BF16_K3072),
     ("bfloat16", "addmm", "linear-3072x768"): (("AVX512",), _BF16_K3072),
 }
