@@ -52,7 +52,7 @@ def engines():
             if name == "transformers":
                 built[name] = reference_model(base)
             else:  # same tensors: GPT2 moves nothing already on its device and dtype
-                built[name] = GPT2(CONFIG, base.weights, device=DEVICE, dtype=DTYPE, backend="triton")
+                built[name] = GPT2(CONFIG, base.plain_weights(), device=DEVICE, dtype=DTYPE, backend="triton")
         return built[name]
 
     return get

@@ -37,7 +37,9 @@ class Recorder:
             shape = None
             if name in ("linear", "linear_norm"):
                 x, w = args[0], args[1]
-                shape = (x.shape[0], w.shape[1] if not w.is_mkldnn else None, x.shape[1])
+                # N from the bias: a packed (oneDNN) weight does not say its shape
+                shape = (x.shape[0], args[2].shape[0], x.shape[1])
+                assert w.is_mkldnn or w.shape[1] == shape[1]
             elif name == "lm_head":
                 shape = (args[0].shape[0], args[1].shape[0], args[1].shape[1])
             if not self.depth:
