@@ -89,8 +89,8 @@ class CpuPath:
       torch's own reduced-precision GEMV/GEMM kernels (bf16/fp16 where oneDNN is not used)
     - "addmm": plain addmm on the [K, N] (Conv1D) weights (fp32 where oneDNN cannot run; any dtype, forced)
 
-    lm_head (``head``): "oneDNN y @ w^T" (oneDNN's matmul over the plain, column-major [V, E] table, no
-    packed copy: fp32 where its GEMMs are oneDNN's), "w @ y^T" (a GEMV for one row over the [V, E] table;
+    lm_head (``head``): "oneDNN y @ w^T" (oneDNN's matmul over the plain row-major [V, E] table, no
+    packed copy, one row run as 2: fp32 where its GEMMs are oneDNN's), "w @ y^T" (a GEMV for one row over the [V, E] table;
     fp32 on addmm, bf16 with AMX) or "y @ w^T" (bf16 without AMX, fp16).
     """
 
@@ -122,10 +122,10 @@ _ONEDNN_CAPABILITIES = {torch.bfloat16: ("AVX512",), torch.float32: ("AVX512", "
 
 
 def _cpu_head(dtype: torch.dtype, amx: bool, gemm: str) -> str:
-    """The lm_head's product: for fp32 on oneDNN's GEMMs, oneDNN's matmul over the column-major table
-    up to 64 rows (the product found whose rows do not depend on the row count, with no copy of the
-    table: MKL's w @ y^T over it gives rows other bits than its GEMV from 12 rows on under AVX-512,
-    from 2 under AVX2, see TorchOps); w @ y^T for fp32 on addmm (the column-major table's GEMV) and
+    """The lm_head's product: for fp32 on oneDNN's GEMMs, oneDNN's matmul over the row-major table up
+    to 64 rows, one row run as 2 (a product whose rows do not depend on the row count, with no copy of
+    the table: MKL's w @ y^T over a column-major one gives rows other bits than its GEMV from 12 rows
+    on under AVX-512, from 2 under AVX2, see TorchOps); w @ y^T for fp32 on addmm (the column-major table's GEMV) and
     bf16 on AMX (the Xeon's measurement); y @ w^T elsewhere
     (AMD EPYC AVX-512 bf16, GPT-2 small's head: 4.6 vs 7.1 ms at 1 row, 7.2 vs 9.2 at 8; under AVX2
     kernels equal at 1 and 8 rows, 3.8 vs 6.4 ms at 2)."""

@@ -196,19 +196,21 @@ class TorchOps:
       invariant (its rows change from 4 rows on) and no faster: GPT-2 small's 48 GEMMs (340 MB), AMD
       EPYC (AVX-512), 2 threads: addmm 23 ms at 1 row vs oneDNN's 14, 49 at 8 rows vs oneDNN's 15.
       Elsewhere: MKL's addmm for every row count.
-    - the lm_head: in float32 its weight is stored column-major (a [V, E] view of [E, V] storage, no
-      second copy), which MKL's GEMV streams faster than row-major [V, E]; the tied embedding then
-      gathers strided rows (a cost that grows with the tokens gathered, small for decode). float32
-      on oneDNN: oneDNN's matmul over that table up to 64 rows, each row's bits the same at every row
-      count (MKL's GEMV and w @ y^T over it are not: w @ y^T's rows differ from the GEMV's from 12
-      rows on under AVX-512, from 2 under AVX2; and w @ y^T takes 131 ms for 8 rows of GPT-2 small's
-      head on that EPYC, oneDNN 10.5; for 1 row the GEMV 6.7, oneDNN 8.1). float32 on addmm: the
-      GEMV for one row, w @ y^T up to 64 rows. bfloat16 with AMX: wte @ y^T up to 64 rows (the large
+    - the lm_head, float32 on oneDNN: oneDNN's matmul over the plain row-major [V, E] table (the tied
+      embedding's own, no copy) up to 64 rows, one row run as HEAD_ONE_ROW_AS rows: a row's bits are
+      then the same at every row count (from 2 rows on they agree; one row alone differs). GPT-2
+      small's head on the AMD EPYC: 8.0 ms at 1 row (as 2), 9.4 at 8; over a column-major table 8.1-9.2
+      and 10.3-10.8; a packed copy (the table twice) 6.3 at 8; MKL's GEMV over a column-major table
+      6.7 at 1 row, its w @ y^T 131 ms at 8 (and neither row-count invariant). float32 on addmm (the
+      fallback): the table stored column-major (a [V, E] view of [E, V] storage, no second copy),
+      which MKL's GEMV streams faster than row-major; the tied embedding then gathers strided rows;
+      the GEMV for one row, w @ y^T up to 64 rows. bfloat16 with AMX: wte @ y^T up to 64 rows (the large
       matrix on the left: faster than y @ wte^T, as fast as a packed copy, no copy of wte); bfloat16
       without AMX and float16: y @ wte^T (``CpuPath.head``). Above 64 rows (a forward() over long
       sequences): y @ wte^T."""
 
     ONE_ROW_AS = 4  # oneDNN's packed op: a 1-row GEMM runs as this many rows, the row repeated (see above)
+    HEAD_ONE_ROW_AS = 2  # float32's oneDNN lm_head: a 1-row head runs as this many rows (see above)
 
     name = "torch"
 
@@ -230,7 +232,7 @@ class TorchOps:
         self.store_nk = gemm == "addmm_nk"
         self.head_y_wt = cpu and self.cpu_path.head == "y @ w^T"
         self.head_onednn = cpu and self.cpu_path.head == "oneDNN y @ w^T"
-        self.head_column_major = pack_weights and cpu and dtype == torch.float32
+        self.head_column_major = pack_weights and cpu and dtype == torch.float32 and not self.head_onednn
 
     def prepare_linear(self, w: torch.Tensor):
         """The form linear() takes w [K, N] in: w itself, its values stored [N, K] (a column-major
@@ -242,7 +244,7 @@ class TorchOps:
         return cpu_paths.onednn_pack(w.t().contiguous())
 
     def prepare_lm_head(self, w: torch.Tensor):
-        """w [V, E], column-major in CPU float32 (see the class), else as it is."""
+        """w [V, E], column-major for CPU float32 on addmm (see the class), else as it is."""
         return w.t().contiguous().t() if self.head_column_major else w
 
     def embed_layer_norm(self, ids, start, wte, wpe, weight, bias, eps):
@@ -275,14 +277,15 @@ class TorchOps:
 
     def lm_head(self, y, w, workspace=None):
         """y [N, E] @ w [V, E]^T -> logits [N, V], contiguous. On the CPU (see the class and
-        ``CpuPath.head``): oneDNN's matmul over the column-major table up to 64 rows (fp32 on oneDNN),
+        ``CpuPath.head``): oneDNN's matmul over the row-major table up to 64 rows (fp32 on oneDNN),
         y @ w^T where the path's head says so, else a GEMV for one row, w @ y^T up to 64 rows; y @ w^T
         above 64 rows (a forward() over long sequences)."""
         n = y.shape[0]
         if not self.cpu or self.head_y_wt:
             return y @ w.t()
         if self.head_onednn and n <= 64:  # the same bits per row at every row count (see the class)
-            return torch.ops.mkldnn._linear_pointwise(y, w, None, "none", [], "")
+            x = y.expand(self.HEAD_ONE_ROW_AS, -1) if n == 1 else y
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")[:n]
         if n == 1:
             return torch.mv(w, y[0])[None]
         if n > 64:

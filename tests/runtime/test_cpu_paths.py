@@ -84,7 +84,7 @@ def test_every_lm_head_path_matches_the_plain_float32_product(monkeypatch, dtype
     _skip_unless_runs(dtype, gemm)
     monkeypatch.setattr(cpu_paths, "_amx", lambda: amx)  # AMX picks w @ y^T for bf16: both heads run anywhere
     ops = TorchOps(CPU, dtype, _cpu_path=gemm)
-    if dtype == torch.float32:  # oneDNN over the column-major table where the GEMMs are oneDNN's
+    if dtype == torch.float32:  # oneDNN over the row-major table where the GEMMs are oneDNN's
         head = "oneDNN y @ w^T" if gemm == "onednn_packed" else "w @ y^T"
     else:
         head = "w @ y^T" if dtype == torch.bfloat16 and amx else "y @ w^T"
@@ -217,7 +217,7 @@ def test_bfloat16_on_a_simulated_avx2_cpu_builds_and_matches_transformers_float3
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=3)  # same seeded weights
     assert fp32.ops.cpu_path.name == "fp32: oneDNN packed (AVX2)"  # oneDNN runs fp32 there
     assert fp32.ops.packed and all(layer.qkv_w.is_mkldnn for layer in fp32.layers)
-    assert fp32.ops.cpu_path.head == "oneDNN y @ w^T" and fp32.wte.stride() == (1, 97)  # one table
+    assert fp32.ops.cpu_path.head == "oneDNN y @ w^T" and fp32.wte.stride() == (64, 1)  # one row-major table
     hf = reference_model(fp32)  # transformers, float32, eager attention
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

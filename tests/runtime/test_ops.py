@@ -74,7 +74,8 @@ def test_cpu_lm_head_equals_the_plain_product():
         ops = TorchOps(torch.device("cpu"), dtype)
         plain = torch.randn(301, 48, generator=g).to(dtype)
         w = ops.prepare_lm_head(plain)
-        assert torch.equal(w, plain) and w.stride() == ((1, 301) if dtype == torch.float32 else (48, 1))
+        column_major = dtype == torch.float32 and ops.cpu_path.gemm == "addmm"  # MKL's GEMV: see TorchOps
+        assert torch.equal(w, plain) and w.stride() == ((1, 301) if column_major else (48, 1))
         for n in (1, 2, 5, 8, 64, 65, 200):  # oneDNN (fp32 here) or the GEMV and w @ y^T, y @ w^T
             y = torch.randn(n, 48, generator=g).to(dtype)
             logits = ops.lm_head(y, w)
@@ -83,24 +84,31 @@ def test_cpu_lm_head_equals_the_plain_product():
             assert (logits.double() - ref).abs().max() <= tol * ref.abs().max(), (dtype, n)
 
 
-def test_cpu_float32_model_keeps_one_column_major_table_for_embedding_and_head():
+@pytest.mark.parametrize("gemm", ["onednn_packed", "addmm"])
+def test_cpu_float32_model_keeps_one_table_for_embedding_and_head(monkeypatch, gemm):
+    """One table, the embedding's and the head's: row-major where the head is oneDNN's, column-major
+    (MKL's GEMV streams it faster) on the addmm fallback."""
+    if gemm == "onednn_packed" and cpu_paths._onednn_probe(torch.float32) is not None:
+        pytest.skip(f"oneDNN's packed fp32 linear does not run here: {cpu_paths._onednn_probe(torch.float32)}")
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", gemm)
     cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=16)
     fp32 = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, seed=6)
     assert fp32.wte is fp32.lm_head is fp32.weights["wte.weight"]  # no second copy of the table
-    assert fp32.wte.stride() == (1, 97)
-    assert fp32.ops.cpu_path.dtype == torch.float32  # the head's layout holds on every fp32 path
+    assert fp32.wte.stride() == ((32, 1) if gemm == "onednn_packed" else (1, 97))
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", None)
     bf16 = fastgpt2.GPT2.from_config(cfg, dtype=torch.bfloat16, seed=6)  # any bf16 path: a row-major table
     assert bf16.ops.cpu_path.gemm in ("onednn_packed", "addmm_nk") and bf16.wte is bf16.lm_head
     assert bf16.wte.is_contiguous() and torch.equal(bf16.wte, fp32.wte.to(torch.bfloat16))
     ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(7))
-    h = fp32.wte[ids]  # the gather from the column-major table is the plain one
+    h = fp32.wte[ids]  # the gather from either layout is the plain one
     assert torch.equal(h, fp32.wte.contiguous()[ids])
 
 
-def test_triton_model_built_on_a_cpu_float32_models_weights_gets_a_row_major_table():
-    """The torch model's column-major table, handed to a triton model (TRITON_INTERPRET=1 here), is
-    copied row-major for the embedding kernel, and both compute the same logits."""
+def test_triton_model_built_on_a_cpu_float32_models_weights_gets_a_row_major_table(monkeypatch):
+    """The torch model's table (column-major on the fp32 addmm path), handed to a triton model
+    (TRITON_INTERPRET=1 here), is row-major for the embedding kernel, and both compute the same logits."""
     cfg = fastgpt2.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=97, n_positions=16)
+    monkeypatch.setattr(cpu_paths, "_FORCE_CPU_PATH", "addmm")  # the path with a column-major table
     torch_model = fastgpt2.GPT2.from_config(cfg, dtype=torch.float32, backend="torch", seed=8)
     assert not torch_model.wte.is_contiguous()
     # plain_weights(): the torch model's GEMM weights may be oneDNN-packed
