@@ -334,15 +334,38 @@ class TorchOps:
             return self.decode_attention_separate(q, k_cache[:b], v_cache[:b], length, scale, upcast)
         k_cache[ctx.rows, :, ctx.pos] = k.transpose(1, 2)  # in place at each sequence's own length
         v_cache[ctx.rows, :, ctx.pos] = v.transpose(1, 2)
-        if isinstance(ctx, PerRowDecode):  # each row alone, over exactly its keys: [1, H, S, length + S]
-            return torch.cat([self.decode_attention_separate(q[r:r + 1], k_cache[r:r + 1], v_cache[r:r + 1], length,
-                                                             scale, upcast) for r, length in enumerate(ctx.lengths)])
+        if isinstance(ctx, PerRowDecode):  # each row over exactly its keys, neighbours of one length together
+            out = torch.empty(b, s, three_e // 3, dtype=qkv.dtype, device=qkv.device)
+            start = 0
+            for r in range(1, b + 1):  # runs of neighbouring rows of one length: [n, H, S, length + S] each
+                if r == b or ctx.lengths[r] != ctx.lengths[start]:
+                    rows = slice(start, r)
+                    out[rows] = self._exact_attention(q[rows], k_cache[rows], v_cache[rows], ctx.lengths[start],
+                                                      scale, upcast)
+                    start = r
+            return out
         mask, kv_len = ctx.mask, ctx.kv_len
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]  # [B, H, kv_len, D]
         if upcast and q.dtype != torch.float32:
             q, keys, values = q.float(), keys.float(), values.float()
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         return out.to(qkv.dtype).transpose(1, 2).reshape(b, s, three_e // 3)
+
+    @staticmethod
+    def _exact_attention(q, k, v, past_len, scale, upcast):
+        """q [n, H, S, D] over keys/values k/v [n, H, >= past+S, D] sliced to exactly past+S: [n, S, E], as
+        plain matmuls and softmax, whose rows do not depend on n (torch's fused SDPA gives a row other bits
+        in a batch than alone, and over a masked longer range: measured, float32)."""
+        n, h, s, d = q.shape
+        keys, values = k[:, :, : past_len + s], v[:, :, : past_len + s]
+        if upcast and q.dtype != torch.float32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)  # [n, H, S, past+S]
+        if s > 1:  # new token j sees the past and new tokens <= j
+            scores.masked_fill_(~causal_visible(past_len + s, past_len + torch.arange(s, device=q.device)),
+                                float("-inf"))
+        out = torch.matmul(scores.softmax(-1), values)  # [n, H, S, D]
+        return out.to(k.dtype).transpose(1, 2).reshape(n, s, h * d)
 
     def prefill_attention_separate(self, q, k, v, scale, upcast):
         b, h, s, d = q.shape
