@@ -202,9 +202,9 @@ class Engine:
                     graph.replay()
                 else:
                     self._decode(n)
-            else:  # the CPU: attend over a power-of-two bound of the longest sequence, not the whole cache
-                # (the torch backend attends each row alone over exactly its keys: a row's result must not
-                # depend on its neighbours, which one batched or masked attention would let it)
+            else:  # the CPU: the host knows each slot's length (the torch backend attends each row over
+                # exactly its keys: a row's result must not depend on its neighbours, which one batched or
+                # masked attention would let it; kv_len bounds them for the kernels)
                 lengths = [0] * n  # each slot's length before this step (idle slots hold none)
                 for r in running:
                     lengths[r.slot] = r.length - 1

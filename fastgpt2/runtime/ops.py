@@ -297,10 +297,17 @@ class TorchOps:
         q, k, v = split_heads(qkv, self.n_head)  # [B, H, T, D]
         k_cache[:b, :, :t].copy_(k)  # positions >= seq_lens[b] hold padding; decode overwrites them before reading
         v_cache[:b, :, :t].copy_(v)
-        # right padding + causal: a real query t < len only ever sees keys <= t, all real
-        out = self.prefill_attention_separate(q, k, v, scale, upcast)  # [B, T, E]
-        pad = torch.arange(t, device=qkv.device)[None, :] >= seq_lens[:, None]  # [B, T]
-        return out.masked_fill_(pad[:, :, None], 0)
+        if b == 1:  # right padding + causal: a real query t < len only ever sees keys <= t, all real
+            out = self.prefill_attention_separate(q, k, v, scale, upcast)  # [1, T, E]
+            return out.masked_fill_((torch.arange(t, device=qkv.device) >= seq_lens[0])[None, :, None], 0)
+        # each row alone over exactly its own tokens (torch's SDPA gives a row other bits in a batch or
+        # over a padded length than alone, and the engine prefills neighbours together), the padding rows 0
+        lens = seq_lens.tolist()  # (a host read; on the CPU, where this backend runs, free)
+        out = qkv.new_zeros(b, t, qkv.shape[-1] // 3)
+        for r, n in enumerate(lens):
+            out[r, :n] = self.prefill_attention_separate(q[r:r + 1, :, :n], k[r:r + 1, :, :n], v[r:r + 1, :, :n],
+                                                         scale, upcast)[0]
+        return out
 
     def decode_context(self, cache_lens, s, kv_len, uniform_len=None, row_lens=None):
         """The write positions [B, S], the row index [B, 1] and the visibility mask [B, 1, S, kv_len];

@@ -250,3 +250,21 @@ def test_a_rows_logits_are_bit_identical_alone_and_beside_others(dtype):
     assert len(alone) == len(beside) == 10
     for i, (a, b) in enumerate(zip(alone, beside)):
         assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_prefilled_beside_others_gets_the_bits_it_gets_alone(dtype):
+    """The engine prefills the requests it admits into neighbouring slots as one right-padded batch:
+    each row's last-token logits (and so its cache) must equal that prompt prefilled alone, for long
+    ragged prompts too (where torch's fused attention over a padded batch rounds otherwise)."""
+    cfg = fastgpt2.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1000, n_positions=512)
+    model = fastgpt2.GPT2.from_config(cfg, device="cpu", dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(1)
+    lens = [150, 230, 40, 199, 1]
+    ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, :n] = torch.randint(0, 1000, (n,), generator=g)
+    batched = model.prefill(ids, torch.tensor(lens, dtype=torch.int32), model.new_cache(len(lens), 512))
+    for i, n in enumerate(lens):
+        alone = model.prefill(ids[i:i + 1, :n], torch.tensor([n], dtype=torch.int32), model.new_cache(1, 512))
+        assert torch.equal(alone[0], batched[i]), (i, n)
