@@ -1,4 +1,4 @@
-"""The `fastgpt2` command: generate, bench, bench-serving, parity. Argument parsing and printing only: the
+"""The `fastgpt2` command: generate, serve, bench, bench-serving, parity. Argument parsing and printing only: the
 work is runtime/generate's (generate), benchmark's (bench), serving_bench's (bench-serving) and parity's
 (parity), each imported when its
 subcommand runs, so that parsing arguments and printing --help import none of them."""
@@ -65,6 +65,28 @@ def _generate(args) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=eos, streamer=show)
     out.write(decoder.flush() + "\n")
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------------------------
+def _serve(args) -> int:
+    try:  # lazy: the serve extra is needed by this subcommand only
+        import uvicorn
+        from .server import create_app  # lazy: FastAPI, as uvicorn above
+    except ImportError as exc:
+        raise SystemExit(f"fastgpt2 serve needs the serve extra ({exc.name} is missing): pip install 'fastgpt2[serve]'")
+    from .runtime.generate import GPT2  # lazy: the model loads when `fastgpt2 serve` runs
+    from .runtime.tokenizer import TokenizerError, load_tokenizer  # lazy: as GPT2, above
+
+    model = GPT2.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto")
+    try:
+        tokenizer = load_tokenizer(model.source_dir)
+    except TokenizerError as exc:
+        print(f"fastgpt2 serve: {exc} Serving token-id prompts only.", file=sys.stderr)
+        tokenizer = None
+    name = args.served_model_name or str(args.model).rstrip("/").split("/")[-1]
+    app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -261,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     s.set_defaults(func=_bench_serving)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible completions server on the engine",
+                       description="POST /v1/completions (text or token-id prompts, streaming, seeds, stops), "
+                                   "GET /v1/models, GET /health, on FastAPI + uvicorn (pip install "
+                                   "'fastgpt2[serve]'); the engine steps in one background thread.")
+    _add_model_args(v, None)
+    v.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=8, help="the engine's slots (default 8)")
+    v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/")
+    v.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                   "checkpoint directory's name)")
+    v.add_argument("--log-level", default="warning")
+    v.set_defaults(func=_serve)
 
     p = sub.add_parser("parity",
                        help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",

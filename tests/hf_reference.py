@@ -58,3 +58,17 @@ def hf_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return out
+
+
+TOKENIZER_TEXT = ["Hello, I'm a language model, and I like caf\u00e9s and \u00fcber long words.",
+                  "The quick brown fox jumps over the lazy dog. \u65e5\u672c\u8a9e\u3082\u5c11\u3057."] * 20
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE (the `tokenizers` library) trained on TOKENIZER_TEXT: 400 tokens,
+    multi-byte characters included; save it beside a checkpoint as tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=False)
+    tok.train_from_iterator(TOKENIZER_TEXT, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return tok

@@ -5,29 +5,17 @@ import sys
 
 import pytest
 import torch
-from hf_reference import hf_model
+from hf_reference import TOKENIZER_TEXT, byte_level_tokenizer, hf_model
 
 import fastgpt2
 from fastgpt2.cli import main
 from fastgpt2.runtime.tokenizer import StreamDecoder, TokenizerError, load_tokenizer
 
-TEXT = ["Hello, I'm a language model, and I like caf\u00e9s and \u00fcber long words.",
-        "The quick brown fox jumps over the lazy dog. \u65e5\u672c\u8a9e\u3082\u5c11\u3057."] * 20
-
-
-def _byte_level_tokenizer():
-    from tokenizers import ByteLevelBPETokenizer
-
-    tok = ByteLevelBPETokenizer(add_prefix_space=False)
-    tok.train_from_iterator(TEXT, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
-    return tok
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     hf_model(seed=21, n_layer=2, n_embd=64, n_head=4).save_pretrained(d)
-    _byte_level_tokenizer().save(str(d / "tokenizer.json"))
+    byte_level_tokenizer().save(str(d / "tokenizer.json"))
     return d
 
 
@@ -48,10 +36,10 @@ def test_generate_streams_the_greedy_continuation(checkpoint, capsys):
 
 
 def test_vocab_and_merges_files_work_like_tokenizer_json(tmp_path):
-    tok = _byte_level_tokenizer()
+    tok = byte_level_tokenizer()
     tok.save_model(str(tmp_path))  # vocab.json + merges.txt
     loaded = load_tokenizer(tmp_path)
-    for text in TEXT[:2]:
+    for text in TOKENIZER_TEXT[:2]:
         assert loaded.encode(text).ids == tok.encode(text).ids
         assert loaded.decode(loaded.encode(text).ids) == text
 
@@ -62,7 +50,7 @@ def test_no_tokenizer_is_a_clear_error(tmp_path):
 
 
 def test_stream_decoder_holds_partial_multibyte_characters():
-    tok = _byte_level_tokenizer()
+    tok = byte_level_tokenizer()
     # one token per byte of "é" (c3 a9) and of "日" (e6 97 a5), as byte-level BPE can split them
     byte_tokens = [tok.token_to_id(c) for c in ["\u00c3", "\u00a9", "\u00e6", "\u0139", "\u00a5"]]
     assert None not in byte_tokens

@@ -1,0 +1,315 @@
+"""`fastgpt2 serve`: an OpenAI-compatible completions server on the engine (FastAPI + uvicorn, the
+`serve` extra).
+
+One background thread steps the engine (runtime/engine.py) while it has work; HTTP handlers never
+step it: they add a request and await its tokens, which the thread hands to the handler's event loop.
+A client that disconnects mid-stream cancels its request (its slot is free for the next step).
+
+Endpoints (OpenAI's shapes): POST /v1/completions (prompt as text or token ids; max_tokens, temperature
+(0: greedy), top_p, top_k (extension), seed, stop (strings or token ids), stream (server-sent events,
+ending `data: [DONE]`), usage), GET /v1/models, GET /health. Errors are OpenAI-style JSON
+({"error": {"message", "type", "param", "code"}}) naming the problem. Not built yet (a 400 that says
+so): n > 1, logprobs, echo, /v1/chat/completions, /metrics.
+
+    app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
+"""
+
+import asyncio
+import contextlib
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FastGPT2Error
+from .runtime.engine import Engine, Request
+from .runtime.sampling import Sampling
+from .runtime.tokenizer import StreamDecoder
+
+
+class ServerError(FastGPT2Error):
+    """A request the server answers with an OpenAI-style error."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+
+class EngineLoop:
+    """The engine, stepped by one background thread while it has work. ``submit`` (from an event loop)
+    adds a request and returns an asyncio.Queue that receives (token, finish_reason or None) per step."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Event()
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="fastgpt2-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
+               stop_token_ids: list[int]) -> tuple[Request, asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue()
+        with self.engine.lock:
+            request = self.engine.add(prompt, max_new_tokens, sampling, seed, stop_token_ids)
+            self._listeners[request.id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        return request, queue
+
+    def cancel(self, request: Request) -> None:
+        with self.engine.lock:
+            self.engine.cancel(request)
+            self._listeners.pop(request.id, None)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self.engine.busy:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            with self.engine.lock:
+                out = self.engine.step()
+                delivered = []
+                for request, token in out:
+                    listener = self._listeners.get(request.id)
+                    if listener is not None:
+                        delivered.append((listener, token, request.finish_reason))
+                    if request.finished:
+                        self._listeners.pop(request.id, None)
+            for (loop, queue), token, reason in delivered:
+                loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+
+
+@dataclass
+class CompletionParams:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    seed: int | None
+    stop_strings: list[str]
+    stop_token_ids: list[int]
+    stream: bool
+
+
+_KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+          "logprobs", "echo", "user", "stream_options", "frequency_penalty", "presence_penalty", "best_of",
+          "logit_bias", "suffix"}
+
+
+def _number(body: dict, name: str, default, kind=(int, float)):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ServerError(f"'{name}' must be a {'number' if kind == (int, float) else 'integer'}, got {value!r}",
+                          param=name)
+    return value
+
+
+def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eos: int | None) -> CompletionParams:
+    """The request body of /v1/completions, checked: a ServerError (400) names any problem."""
+    if not isinstance(body, dict):
+        raise ServerError("the request body must be a JSON object")
+    unknown = sorted(set(body) - _KNOWN)
+    if unknown:
+        raise ServerError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
+    for name, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
+                     ("logprobs", lambda v: v is None), ("echo", lambda v: v in (None, False)),
+                     ("suffix", lambda v: v is None), ("logit_bias", lambda v: not v),
+                     ("frequency_penalty", lambda v: v in (None, 0)), ("presence_penalty", lambda v: v in (None, 0))):
+        if not ok(body.get(name)):
+            raise ServerError(f"'{name}' = {body.get(name)!r} is not supported by this server yet", param=name)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ServerError("this server has no tokenizer (the checkpoint has no tokenizer files): send the prompt "
+                              "as a list of token ids", param="prompt")
+        ids = tokenizer.encode(prompt).ids
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ServerError("'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
+    if not ids:
+        raise ServerError("'prompt' is empty: give at least one token", param="prompt")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ServerError(f"'prompt' holds token ids outside the vocabulary [0, {vocab_size})", param="prompt")
+    max_tokens = _number(body, "max_tokens", 16, int)
+    if max_tokens < 1:
+        raise ServerError(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+    if len(ids) + max_tokens > n_positions:
+        raise ServerError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}, "
+                          f"past this model's context of {n_positions} positions", param="max_tokens")
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _number(body, "top_k", -1, int)
+    if not 0 <= temperature <= 100:
+        raise ServerError(f"'temperature' must be in [0, 100], got {temperature}", param="temperature")
+    if not 0 < top_p <= 1:
+        raise ServerError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    if top_k == 0 or top_k < -1:
+        raise ServerError(f"'top_k' must be >= 1 (or -1: off), got {top_k}", param="top_k")
+    if temperature == 0:  # greedy (OpenAI's convention); top_p / top_k then change nothing
+        sampling = Sampling()
+    else:
+        sampling = Sampling(True, float(temperature), None if top_k == -1 else top_k, None if top_p == 1 else top_p)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ServerError(f"'seed' must be an integer, got {seed!r}", param="seed")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, (str, int)) and not isinstance(stop, bool) else stop
+    if not isinstance(stop, list) or not all((isinstance(s, str) and s) or (isinstance(s, int) and not isinstance(
+            s, bool) and 0 <= s < vocab_size) for s in stop) or len(stop) > 16:
+        raise ServerError("'stop' must be up to 16 non-empty strings or token ids", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ServerError(f"'stream' must be true or false, got {stream!r}", param="stream")
+    stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
+    return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream)
+
+
+def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+                code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int = 8, api_key: str | None = None,
+               max_body_bytes: int = 1 << 20):
+    """The FastAPI app serving `model` (a GPT2) under `model_name`, with its own engine of `max_batch`
+    slots stepped by one background thread (started here, stopped at the app's shutdown)."""
+    # lazy: the serve extra (FastAPI, Starlette) is needed by the server only, never by the runtime
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    cfg = model.config
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None and 0 <= cfg.eos_token_id < cfg.vocab_size else None
+    loop_holder: dict[str, EngineLoop] = {}
+    ids = itertools.count()
+
+    def engine_loop() -> EngineLoop:
+        if "loop" not in loop_holder:
+            loop_holder["loop"] = EngineLoop(Engine(model, max_batch=max_batch))
+        return loop_holder["loop"]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if "loop" in loop_holder:  # shutdown: the engine's thread ends
+            loop_holder["loop"].stop()
+
+    app = FastAPI(title="fastgpt2", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    def error(exc: ServerError) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc), exc.kind, exc.param), status_code=exc.status)
+
+    @app.middleware("http")
+    async def _checks(request: HTTPRequest, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return JSONResponse(_error_body("a valid API key is required (Authorization: Bearer KEY)",
+                                                "authentication_error", code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            return JSONResponse(_error_body(f"the request body ({length} bytes) is larger than this server's "
+                                            f"limit of {max_body_bytes} bytes"), status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "fastgpt2",
+                                            "max_model_len": cfg.n_positions}]}
+
+    @app.post("/v1/chat/completions")
+    def chat() -> JSONResponse:
+        return JSONResponse(_error_body(f"{model_name} has no chat template: GPT-2 is a plain language model; use "
+                                        "/v1/completions", param="messages"), status_code=400)
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        try:
+            body = json.loads(await http.body())
+        except ValueError as exc:
+            return error(ServerError(f"the request body is not valid JSON ({exc})"))
+        try:
+            if isinstance(body, dict) and body.get("model") not in (None, model_name):
+                raise ServerError(f"model {body.get('model')!r} does not exist here; this server serves "
+                                  f"{model_name!r}", status=404, param="model", kind="not_found_error")
+            params = parse_completion(body, tokenizer, cfg.vocab_size, cfg.n_positions, eos)
+        except ServerError as exc:
+            return error(exc)
+        completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
+        created = int(time.time())
+        worker = engine_loop()
+        request, queue = worker.submit(params.prompt, params.max_tokens, params.sampling, params.seed,
+                                       params.stop_token_ids)
+        decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+
+        async def pieces():
+            """(text delta, finish_reason or None) per new token; stop strings end the text before them."""
+            text, sent, count = "", 0, 0
+            try:
+                while True:
+                    token, reason = await queue.get()
+                    count += 1
+                    if reason == "stop" and token in params.stop_token_ids:
+                        piece = ""  # the stop token is not part of the text (OpenAI's stop)
+                    else:
+                        piece = decoder.push(token) if decoder is not None else ""
+                    text += piece
+                    hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in params.stop_strings)
+                               if i >= 0), default=-1)
+                    if hit >= 0:
+                        worker.cancel(request)
+                        yield text[sent:hit], "stop", count
+                        return
+                    if reason is not None:
+                        tail = decoder.flush() if decoder is not None and reason != "stop" else ""
+                        text += tail
+                        yield text[sent:], reason if reason != "cancelled" else "stop", count
+                        return
+                    if params.stop_strings:  # hold back what could be the start of a stop string
+                        keep = max(len(s) - 1 for s in params.stop_strings)
+                        safe = max(sent, len(text) - keep)
+                    else:
+                        safe = len(text)
+                    yield text[sent:safe], None, count
+                    sent = safe
+            finally:
+                if not request.finished:
+                    worker.cancel(request)  # the client went away: its slot is free for the next step
+
+        usage = lambda n: {"prompt_tokens": len(params.prompt), "completion_tokens": n,
+                           "total_tokens": len(params.prompt) + n}
+        base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name}
+        if not params.stream:
+            text, reason, n = "", None, 0
+            async for piece, reason, n in pieces():
+                text += piece
+            return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
+                    "usage": usage(n)}
+
+        async def events():
+            async for piece, reason, n in pieces():
+                if piece or reason is not None:
+                    chunk = {**base, "choices": [{"text": piece, "index": 0, "logprobs": None,
+                                                  "finish_reason": reason}]}
+                    if reason is not None:
+                        chunk["usage"] = usage(n)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,154 @@
+"""`fastgpt2 serve` against the official `openai` client: a server started by the test on a free
+loopback port (stopped by its PID), its answers equal the same request generated offline (greedy, and
+seeded sampling), streamed and not; bad requests get OpenAI-style errors and the server keeps serving."""
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hf_reference import byte_level_tokenizer, hf_model
+
+import fastgpt2
+from fastgpt2.runtime.tokenizer import load_tokenizer
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is in the test extra")
+
+NAME = "tiny-gpt2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    hf_model(seed=23, n_layer=2, n_embd=64, n_head=4).save_pretrained(d)
+    byte_level_tokenizer().save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastgpt2", "serve", "--model", str(checkpoint), "--port", str(port),
+                             "--served-model-name", NAME, "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()  # by its PID
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint):
+    model = fastgpt2.GPT2.from_pretrained(checkpoint)
+    tok = load_tokenizer(checkpoint)
+
+    def run(prompt, n, **kwargs):
+        ids = tok.encode(prompt).ids
+        out = model.generate(torch.tensor([ids]), n, eos_token_id=model.config.eos_token_id, **kwargs)[0, len(ids):]
+        return tok.decode(out.tolist()), len(out)
+
+    return run
+
+
+PROMPT = "Hello, I'm a language model,"
+
+
+def test_greedy_completion_equals_offline_generation(client, offline):
+    text, n = offline(PROMPT, 12)
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].text == text and got.choices[0].finish_reason == "length"
+    assert got.usage.completion_tokens == n == 12 and got.usage.prompt_tokens > 0
+    assert got.model == NAME and got.object == "text_completion"
+
+
+def test_streamed_completion_equals_the_whole_one(client, offline):
+    text, _ = offline(PROMPT, 12)
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length" and all(c.choices[0].finish_reason is None
+                                                                  for c in chunks[:-1])
+
+
+def test_seeded_sampling_equals_offline_and_repeats(client, offline):
+    text, _ = offline(PROMPT, 16, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=16, temperature=0.9, top_p=0.95, seed=7, extra_body={"top_k": 40})
+    first = client.completions.create(**kw).choices[0].text
+    assert first == text and client.completions.create(**kw).choices[0].text == text
+    other = client.completions.create(**{**kw, "seed": 8}).choices[0].text
+    assert other != text
+
+
+def test_token_id_prompt_and_a_stop_string(client, offline):
+    got = client.completions.create(model=NAME, prompt=[5, 17, 230], max_tokens=4, temperature=0)
+    assert got.usage.prompt_tokens == 3 and got.usage.completion_tokens == 4
+    text, _ = offline(PROMPT, 12)
+    stop = text[3:6]
+    assert stop and stop in text
+    got = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert got.choices[0].text == text[:text.index(stop)] and got.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(max_tokens=0), "BadRequestError", "'max_tokens' must be >= 1"),
+    (dict(max_tokens=200), "BadRequestError", "past this model's context of 128 positions"),
+    (dict(temperature=-1), "BadRequestError", "'temperature' must be in [0, 100]"),
+    (dict(top_p=1.5), "BadRequestError", "'top_p' must be in (0, 1]"),
+    (dict(n=2), "BadRequestError", "'n' = 2 is not supported by this server yet"),
+    (dict(model="gpt-4"), "NotFoundError", "model 'gpt-4' does not exist here"),
+])
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, offline, kwargs, error, words):
+    args = dict(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0) | kwargs
+    with pytest.raises(getattr(openai, error)) as info:
+        client.completions.create(**args)
+    assert words in str(info.value), str(info.value)
+    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text == \
+        offline(PROMPT, 12)[0]
+
+
+def test_malformed_json_models_health_and_chat(server):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server + "/v1/completions", data=b"{not json", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400 and "not valid JSON" in json.loads(info.value.read())["error"]["message"]
+    with urllib.request.urlopen(server + "/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == [NAME]
+    req = urllib.request.Request(server + "/v1/chat/completions", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400 and "no chat template" in json.loads(info.value.read())["error"]["message"]
