@@ -7,9 +7,11 @@ A client that disconnects mid-stream cancels its request (its slot is free for t
 
 Endpoints (OpenAI's shapes): POST /v1/completions (prompt as text or token ids; max_tokens, temperature
 (0: greedy), top_p, top_k (extension), seed, stop (strings or token ids), stream (server-sent events,
-ending `data: [DONE]`), usage), GET /v1/models, GET /health. Errors are OpenAI-style JSON
-({"error": {"message", "type", "param", "code"}}) naming the problem. Not built yet (a 400 that says
-so): n > 1, logprobs, echo, /v1/chat/completions, /metrics.
+ending `data: [DONE]`), usage), GET /v1/models, GET /health, GET /metrics (Prometheus text: requests
+by finish reason, prompt and generated tokens, running and waiting requests, time-to-first-token and
+inter-token latency histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param",
+"code"}}) naming the problem. Not built yet (a 400 that says so): n > 1, logprobs, echo;
+/v1/chat/completions answers that GPT-2 has no chat template.
 
     app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
 """
@@ -187,7 +189,8 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
     slots stepped by one background thread (started here, stopped at the app's shutdown)."""
     # lazy: the serve extra (FastAPI, Starlette) is needed by the server only, never by the runtime
     from fastapi import FastAPI, Request as HTTPRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     cfg = model.config
     eos = cfg.eos_token_id if cfg.eos_token_id is not None and 0 <= cfg.eos_token_id < cfg.vocab_size else None
@@ -206,6 +209,24 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             loop_holder["loop"].stop()
 
     app = FastAPI(title="fastgpt2", docs_url=None, redoc_url=None, lifespan=lifespan)
+    registry = CollectorRegistry()  # this app's own metrics
+    finished = Counter("fastgpt2_requests", "Completion requests finished, by finish reason", ["finish_reason"],
+                       registry=registry)
+    prompt_tokens = Counter("fastgpt2_prompt_tokens", "Prompt tokens of admitted requests", registry=registry)
+    generated = Counter("fastgpt2_generation_tokens", "Tokens generated", registry=registry)
+    Gauge("fastgpt2_requests_running", "Requests decoding in the engine's slots", registry=registry).set_function(
+        lambda: len(loop_holder["loop"].engine.running) if "loop" in loop_holder else 0)
+    Gauge("fastgpt2_requests_waiting", "Requests waiting for a slot", registry=registry).set_function(
+        lambda: len(loop_holder["loop"].engine.queue) if "loop" in loop_holder else 0)
+    latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    ttft = Histogram("fastgpt2_time_to_first_token_seconds", "Time from a request's arrival to its first token",
+                     buckets=latency_buckets, registry=registry)
+    itl = Histogram("fastgpt2_inter_token_latency_seconds", "Time between a request's consecutive tokens",
+                    buckets=latency_buckets, registry=registry)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def error(exc: ServerError) -> JSONResponse:
         return JSONResponse(_error_body(str(exc), exc.kind, exc.param), status_code=exc.status)
@@ -249,20 +270,26 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             params = parse_completion(body, tokenizer, cfg.vocab_size, cfg.n_positions, eos)
         except ServerError as exc:
             return error(exc)
+        arrived = time.monotonic()
         completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
         created = int(time.time())
         worker = engine_loop()
         request, queue = worker.submit(params.prompt, params.max_tokens, params.sampling, params.seed,
                                        params.stop_token_ids)
+        prompt_tokens.inc(len(params.prompt))
         decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
 
         async def pieces():
             """(text delta, finish_reason or None) per new token; stop strings end the text before them."""
-            text, sent, count = "", 0, 0
+            text, sent, count, last, outcome = "", 0, 0, arrived, "cancelled"
             try:
                 while True:
                     token, reason = await queue.get()
+                    now = time.monotonic()
+                    (itl if count else ttft).observe(now - last)
+                    last = now
                     count += 1
+                    generated.inc()
                     if reason == "stop" and token in params.stop_token_ids:
                         piece = ""  # the stop token is not part of the text (OpenAI's stop)
                     else:
@@ -272,12 +299,14 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                                if i >= 0), default=-1)
                     if hit >= 0:
                         worker.cancel(request)
+                        outcome = "stop"
                         yield text[sent:hit], "stop", count
                         return
                     if reason is not None:
                         tail = decoder.flush() if decoder is not None and reason != "stop" else ""
                         text += tail
-                        yield text[sent:], reason if reason != "cancelled" else "stop", count
+                        outcome = reason
+                        yield text[sent:], reason, count
                         return
                     if params.stop_strings:  # hold back what could be the start of a stop string
                         keep = max(len(s) - 1 for s in params.stop_strings)
@@ -289,6 +318,7 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             finally:
                 if not request.finished:
                     worker.cancel(request)  # the client went away: its slot is free for the next step
+                finished.labels(outcome).inc()
 
         usage = lambda n: {"prompt_tokens": len(params.prompt), "completion_tokens": n,
                            "total_tokens": len(params.prompt) + n}

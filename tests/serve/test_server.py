@@ -152,3 +152,52 @@ def test_malformed_json_models_health_and_chat(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=30)
     assert info.value.code == 400 and "no chat template" in json.loads(info.value.read())["error"]["message"]
+
+
+def _metrics(server) -> dict:
+    """The Prometheus text of /metrics as {sample name with labels: value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(server + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
+    """A streaming client reads two chunks and hangs up: its request is cancelled (counted as such) and
+    no request stays running; then a request succeeds."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    before = _metrics(server).get('fastgpt2_requests_total{finish_reason="cancelled"}', 0.0)
+    url = urlparse(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 120, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first event's data line
+    conn.sock.shutdown(2)  # hang up mid-stream
+    conn.close()
+    deadline = time.monotonic() + 30
+    while True:
+        m = _metrics(server)
+        if m.get('fastgpt2_requests_total{finish_reason="cancelled"}', 0.0) == before + 1:
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+    assert m["fastgpt2_requests_running"] == 0 and m["fastgpt2_requests_waiting"] == 0
+    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0).usage.completion_tokens == 4
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    before = _metrics(server)
+    client.completions.create(model=NAME, prompt=[1, 2, 3, 4], max_tokens=5, temperature=0)
+    after = _metrics(server)
+    grew = lambda name: after.get(name, 0.0) - before.get(name, 0.0)
+    assert grew('fastgpt2_requests_total{finish_reason="length"}') == 1
+    assert grew("fastgpt2_prompt_tokens_total") == 4 and grew("fastgpt2_generation_tokens_total") == 5
+    assert grew("fastgpt2_time_to_first_token_seconds_count") == 1
+    assert grew("fastgpt2_inter_token_latency_seconds_count") == 4
