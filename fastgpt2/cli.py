@@ -85,7 +85,8 @@ def _serve(args) -> int:
         print(f"fastgpt2 serve: {exc} Serving token-id prompts only.", file=sys.stderr)
         tokenizer = None
     name = args.served_model_name or str(args.model).rstrip("/").split("/")[-1]
-    app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key)
+    app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key,
+                     max_waiting=args.max_waiting)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=8, help="the engine's slots (default 8)")
+    v.add_argument("--max-waiting", type=int, default=256, help="requests that may wait for a slot; past them "
+                   "a 429 with Retry-After (default 256)")
     v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/")
     v.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
                    "checkpoint directory's name)")

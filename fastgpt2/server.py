@@ -184,9 +184,11 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
 
 
 def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int = 8, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20):
+               max_body_bytes: int = 1 << 20, max_waiting: int = 256):
     """The FastAPI app serving `model` (a GPT2) under `model_name`, with its own engine of `max_batch`
-    slots stepped by one background thread (started here, stopped at the app's shutdown)."""
+    slots stepped by one background thread (started on the first request, stopped at the app's
+    shutdown). A request that finds `max_waiting` requests already waiting for a slot gets a 429 with
+    Retry-After."""
     # lazy: the serve extra (FastAPI, Starlette) is needed by the server only, never by the runtime
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -270,10 +272,14 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             params = parse_completion(body, tokenizer, cfg.vocab_size, cfg.n_positions, eos)
         except ServerError as exc:
             return error(exc)
+        worker = engine_loop()
+        if len(worker.engine.queue) >= max_waiting:
+            return JSONResponse(_error_body(f"the server is at capacity ({max_batch} requests running, {max_waiting} "
+                                            f"waiting); retry shortly", "rate_limit_error", code="queue_full"),
+                                status_code=429, headers={"Retry-After": "1"})
         arrived = time.monotonic()
         completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
         created = int(time.time())
-        worker = engine_loop()
         request, queue = worker.submit(params.prompt, params.max_tokens, params.sampling, params.seed,
                                        params.stop_token_ids)
         prompt_tokens.inc(len(params.prompt))

@@ -33,34 +33,44 @@ def checkpoint(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
+def _start(checkpoint, *extra):
+    """A `fastgpt2 serve` process on a free loopback port, up (its /health answers): (process, url)."""
+    import urllib.request
+
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastgpt2", "serve", "--model", str(checkpoint), "--port", str(port),
-                             "--served-model-name", NAME, "--max-batch", "4"],
+                             "--served-model-name", NAME, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        import urllib.request
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"the server did not start:\n{proc.stdout.read()}")
+            time.sleep(0.3)
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
-                time.sleep(0.3)
+
+def _stop(proc) -> None:
+    proc.terminate()  # by its PID
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc, url = _start(checkpoint, "--max-batch", "4")
+    try:
         yield url
     finally:
-        proc.terminate()  # by its PID
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +188,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
-    response.fp.readline()  # the first event's data line
+    assert response.readline().startswith(b"data: ")  # the first event
     conn.sock.shutdown(2)  # hang up mid-stream
     conn.close()
     deadline = time.monotonic() + 30
@@ -201,3 +211,50 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert grew("fastgpt2_prompt_tokens_total") == 4 and grew("fastgpt2_generation_tokens_total") == 5
     assert grew("fastgpt2_time_to_first_token_seconds_count") == 1
     assert grew("fastgpt2_inter_token_latency_seconds_count") == 4
+
+
+def _open_stream(url, prompt, max_tokens):
+    """A raw streaming request (http.client), its response, headers read."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def test_a_full_queue_gets_429_and_sigterm_drains_the_running_requests(checkpoint, offline):
+    """One slot, one waiting place: a third request while the first runs and the second waits gets a
+    429 with Retry-After, then requests succeed again. SIGTERM while a stream runs: the stream still
+    ends with every token and [DONE], and the server exits."""
+    import json
+    import signal
+
+    proc, url = _start(checkpoint, "--max-batch", "1", "--max-waiting", "1")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        first, r1 = _open_stream(url, [5, 6, 7], 120)
+        assert r1.status == 200 and r1.readline().startswith(b"data: ")  # running
+        second, r2 = _open_stream(url, [8, 9], 120)  # waits for the slot
+        with pytest.raises(openai.RateLimitError) as info:
+            client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0)
+        assert info.value.response.headers["retry-after"] == "1" and "at capacity" in str(info.value)
+        for conn in (first, second):
+            conn.close()
+        assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text == \
+            offline(PROMPT, 12)[0]
+
+        conn, response = _open_stream(url, PROMPT, 60)
+        assert response.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        events = [line for line in response.read().decode().split("\n") if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2][6:])
+        assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 60
+        # uvicorn exits by the signal it was sent once its graceful shutdown is done
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        _stop(proc)
