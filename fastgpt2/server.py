@@ -10,7 +10,9 @@ Endpoints (OpenAI's shapes): POST /v1/completions (prompt as text or token ids; 
 ending `data: [DONE]`), usage), GET /v1/models, GET /health, GET /metrics (Prometheus text: requests
 by finish reason, prompt and generated tokens, running and waiting requests, time-to-first-token and
 inter-token latency histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param",
-"code"}}) naming the problem. Not built yet (a 400 that says so): n > 1, logprobs, echo;
+"code"}}) naming the problem. `logprobs` (top N, up to 20) and `echo` (the prompt's own log-probabilities,
+from one forward over it: what lm-evaluation-harness's local-completions reads for loglikelihood) are
+served without `stream`. Not built yet (a 400 that says so): n > 1, logprobs or echo with stream;
 /v1/chat/completions answers that GPT-2 has no chat template.
 
     app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
@@ -52,10 +54,10 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
-               stop_token_ids: list[int]) -> tuple[Request, asyncio.Queue]:
+               stop_token_ids: list[int], logprobs: int | None = None) -> tuple[Request, asyncio.Queue]:
         queue: asyncio.Queue = asyncio.Queue()
         with self.engine.lock:
-            request = self.engine.add(prompt, max_new_tokens, sampling, seed, stop_token_ids)
+            request = self.engine.add(prompt, max_new_tokens, sampling, seed, stop_token_ids, logprobs)
             self._listeners[request.id] = (asyncio.get_running_loop(), queue)
         self._wake.set()
         return request, queue
@@ -98,6 +100,8 @@ class CompletionParams:
     stop_strings: list[str]
     stop_token_ids: list[int]
     stream: bool
+    logprobs: int | None = None
+    echo: bool = False
 
 
 _KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
@@ -123,7 +127,6 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
     if unknown:
         raise ServerError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
     for name, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
-                     ("logprobs", lambda v: v is None), ("echo", lambda v: v in (None, False)),
                      ("suffix", lambda v: v is None), ("logit_bias", lambda v: not v),
                      ("frequency_penalty", lambda v: v in (None, 0)), ("presence_penalty", lambda v: v in (None, 0))):
         if not ok(body.get(name)):
@@ -174,8 +177,53 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ServerError(f"'stream' must be true or false, got {stream!r}", param="stream")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+        raise ServerError(f"'logprobs' must be an integer in [0, 20], got {logprobs!r}", param="logprobs")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ServerError(f"'echo' must be true or false, got {echo!r}", param="echo")
+    if stream and (logprobs is not None or echo):
+        raise ServerError("'logprobs' and 'echo' with 'stream' are not supported by this server yet", param="stream")
     stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
-    return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream)
+    return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
+                            logprobs, echo)
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token]) if tokenizer is not None else f"token_id:{token}"
+
+
+def logprobs_block(tokens, token_logprobs, top_logprobs, tokenizer, start: int) -> dict:
+    """OpenAI's completion logprobs for `tokens`: their strings, log-probabilities (None: the prompt's
+    first token), top alternatives as {string: log p} and text offsets counted from `start`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = start
+    for token, lp, top in zip(tokens, token_logprobs, top_logprobs):
+        text = _token_text(tokenizer, token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(None if top is None else {_token_text(tokenizer, t): v for t, v in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def prompt_logprobs(model, prompt: list[int], top: int) -> tuple[list, list]:
+    """log p(prompt[i] | prompt[:i]) for every prompt token (None for the first) and the top `top`
+    tokens at each position, from one forward over the prompt (float32 log-softmax)."""
+    import torch
+
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([prompt], device=model.device))[0].float(), -1)  # [T, V]
+    ids = torch.tensor(prompt[1:], device=lp.device)
+    token_lp = [None] + lp[:-1].gather(1, ids[:, None])[:, 0].tolist()
+    tops = [None]
+    if len(prompt) > 1:
+        values, indices = torch.topk(lp[:-1], top, -1) if top else (None, None)
+        for i in range(len(prompt) - 1):
+            tops.append(list(zip(indices[i].tolist(), values[i].tolist())) if top else [])
+    return token_lp, tops
 
 
 def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -281,7 +329,7 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
         completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
         created = int(time.time())
         request, queue = worker.submit(params.prompt, params.max_tokens, params.sampling, params.seed,
-                                       params.stop_token_ids)
+                                       params.stop_token_ids, params.logprobs)
         prompt_tokens.inc(len(params.prompt))
         decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
 
@@ -333,8 +381,26 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             text, reason, n = "", None, 0
             async for piece, reason, n in pieces():
                 text += piece
-            return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}],
-                    "usage": usage(n)}
+            logprobs = None
+            prompt_text = ""
+            if params.echo:
+                prompt_text = tokenizer.decode(params.prompt) if tokenizer is not None else ""
+            if params.logprobs is not None:
+                # the completion's tokens that made its text (not a stop token, nothing after a stop string)
+                kept, length = 0, 0
+                for token in request.tokens:
+                    if length >= len(text) or token in params.stop_token_ids:
+                        break
+                    length += len(_token_text(tokenizer, token))
+                    kept += 1
+                tokens, lps, tops = request.tokens[:kept], request.token_logprobs[:kept], request.top_logprobs[:kept]
+                if params.echo:
+                    with worker.engine.lock:  # one forward over the prompt, between two engine steps
+                        p_lps, p_tops = prompt_logprobs(model, params.prompt, params.logprobs)
+                    tokens, lps, tops = params.prompt + tokens, p_lps + lps, p_tops + tops
+                logprobs = logprobs_block(tokens, lps, tops, tokenizer, 0)
+            return {**base, "choices": [{"text": prompt_text + text, "index": 0, "logprobs": logprobs,
+                                         "finish_reason": reason}], "usage": usage(n)}
 
         async def events():
             async for piece, reason, n in pieces():

@@ -54,7 +54,10 @@ class Request:
     sampling: Sampling
     seed: int
     stop_token_ids: frozenset[int]
+    logprobs: int | None = None  # None: none; N >= 0: each new token's log-probability and the top N
     tokens: list[int] = field(default_factory=list)  # the new tokens, in order
+    token_logprobs: list[float] = field(default_factory=list)  # log p(token) under the model (with logprobs)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # the N likeliest (token, log p)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     slot: int | None = None  # the cache slot while running
 
@@ -133,9 +136,13 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     def add(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
-            seed: int | None = None, stop_token_ids: Sequence[int] = ()) -> Request:
+            seed: int | None = None, stop_token_ids: Sequence[int] = (), logprobs: int | None = None) -> Request:
         """Queue a request; its first token comes from the step that admits it. seed: a sampled
-        request's seed (None: a fresh one); the same seed and settings give the same tokens."""
+        request's seed (None: a fresh one); the same seed and settings give the same tokens. logprobs:
+        record each new token's log-probability under the model (log-softmax of its logits, before
+        any sampling warper) and the `logprobs` likeliest tokens' (0: the chosen token's only)."""
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise InputError(f"logprobs must be an integer >= 0 (or None), got {logprobs!r}")
         prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         vocab = self.model.config.vocab_size
         if not prompt:
@@ -154,7 +161,7 @@ class Engine:
             seed = int(torch.randint(0, 2**62, ()).item())
         with self.lock:
             request = Request(next(self._ids), prompt, max_new_tokens, sampling, int(seed),
-                              frozenset(map(int, stop_token_ids)))
+                              frozenset(map(int, stop_token_ids)), logprobs)
             self.queue.append(request)
         return request
 
@@ -210,6 +217,7 @@ class Engine:
                     lengths[r.slot] = r.length - 1
                 self._decode(n, graph_cache_len(max(lengths) + 1, self.max_len), tuple(lengths))
             chosen = self.tokens[:n].tolist()  # the step's one host sync
+            self._record_logprobs(running, self.logits, 0, chosen)
             for request in running:
                 out.append((request, chosen[request.slot]))
                 self._emit(request, chosen[request.slot])
@@ -296,7 +304,30 @@ class Engine:
         rows = slice(a, b)
         self.sampler(logits, self.tokens[rows], rows)
         self.active[rows] = 1
-        return self.tokens[rows].tolist()
+        chosen = self.tokens[rows].tolist()
+        self._record_logprobs(run, logits, a, chosen, offset=a)
+        return chosen
+
+    @staticmethod
+    def _record_logprobs(requests: list[Request], logits: torch.Tensor, first_row: int, chosen: list[int],
+                         offset: int = 0) -> None:
+        """Each request that asked for logprobs: its chosen token's log-probability and its top N, from
+        logits [rows, V] whose row r is slot first_row + r (chosen: indexed by slot - offset)."""
+        want = [r for r in requests if r.logprobs is not None]
+        if not want:
+            return
+        rows = torch.tensor([r.slot - first_row for r in want], device=logits.device)
+        lp = torch.log_softmax(logits[rows].float(), -1)  # [W, V]
+        picked = torch.tensor([chosen[r.slot - offset] for r in want], device=logits.device)
+        token_lp = lp.gather(1, picked[:, None])[:, 0].tolist()
+        k = max(r.logprobs for r in want)
+        top = torch.topk(lp, k, -1) if k else None
+        for i, r in enumerate(want):
+            r.token_logprobs.append(token_lp[i])
+            if top is not None:
+                r.top_logprobs.append(list(zip(top.indices[i, :r.logprobs].tolist(), top.values[i, :r.logprobs].tolist())))
+            else:
+                r.top_logprobs.append([])
 
     def _emit(self, request: Request, token: int) -> None:
         request.tokens.append(token)

@@ -258,3 +258,29 @@ def test_a_full_queue_gets_429_and_sigterm_drains_the_running_requests(checkpoin
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         _stop(proc)
+
+
+def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, checkpoint):
+    """echo + logprobs (what lm-evaluation-harness's local-completions reads for loglikelihood): the
+    prompt's tokens with log p(token | prefix) (None first), then the greedy completion's, each the
+    log-softmax of fastgpt2's own forward over the sequence; top N listed, the greedy token the likeliest."""
+    model = fastgpt2.GPT2.from_pretrained(checkpoint)
+    prompt = [5, 17, 230, 44, 9]
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    new = model.generate(torch.tensor([prompt]), 4, eos_token_id=model.config.eos_token_id)[0].tolist()
+    ref = torch.log_softmax(model(torch.tensor([new]))[0].float(), -1)  # [T, V]
+    for i in range(1, len(new)):
+        assert abs(lp.token_logprobs[i] - float(ref[i - 1, new[i]])) < 1e-4, i
+        assert len(lp.top_logprobs[i]) == 2
+    for i in range(len(prompt), len(new)):  # greedy: the chosen token is the likeliest
+        assert abs(max(lp.top_logprobs[i].values()) - lp.token_logprobs[i]) < 1e-6
+    tok = load_tokenizer(checkpoint)
+    assert got.choices[0].text == tok.decode(prompt) + tok.decode(new[len(prompt):])
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt):]
+    with pytest.raises(openai.BadRequestError, match="not supported by this server yet"):
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=4, logprobs=1, stream=True)
