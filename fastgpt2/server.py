@@ -12,8 +12,9 @@ by finish reason, prompt and generated tokens, running and waiting requests, tim
 inter-token latency histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param",
 "code"}}) naming the problem. `logprobs` (top N, up to 20) and `echo` (the prompt's own log-probabilities,
 from one forward over it: what lm-evaluation-harness's local-completions reads for loglikelihood) are
-served without `stream`. Not built yet (a 400 that says so): n > 1, logprobs or echo with stream;
-/v1/chat/completions answers that GPT-2 has no chat template.
+served without `stream`; `n` choices (up to 16: n requests of the engine, choice i sampling from
+row_seed(seed, i) as generate's rows), streamed or not. Not built yet (a 400 that says so): logprobs or
+echo with stream; /v1/chat/completions answers that GPT-2 has no chat template.
 
     app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 from .errors import FastGPT2Error
 from .runtime.engine import Engine, Request
+from .runtime.generate import row_seed
 from .runtime.sampling import Sampling
 from .runtime.tokenizer import StreamDecoder
 
@@ -102,6 +104,7 @@ class CompletionParams:
     stream: bool
     logprobs: int | None = None
     echo: bool = False
+    n: int = 1
 
 
 _KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
@@ -126,7 +129,7 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise ServerError(f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0])
-    for name, ok in (("n", lambda v: v in (None, 1)), ("best_of", lambda v: v in (None, 1)),
+    for name, ok in (("best_of", lambda v: v in (None, 1, body.get("n", 1))),
                      ("suffix", lambda v: v is None), ("logit_bias", lambda v: not v),
                      ("frequency_penalty", lambda v: v in (None, 0)), ("presence_penalty", lambda v: v in (None, 0))):
         if not ok(body.get(name)):
@@ -185,9 +188,12 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
         raise ServerError(f"'echo' must be true or false, got {echo!r}", param="echo")
     if stream and (logprobs is not None or echo):
         raise ServerError("'logprobs' and 'echo' with 'stream' are not supported by this server yet", param="stream")
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= 16:
+        raise ServerError(f"'n' must be in [1, 16], got {n}", param="n")
     stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
     return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
-                            logprobs, echo)
+                            logprobs, echo, n)
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -328,13 +334,16 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
         arrived = time.monotonic()
         completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
         created = int(time.time())
-        request, queue = worker.submit(params.prompt, params.max_tokens, params.sampling, params.seed,
-                                       params.stop_token_ids, params.logprobs)
+        # n choices: n requests of the engine; choice i samples from row_seed(seed, i) (as generate's rows)
+        submitted = [worker.submit(params.prompt, params.max_tokens, params.sampling,
+                                   None if params.seed is None else row_seed(params.seed, i), params.stop_token_ids,
+                                   params.logprobs) for i in range(params.n)]
         prompt_tokens.inc(len(params.prompt))
-        decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
 
-        async def pieces():
-            """(text delta, finish_reason or None) per new token; stop strings end the text before them."""
+        async def pieces(request, queue):
+            """(text delta, finish_reason or None, tokens so far) per new token of one request; stop strings
+            end the text before them."""
+            decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
             text, sent, count, last, outcome = "", 0, 0, arrived, "cancelled"
             try:
                 while True:
@@ -377,14 +386,14 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
         usage = lambda n: {"prompt_tokens": len(params.prompt), "completion_tokens": n,
                            "total_tokens": len(params.prompt) + n}
         base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name}
-        if not params.stream:
+
+        async def choice(index, request, queue):
+            """One whole choice (the non-streamed answer) and its token count."""
             text, reason, n = "", None, 0
-            async for piece, reason, n in pieces():
+            async for piece, reason, n in pieces(request, queue):
                 text += piece
             logprobs = None
-            prompt_text = ""
-            if params.echo:
-                prompt_text = tokenizer.decode(params.prompt) if tokenizer is not None else ""
+            prompt_text = tokenizer.decode(params.prompt) if params.echo and tokenizer is not None else ""
             if params.logprobs is not None:
                 # the completion's tokens that made its text (not a stop token, nothing after a stop string)
                 kept, length = 0, 0
@@ -399,18 +408,41 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                         p_lps, p_tops = prompt_logprobs(model, params.prompt, params.logprobs)
                     tokens, lps, tops = params.prompt + tokens, p_lps + lps, p_tops + tops
                 logprobs = logprobs_block(tokens, lps, tops, tokenizer, 0)
-            return {**base, "choices": [{"text": prompt_text + text, "index": 0, "logprobs": logprobs,
-                                         "finish_reason": reason}], "usage": usage(n)}
+            return {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason}, n
+
+        if not params.stream:
+            try:
+                done = await asyncio.gather(*(choice(i, r, q) for i, (r, q) in enumerate(submitted)))
+            finally:
+                for request, _ in submitted:
+                    worker.cancel(request)  # (finished ones: nothing to do)
+            return {**base, "choices": [c for c, _ in done], "usage": usage(sum(n for _, n in done))}
 
         async def events():
-            async for piece, reason, n in pieces():
-                if piece or reason is not None:
-                    chunk = {**base, "choices": [{"text": piece, "index": 0, "logprobs": None,
-                                                  "finish_reason": reason}]}
-                    if reason is not None:
-                        chunk["usage"] = usage(n)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+            merged: asyncio.Queue = asyncio.Queue()  # (index, piece, reason, count) from every choice
+
+            async def feed(index, request, queue):
+                async for piece, reason, n in pieces(request, queue):
+                    await merged.put((index, piece, reason, n))
+
+            feeders = [asyncio.create_task(feed(i, r, q)) for i, (r, q) in enumerate(submitted)]
+            counts, open_choices = [0] * params.n, params.n
+            try:
+                while open_choices:
+                    index, piece, reason, n = await merged.get()
+                    counts[index] = n
+                    open_choices -= reason is not None
+                    if piece or reason is not None:
+                        chunk = {**base, "choices": [{"text": piece, "index": index, "logprobs": None,
+                                                      "finish_reason": reason}]}
+                        if not open_choices:
+                            chunk["usage"] = usage(sum(counts))
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or all done): every choice's request leaves the engine
+                for task in feeders:
+                    task.cancel()
+                await asyncio.gather(*feeders, return_exceptions=True)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

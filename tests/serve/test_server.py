@@ -134,7 +134,7 @@ def test_token_id_prompt_and_a_stop_string(client, offline):
     (dict(max_tokens=200), "BadRequestError", "past this model's context of 128 positions"),
     (dict(temperature=-1), "BadRequestError", "'temperature' must be in [0, 100]"),
     (dict(top_p=1.5), "BadRequestError", "'top_p' must be in (0, 1]"),
-    (dict(n=2), "BadRequestError", "'n' = 2 is not supported by this server yet"),
+    (dict(n=17), "BadRequestError", "'n' must be in [1, 16]"),
     (dict(model="gpt-4"), "NotFoundError", "model 'gpt-4' does not exist here"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, offline, kwargs, error, words):
@@ -284,3 +284,26 @@ def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, checkpoint):
     assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt):]
     with pytest.raises(openai.BadRequestError, match="not supported by this server yet"):
         client.completions.create(model=NAME, prompt=prompt, max_tokens=4, logprobs=1, stream=True)
+
+
+def test_n_choices_equal_a_batch_generated_offline_with_the_seed(client, checkpoint):
+    """n = 3 sampled choices: choice i is row i of generate() over the prompt repeated, with the same
+    seed (row i samples from row_seed(seed, i)); streamed, each index's deltas join to its choice."""
+    model = fastgpt2.GPT2.from_pretrained(checkpoint)
+    tok = load_tokenizer(checkpoint)
+    ids = tok.encode(PROMPT).ids
+    rows = model.generate(torch.tensor([ids] * 3), 10, do_sample=True, temperature=0.9, seed=11,
+                          eos_token_id=model.config.eos_token_id)[:, len(ids):]
+    expected = [tok.decode([t for t in row.tolist() if t != model.config.eos_token_id]) for row in rows]
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=10, temperature=0.9, seed=11, n=3)
+    got = client.completions.create(**kw)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == expected and len(set(expected)) > 1
+    eos = model.config.eos_token_id
+    tokens = [row.tolist().index(eos) + 1 if eos in row.tolist() else len(row) for row in rows]  # EOS included
+    assert got.usage.completion_tokens == sum(tokens)
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == expected
