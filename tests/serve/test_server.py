@@ -307,3 +307,19 @@ def test_n_choices_equal_a_batch_generated_offline_with_the_seed(client, checkpo
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == expected
+
+
+def test_an_api_key_is_required_when_set(checkpoint):
+    proc, url = _start(checkpoint, "--api-key", "s3cret")
+    try:
+        without = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError, match="a valid API key is required"):
+            without.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0)
+        with_key = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert with_key.completions.create(model=NAME, prompt=PROMPT, max_tokens=2, temperature=0).usage.completion_tokens == 2
+        import urllib.request
+
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:  # health needs no key
+            assert r.status == 200
+    finally:
+        _stop(proc)
