@@ -12,7 +12,8 @@ by finish reason, prompt and generated tokens, running and waiting requests, tim
 inter-token latency histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param",
 "code"}}) naming the problem. `logprobs` (top N, up to 20) and `echo` (the prompt's own log-probabilities,
 from one forward over it: what lm-evaluation-harness's local-completions reads for loglikelihood) are
-served without `stream`; `n` choices (up to 16: n requests of the engine, choice i sampling from
+served without `stream`; `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
+generated token ids, the stop token excepted; `n` choices (up to 16: n requests of the engine, choice i sampling from
 row_seed(seed, i) as generate's rows), streamed or not. Not built yet (a 400 that says so): logprobs or
 echo with stream; /v1/chat/completions answers that GPT-2 has no chat template.
 
@@ -105,9 +106,10 @@ class CompletionParams:
     logprobs: int | None = None
     echo: bool = False
     n: int = 1
+    return_token_ids: bool = False
 
 
-_KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+_KNOWN = {"return_token_ids", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
           "logprobs", "echo", "user", "stream_options", "frequency_penalty", "presence_penalty", "best_of",
           "logit_bias", "suffix"}
 
@@ -188,12 +190,15 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
         raise ServerError(f"'echo' must be true or false, got {echo!r}", param="echo")
     if stream and (logprobs is not None or echo):
         raise ServerError("'logprobs' and 'echo' with 'stream' are not supported by this server yet", param="stream")
+    return_token_ids = body.get("return_token_ids", False)
+    if not isinstance(return_token_ids, bool):
+        raise ServerError(f"'return_token_ids' must be true or false, got {return_token_ids!r}", param="return_token_ids")
     n = _number(body, "n", 1, int)
     if not 1 <= n <= 16:
         raise ServerError(f"'n' must be in [1, 16], got {n}", param="n")
     stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
     return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
-                            logprobs, echo, n)
+                            logprobs, echo, n, return_token_ids)
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -341,10 +346,10 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
         prompt_tokens.inc(len(params.prompt))
 
         async def pieces(request, queue):
-            """(text delta, finish_reason or None, tokens so far) per new token of one request; stop strings
-            end the text before them."""
+            """(text delta, finish_reason or None, tokens so far, the token ids since the last delta) per new
+            token of one request; stop strings end the text before them."""
             decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-            text, sent, count, last, outcome = "", 0, 0, arrived, "cancelled"
+            text, sent, count, last, outcome, fresh = "", 0, 0, arrived, "cancelled", []
             try:
                 while True:
                     token, reason = await queue.get()
@@ -357,27 +362,28 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                         piece = ""  # the stop token is not part of the text (OpenAI's stop)
                     else:
                         piece = decoder.push(token) if decoder is not None else ""
+                        fresh.append(token)
                     text += piece
                     hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in params.stop_strings)
                                if i >= 0), default=-1)
                     if hit >= 0:
                         worker.cancel(request)
                         outcome = "stop"
-                        yield text[sent:hit], "stop", count
+                        yield text[sent:hit], "stop", count, fresh
                         return
                     if reason is not None:
                         tail = decoder.flush() if decoder is not None and reason != "stop" else ""
                         text += tail
                         outcome = reason
-                        yield text[sent:], reason, count
+                        yield text[sent:], reason, count, fresh
                         return
                     if params.stop_strings:  # hold back what could be the start of a stop string
                         keep = max(len(s) - 1 for s in params.stop_strings)
                         safe = max(sent, len(text) - keep)
                     else:
                         safe = len(text)
-                    yield text[sent:safe], None, count
-                    sent = safe
+                    yield text[sent:safe], None, count, fresh
+                    sent, fresh = safe, []
             finally:
                 if not request.finished:
                     worker.cancel(request)  # the client went away: its slot is free for the next step
@@ -389,9 +395,10 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
 
         async def choice(index, request, queue):
             """One whole choice (the non-streamed answer) and its token count."""
-            text, reason, n = "", None, 0
-            async for piece, reason, n in pieces(request, queue):
+            text, reason, n, token_ids = "", None, 0, []
+            async for piece, reason, n, fresh in pieces(request, queue):
                 text += piece
+                token_ids += fresh
             logprobs = None
             prompt_text = tokenizer.decode(params.prompt) if params.echo and tokenizer is not None else ""
             if params.logprobs is not None:
@@ -408,7 +415,10 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                         p_lps, p_tops = prompt_logprobs(model, params.prompt, params.logprobs)
                     tokens, lps, tops = params.prompt + tokens, p_lps + lps, p_tops + tops
                 logprobs = logprobs_block(tokens, lps, tops, tokenizer, 0)
-            return {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason}, n
+            out = {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+            if params.return_token_ids:
+                out["token_ids"] = token_ids
+            return out, n
 
         if not params.stream:
             try:
@@ -422,19 +432,21 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
             merged: asyncio.Queue = asyncio.Queue()  # (index, piece, reason, count) from every choice
 
             async def feed(index, request, queue):
-                async for piece, reason, n in pieces(request, queue):
-                    await merged.put((index, piece, reason, n))
+                async for piece, reason, n, fresh in pieces(request, queue):
+                    await merged.put((index, piece, reason, n, fresh))
 
             feeders = [asyncio.create_task(feed(i, r, q)) for i, (r, q) in enumerate(submitted)]
             counts, open_choices = [0] * params.n, params.n
             try:
                 while open_choices:
-                    index, piece, reason, n = await merged.get()
+                    index, piece, reason, n, fresh = await merged.get()
                     counts[index] = n
                     open_choices -= reason is not None
-                    if piece or reason is not None:
+                    if piece or fresh or reason is not None:
                         chunk = {**base, "choices": [{"text": piece, "index": index, "logprobs": None,
                                                       "finish_reason": reason}]}
+                        if params.return_token_ids:
+                            chunk["choices"][0]["token_ids"] = fresh
                         if not open_choices:
                             chunk["usage"] = usage(sum(counts))
                         yield f"data: {json.dumps(chunk)}\n\n"

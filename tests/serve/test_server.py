@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from hf_reference import byte_level_tokenizer, hf_model
 
 import fastgpt2
 from fastgpt2.runtime.tokenizer import load_tokenizer
@@ -23,14 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    hf_model(seed=23, n_layer=2, n_embd=64, n_head=4).save_pretrained(d)
-    byte_level_tokenizer().save(str(d / "tokenizer.json"))
-    return d
 
 
 def _start(checkpoint, *extra):
