@@ -72,3 +72,11 @@ def byte_level_tokenizer():
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
     tok.train_from_iterator(TOKENIZER_TEXT, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     return tok
+
+
+def save_tiny_checkpoint(directory, seed: int):
+    """A 2-layer, 64-wide seeded GPT-2 saved to `directory` with the byte-level tokenizer beside it
+    (what the CLI and server tests load); returns the directory."""
+    hf_model(seed=seed, n_layer=2, n_embd=64, n_head=4).save_pretrained(directory)
+    byte_level_tokenizer().save(str(directory / "tokenizer.json"))
+    return directory

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from hf_reference import TOKENIZER_TEXT, byte_level_tokenizer, hf_model
+from hf_reference import TOKENIZER_TEXT, byte_level_tokenizer, save_tiny_checkpoint
 
 import fastgpt2
 from fastgpt2.cli import main
@@ -13,10 +13,7 @@ from fastgpt2.runtime.tokenizer import StreamDecoder, TokenizerError, load_token
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    hf_model(seed=21, n_layer=2, n_embd=64, n_head=4).save_pretrained(d)
-    byte_level_tokenizer().save(str(d / "tokenizer.json"))
-    return d
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("cli"), seed=21)
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["bench"]])
