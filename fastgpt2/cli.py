@@ -72,21 +72,12 @@ def _generate(args) -> int:
 def _serve(args) -> int:
     try:  # lazy: the serve extra is needed by this subcommand only
         import uvicorn
-        from .server import create_app  # lazy: FastAPI, as uvicorn above
+        from .server import load_app  # lazy: FastAPI, as uvicorn above
     except ImportError as exc:
         raise SystemExit(f"fastgpt2 serve needs the serve extra ({exc.name} is missing): pip install 'fastgpt2[serve]'")
-    from .runtime.generate import GPT2  # lazy: the model loads when `fastgpt2 serve` runs
-    from .runtime.tokenizer import TokenizerError, load_tokenizer  # lazy: as GPT2, above
-
-    model = GPT2.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto")
-    try:
-        tokenizer = load_tokenizer(model.source_dir)
-    except TokenizerError as exc:
-        print(f"fastgpt2 serve: {exc} Serving token-id prompts only.", file=sys.stderr)
-        tokenizer = None
-    name = args.served_model_name or str(args.model).rstrip("/").split("/")[-1]
-    app = create_app(model, tokenizer, model_name=name, max_batch=args.max_batch, api_key=args.api_key,
-                     max_waiting=args.max_waiting)
+    app = load_app(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto",
+                   served_model_name=args.served_model_name, max_batch=args.max_batch, api_key=args.api_key,
+                   max_waiting=args.max_waiting, log=lambda message: print(f"fastgpt2 serve: {message}", file=sys.stderr))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -242,6 +242,26 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def load_app(model_dir: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto",
+             served_model_name: str | None = None, max_batch: int = 8, api_key: str | None = None,
+             max_waiting: int = 256, log=None):
+    """`fastgpt2 serve`'s app: the checkpoint at `model_dir` (a directory or a Hub id) loaded with its
+    tokenizer (none: token-id prompts only, said through `log`) and served under `served_model_name`
+    (default: the path's last part). The one place the CLI and the Ray Serve deployment build it."""
+    from .runtime.generate import GPT2  # lazy: the model's modules load with the app
+    from .runtime.tokenizer import TokenizerError, load_tokenizer
+
+    model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype, backend=backend)
+    try:
+        tokenizer = load_tokenizer(model.source_dir)
+    except TokenizerError as exc:
+        if log is not None:
+            log(f"{exc} Serving token-id prompts only.")
+        tokenizer = None
+    name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
+    return create_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key, max_waiting=max_waiting)
+
+
 def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int = 8, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, max_waiting: int = 256):
     """The FastAPI app serving `model` (a GPT2) under `model_name`, with its own engine of `max_batch`
