@@ -5,17 +5,17 @@ One background thread steps the engine (runtime/engine.py) while it has work; HT
 step it: they add a request and await its tokens, which the thread hands to the handler's event loop.
 A client that disconnects mid-stream cancels its request (its slot is free for the next step).
 
-Endpoints (OpenAI's shapes): POST /v1/completions (prompt as text or token ids; max_tokens, temperature
-(0: greedy), top_p, top_k (extension), seed, stop (strings or token ids), stream (server-sent events,
-ending `data: [DONE]`), usage), GET /v1/models, GET /health, GET /metrics (Prometheus text: requests
-by finish reason, prompt and generated tokens, running and waiting requests, time-to-first-token and
-inter-token latency histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param",
-"code"}}) naming the problem. `logprobs` (top N, up to 20) and `echo` (the prompt's own log-probabilities,
-from one forward over it: what lm-evaluation-harness's local-completions reads for loglikelihood) are
-served without `stream`; `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
-generated token ids, the stop token excepted; `n` choices (up to 16: n requests of the engine, choice i sampling from
-row_seed(seed, i) as generate's rows), streamed or not. Not built yet (a 400 that says so): logprobs or
-echo with stream; /v1/chat/completions answers that GPT-2 has no chat template.
+Endpoints (OpenAI's shapes): POST /v1/completions (prompt as text, token ids, or a list of either; max_tokens,
+temperature (0: greedy), top_p, top_k (extension), seed, stop (strings or token ids), n, stream (server-sent
+events, ending `data: [DONE]`), logprobs (the top N, up to 20, per token), echo (the prompt and, with logprobs,
+its own log-probabilities from one forward over it: what lm-evaluation-harness's local-completions reads for
+loglikelihood), usage), GET /v1/models, GET /health, GET /metrics (Prometheus text: requests by finish reason,
+prompt and generated tokens, running and waiting requests, time-to-first-token and inter-token latency
+histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param", "code"}}) naming the problem.
+Choice p * n + i is prompt p's i-th sample, sampling from row_seed(seed, i) as generate's rows do (each prompt
+samples as it would alone). `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
+generated token ids, the stop token excepted. A failed engine step answers its requests with a 500 (an error
+event mid-stream) and the loop goes on. /v1/chat/completions answers that GPT-2 has no chat template.
 
     app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
 """
@@ -27,6 +27,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+import logging
 from typing import Any
 
 from .errors import FastGPT2Error
@@ -34,6 +35,8 @@ from .runtime.engine import Engine, Request
 from .runtime.generate import row_seed
 from .runtime.sampling import Sampling
 from .runtime.tokenizer import StreamDecoder
+
+log = logging.getLogger("fastgpt2.serve")
 
 
 class ServerError(FastGPT2Error):
@@ -46,13 +49,15 @@ class ServerError(FastGPT2Error):
 
 class EngineLoop:
     """The engine, stepped by one background thread while it has work. ``submit`` (from an event loop)
-    adds a request and returns an asyncio.Queue that receives (token, finish_reason or None) per step."""
+    adds a request and returns an asyncio.Queue that receives (token, finish_reason or None) per step,
+    or (None, message) when a step failed: the step's requests end, and the loop goes on with new ones."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._wake = threading.Event()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self.failures = 0  # engine steps that raised (each failed the requests it held)
         self._thread = threading.Thread(target=self._run, name="fastgpt2-engine", daemon=True)
         self._thread.start()
 
@@ -70,6 +75,11 @@ class EngineLoop:
             self.engine.cancel(request)
             self._listeners.pop(request.id, None)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine's thread is running (it ends only at stop())."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -81,22 +91,66 @@ class EngineLoop:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            with self.engine.lock:
-                out = self.engine.step()
-                delivered = []
-                for request, token in out:
-                    listener = self._listeners.get(request.id)
-                    if listener is not None:
-                        delivered.append((listener, token, request.finish_reason))
-                    if request.finished:
-                        self._listeners.pop(request.id, None)
-            for (loop, queue), token, reason in delivered:
-                loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+            try:
+                with self.engine.lock:
+                    out = self.engine.step()
+                    delivered = []
+                    for request, token in out:
+                        listener = self._listeners.get(request.id)
+                        if listener is not None:
+                            delivered.append((listener, (token, request.finish_reason)))
+                        if request.finished:
+                            self._listeners.pop(request.id, None)
+            except Exception as exc:  # a failed step fails its requests, not the server
+                self.failures += 1
+                log.exception("an engine step failed; its running and waiting requests are answered with an error")
+                delivered = self._fail_all(f"{type(exc).__name__}: {exc}")
+            for (loop, queue), item in delivered:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, message: str) -> list:
+        """After a failed step: every running and waiting request leaves the engine (their slots empty
+        again) and each listener gets (None, message)."""
+        with self.engine.lock:
+            for request in self.engine.running + list(self.engine.queue):
+                self.engine.cancel(request)
+            delivered = [(listener, (None, message)) for listener in self._listeners.values()]
+            self._listeners.clear()
+        return delivered
+
+
+MAX_COMPLETIONS = 256  # prompts x n in one request
+
+
+def _prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
+    """The request's prompts as token ids: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+            for p in prompt):
+        raise ServerError("'prompt' must be a string, a list of token ids, or a list of strings or of token-id lists",
+                          param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        which = f"prompt {i}" if len(prompt) > 1 else "'prompt'"
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ServerError("this server has no tokenizer (the checkpoint has no tokenizer files): send prompts "
+                                  "as lists of token ids", param="prompt")
+            p = tokenizer.encode(p).ids
+        if not p:
+            raise ServerError(f"{which} is empty: give at least one token", param="prompt")
+        if any(not 0 <= t < vocab_size for t in p):
+            raise ServerError(f"{which} holds token ids outside the vocabulary [0, {vocab_size})", param="prompt")
+        out.append(list(p))
+    return out
 
 
 @dataclass
 class CompletionParams:
-    prompt: list[int]
+    prompts: list[list[int]]
     max_tokens: int
     sampling: Sampling
     seed: int | None
@@ -136,28 +190,15 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
                      ("frequency_penalty", lambda v: v in (None, 0)), ("presence_penalty", lambda v: v in (None, 0))):
         if not ok(body.get(name)):
             raise ServerError(f"'{name}' = {body.get(name)!r} is not supported by this server yet", param=name)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ServerError("this server has no tokenizer (the checkpoint has no tokenizer files): send the prompt "
-                              "as a list of token ids", param="prompt")
-        ids = tokenizer.encode(prompt).ids
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    else:
-        raise ServerError("'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
-    if not ids:
-        raise ServerError("'prompt' is empty: give at least one token", param="prompt")
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise ServerError(f"'prompt' holds token ids outside the vocabulary [0, {vocab_size})", param="prompt")
+    prompts = _prompts(body.get("prompt"), tokenizer, vocab_size)
     max_tokens = _number(body, "max_tokens", 16, int)
     if max_tokens < 1:
         raise ServerError(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
-    if len(ids) + max_tokens > n_positions:
-        raise ServerError(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}, "
-                          f"past this model's context of {n_positions} positions", param="max_tokens")
+    for i, ids in enumerate(prompts):
+        if len(ids) + max_tokens > n_positions:
+            which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            raise ServerError(f"{which} ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}, "
+                              f"past this model's context of {n_positions} positions", param="max_tokens")
     temperature = _number(body, "temperature", 1.0)
     top_p = _number(body, "top_p", 1.0)
     top_k = _number(body, "top_k", -1, int)
@@ -188,17 +229,34 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise ServerError(f"'echo' must be true or false, got {echo!r}", param="echo")
-    if stream and (logprobs is not None or echo):
-        raise ServerError("'logprobs' and 'echo' with 'stream' are not supported by this server yet", param="stream")
     return_token_ids = body.get("return_token_ids", False)
     if not isinstance(return_token_ids, bool):
         raise ServerError(f"'return_token_ids' must be true or false, got {return_token_ids!r}", param="return_token_ids")
     n = _number(body, "n", 1, int)
     if not 1 <= n <= 16:
         raise ServerError(f"'n' must be in [1, 16], got {n}", param="n")
+    if len(prompts) * n > MAX_COMPLETIONS:
+        raise ServerError(f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} completions, more than this "
+                          f"server's {MAX_COMPLETIONS} per request: split the request", param="prompt")
+    if tokenizer is None and any(isinstance(s, str) for s in stop):
+        raise ServerError("stop strings need a tokenizer, and this server has none (the checkpoint has no tokenizer "
+                          "files): give stop token ids", param="stop")
     stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
-    return CompletionParams(ids, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
+    return CompletionParams(prompts, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
                             logprobs, echo, n, return_token_ids)
+
+
+@dataclass
+class Piece:
+    """What one new token of a completion adds: its text (possibly none yet), the finish reason (on the
+    last piece), the tokens generated so far, and the tokens this piece releases with their log p and
+    top alternatives (None without logprobs)."""
+    text: str
+    reason: str | None
+    count: int
+    token_ids: list[int]
+    logprobs: list
+    tops: list
 
 
 def _token_text(tokenizer, token: int) -> str:
@@ -325,7 +383,9 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
         return await call_next(request)
 
     @app.get("/health")
-    def health() -> dict:
+    def health():
+        if "loop" in loop_holder and not loop_holder["loop"].alive:
+            return JSONResponse({"status": "error", "message": "the engine's thread has stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -357,124 +417,176 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                                             f"waiting); retry shortly", "rate_limit_error", code="queue_full"),
                                 status_code=429, headers={"Retry-After": "1"})
         arrived = time.monotonic()
-        completion_id = f"cmpl-{next(ids)}-{int(time.time() * 1000)}"
-        created = int(time.time())
-        # n choices: n requests of the engine; choice i samples from row_seed(seed, i) (as generate's rows)
-        submitted = [worker.submit(params.prompt, params.max_tokens, params.sampling,
-                                   None if params.seed is None else row_seed(params.seed, i), params.stop_token_ids,
-                                   params.logprobs) for i in range(params.n)]
-        prompt_tokens.inc(len(params.prompt))
+        base = {"id": f"cmpl-{next(ids)}-{int(time.time() * 1000)}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        n, prompts = params.n, params.prompts
+        # choice p * n + i: prompt p's i-th sample, one request of the engine, sampling from row_seed(seed, i)
+        # as generate's rows do: each prompt samples as it would alone
+        submitted = [(p, *worker.submit(prompt, params.max_tokens, params.sampling,
+                                        None if params.seed is None else row_seed(params.seed, i),
+                                        params.stop_token_ids, params.logprobs))
+                     for p, prompt in enumerate(prompts) for i in range(n)]
+        prompt_tokens.inc(sum(len(prompt) for prompt in prompts))
+        usage = lambda count: {"prompt_tokens": n * sum(map(len, prompts)), "completion_tokens": count,
+                               "total_tokens": n * sum(map(len, prompts)) + count}
 
         async def pieces(request, queue):
-            """(text delta, finish_reason or None, tokens so far, the token ids since the last delta) per new
-            token of one request; stop strings end the text before them."""
+            """One Piece per new token of `request` (the last with its finish reason). Stop strings end the
+            text before them; with stop strings, text that could start one (and its tokens) is held back."""
             decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
-            text, sent, count, last, outcome, fresh = "", 0, 0, arrived, "cancelled", []
+            text, sent, count, last, outcome = "", 0, 0, arrived, "cancelled"
+            pending: list[tuple[int, int, float | None, list | None]] = []  # (text offset, token, log p, top)
+
+            def release(upto: int | None, piece: str, reason: str | None) -> Piece:
+                nonlocal pending
+                out = [x for x in pending if upto is None or x[0] < upto]
+                pending = [] if upto is None or reason is not None else [x for x in pending if x[0] >= upto]
+                return Piece(piece, reason, count, [x[1] for x in out], [x[2] for x in out], [x[3] for x in out])
+
             try:
                 while True:
                     token, reason = await queue.get()
+                    if token is None:  # the engine's step failed
+                        outcome = "error"
+                        raise ServerError(f"the engine failed while generating this completion ({reason}); the "
+                                          "server goes on serving", status=500, kind="server_error")
                     now = time.monotonic()
                     (itl if count else ttft).observe(now - last)
-                    last = now
-                    count += 1
+                    last, count = now, count + 1
                     generated.inc()
                     if reason == "stop" and token in params.stop_token_ids:
-                        piece = ""  # the stop token is not part of the text (OpenAI's stop)
+                        piece = ""  # the stop token is not part of the completion (OpenAI's stop)
                     else:
+                        k = count - 1  # (the engine recorded the token's log-probabilities before handing it over)
+                        lp, top = ((request.token_logprobs[k], request.top_logprobs[k]) if params.logprobs is not None
+                                   else (None, None))
+                        pending.append((len(text), token, lp, top))
                         piece = decoder.push(token) if decoder is not None else ""
-                        fresh.append(token)
                     text += piece
                     hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in params.stop_strings)
                                if i >= 0), default=-1)
                     if hit >= 0:
                         worker.cancel(request)
                         outcome = "stop"
-                        yield text[sent:hit], "stop", count, fresh
+                        yield release(hit, text[sent:hit], "stop")
                         return
                     if reason is not None:
-                        tail = decoder.flush() if decoder is not None and reason != "stop" else ""
-                        text += tail
+                        text += decoder.flush() if decoder is not None and reason != "stop" else ""
                         outcome = reason
-                        yield text[sent:], reason, count, fresh
+                        yield release(None, text[sent:], reason)
                         return
                     if params.stop_strings:  # hold back what could be the start of a stop string
-                        keep = max(len(s) - 1 for s in params.stop_strings)
-                        safe = max(sent, len(text) - keep)
+                        safe = max(sent, len(text) - max(len(s) - 1 for s in params.stop_strings))
+                        yield release(safe, text[sent:safe], None)
                     else:
                         safe = len(text)
-                    yield text[sent:safe], None, count, fresh
-                    sent, fresh = safe, []
+                        yield release(None, text[sent:], None)
+                    sent = safe
             finally:
                 if not request.finished:
                     worker.cancel(request)  # the client went away: its slot is free for the next step
                 finished.labels(outcome).inc()
 
-        usage = lambda n: {"prompt_tokens": len(params.prompt), "completion_tokens": n,
-                           "total_tokens": len(params.prompt) + n}
-        base = {"id": completion_id, "object": "text_completion", "created": created, "model": model_name}
+        async def echoed(p: int) -> tuple[str, list, list, list]:
+            """Prompt p's text and, with logprobs, (its tokens, their log-probabilities, top alternatives): one
+            forward over the prompt, off the event loop, between two engine steps."""
+            text = tokenizer.decode(prompts[p]) if tokenizer is not None else ""
+            if params.logprobs is None:
+                return text, [], [], []
 
-        async def choice(index, request, queue):
-            """One whole choice (the non-streamed answer) and its token count."""
-            text, reason, n, token_ids = "", None, 0, []
-            async for piece, reason, n, fresh in pieces(request, queue):
-                text += piece
-                token_ids += fresh
-            logprobs = None
-            prompt_text = tokenizer.decode(params.prompt) if params.echo and tokenizer is not None else ""
-            if params.logprobs is not None:
-                # the completion's tokens that made its text (not a stop token, nothing after a stop string)
-                kept, length = 0, 0
-                for token in request.tokens:
-                    if length >= len(text) or token in params.stop_token_ids:
-                        break
-                    length += len(_token_text(tokenizer, token))
-                    kept += 1
-                tokens, lps, tops = request.tokens[:kept], request.token_logprobs[:kept], request.top_logprobs[:kept]
-                if params.echo:
-                    with worker.engine.lock:  # one forward over the prompt, between two engine steps
-                        p_lps, p_tops = prompt_logprobs(model, params.prompt, params.logprobs)
-                    tokens, lps, tops = params.prompt + tokens, p_lps + lps, p_tops + tops
-                logprobs = logprobs_block(tokens, lps, tops, tokenizer, 0)
-            out = {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason}
-            if params.return_token_ids:
-                out["token_ids"] = token_ids
-            return out, n
+            def forward():
+                with worker.engine.lock:
+                    return prompt_logprobs(model, prompts[p], params.logprobs)
+            lps, tops = await asyncio.to_thread(forward)
+            return text, prompts[p], lps, tops
+
+        def block(tokens, lps, tops, offset) -> dict | None:
+            return None if params.logprobs is None else logprobs_block(tokens, lps, tops, tokenizer, offset)
+
+        async def whole(request, queue) -> Piece:
+            """A whole choice (the non-streamed answer): its pieces joined."""
+            out = Piece("", None, 0, [], [], [])
+            async for piece in pieces(request, queue):
+                out = Piece(out.text + piece.text, piece.reason, piece.count, out.token_ids + piece.token_ids,
+                            out.logprobs + piece.logprobs, out.tops + piece.tops)
+            return out
 
         if not params.stream:
             try:
-                done = await asyncio.gather(*(choice(i, r, q) for i, (r, q) in enumerate(submitted)))
+                echoes = [await echoed(p) for p in range(len(prompts))] if params.echo else None
+                done = await asyncio.gather(*(whole(r, q) for _, r, q in submitted))
+            except ServerError as exc:
+                return error(exc)
             finally:
-                for request, _ in submitted:
+                for _, request, _ in submitted:
                     worker.cancel(request)  # (finished ones: nothing to do)
-            return {**base, "choices": [c for c, _ in done], "usage": usage(sum(n for _, n in done))}
+            choices = []
+            for index, ((p, _, _), piece) in enumerate(zip(submitted, done)):
+                prefix, p_ids, p_lps, p_tops = echoes[p] if echoes else ("", [], [], [])
+                choice = {"text": prefix + piece.text, "index": index, "finish_reason": piece.reason,
+                          "logprobs": block(p_ids + piece.token_ids, p_lps + piece.logprobs, p_tops + piece.tops, 0)}
+                if params.return_token_ids:
+                    choice["token_ids"] = piece.token_ids
+                choices.append(choice)
+            return {**base, "choices": choices, "usage": usage(sum(piece.count for piece in done))}
+
+        try:
+            echoes = [await echoed(p) for p in range(len(prompts))] if params.echo else None
+        except BaseException:
+            for _, request, _ in submitted:
+                worker.cancel(request)
+            raise
+
+        def chunk(index: int, text: str, reason: str | None, logprobs: dict | None, token_ids: list[int],
+                  count: int | None = None) -> str:
+            """One server-sent event of a streamed completion (the last one carries the usage)."""
+            choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+            if params.return_token_ids:
+                choice["token_ids"] = token_ids
+            event = {**base, "choices": [choice]}
+            if count is not None:
+                event["usage"] = usage(count)
+            return f"data: {json.dumps(event)}\n\n"
 
         async def events():
-            merged: asyncio.Queue = asyncio.Queue()  # (index, piece, reason, count) from every choice
+            merged: asyncio.Queue = asyncio.Queue()  # (index, Piece or ServerError) from every choice
 
             async def feed(index, request, queue):
-                async for piece, reason, n, fresh in pieces(request, queue):
-                    await merged.put((index, piece, reason, n, fresh))
+                try:
+                    async for piece in pieces(request, queue):
+                        await merged.put((index, piece))
+                except ServerError as exc:
+                    await merged.put((index, exc))
 
-            feeders = [asyncio.create_task(feed(i, r, q)) for i, (r, q) in enumerate(submitted)]
-            counts, open_choices = [0] * params.n, params.n
+            offsets = [0] * len(submitted)  # each choice's text so far (logprobs' text_offset)
+            if echoes:  # each choice opens with its prompt (and the prompt's log-probabilities)
+                for index, (p, _, _) in enumerate(submitted):
+                    prefix, p_ids, p_lps, p_tops = echoes[p]
+                    yield chunk(index, prefix, None, block(p_ids, p_lps, p_tops, 0), [])
+                    offsets[index] = len(prefix)
+            feeders = [asyncio.create_task(feed(i, r, q)) for i, (_, r, q) in enumerate(submitted)]
+            counts, open_choices = [0] * len(submitted), len(submitted)
             try:
                 while open_choices:
-                    index, piece, reason, n, fresh = await merged.get()
-                    counts[index] = n
-                    open_choices -= reason is not None
-                    if piece or fresh or reason is not None:
-                        chunk = {**base, "choices": [{"text": piece, "index": index, "logprobs": None,
-                                                      "finish_reason": reason}]}
-                        if params.return_token_ids:
-                            chunk["choices"][0]["token_ids"] = fresh
-                        if not open_choices:
-                            chunk["usage"] = usage(sum(counts))
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                    index, piece = await merged.get()
+                    if isinstance(piece, ServerError):  # OpenAI's in-stream error, then the stream ends
+                        yield f"data: {json.dumps(_error_body(str(piece), piece.kind))}\n\n"
+                        break
+                    counts[index] = piece.count
+                    open_choices -= piece.reason is not None
+                    if piece.text or piece.token_ids or piece.reason is not None:
+                        logprobs = block(piece.token_ids, piece.logprobs, piece.tops, offsets[index])
+                        if logprobs is not None:
+                            offsets[index] += sum(map(len, logprobs["tokens"]))
+                        yield chunk(index, piece.text, piece.reason, logprobs, piece.token_ids,
+                                    None if open_choices else sum(counts))
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or all done): every choice's request leaves the engine
                 for task in feeders:
                     task.cancel()
                 await asyncio.gather(*feeders, return_exceptions=True)
+                for _, request, _ in submitted:
+                    worker.cancel(request)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

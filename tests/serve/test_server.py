@@ -127,6 +127,11 @@ def test_token_id_prompt_and_a_stop_string(client, offline):
     (dict(top_p=1.5), "BadRequestError", "'top_p' must be in (0, 1]"),
     (dict(n=17), "BadRequestError", "'n' must be in [1, 16]"),
     (dict(model="gpt-4"), "NotFoundError", "model 'gpt-4' does not exist here"),
+    (dict(prompt=[PROMPT, []]), "BadRequestError", "prompt 1 is empty"),
+    (dict(prompt=[[1, 2], [3, 99999]]), "BadRequestError", "prompt 1 holds token ids outside the vocabulary"),
+    (dict(prompt=[[1] * 60, [1] * 126], max_tokens=4), "BadRequestError", "prompt 1 (126 tokens) plus max_tokens (4)"),
+    (dict(prompt=[PROMPT] * 20, n=16), "BadRequestError", "20 prompts x n = 16 is 320 completions"),
+    (dict(prompt=[{"text": PROMPT}]), "BadRequestError", "'prompt' must be a string, a list of token ids"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(client, offline, kwargs, error, words):
     args = dict(model=NAME, prompt=PROMPT, max_tokens=4, temperature=0) | kwargs
@@ -273,8 +278,41 @@ def test_logprobs_and_echo_equal_the_models_own_log_softmax(client, checkpoint):
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
     plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
     assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(prompt):]
-    with pytest.raises(openai.BadRequestError, match="not supported by this server yet"):
-        client.completions.create(model=NAME, prompt=prompt, max_tokens=4, logprobs=1, stream=True)
+    # streamed: the prompt's chunk first, then the tokens'; joined, the same text, tokens, log p and offsets
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                            echo=True, stream=True))
+    joined = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks if c.choices[0].logprobs), [])
+              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == {k: getattr(lp, k) for k in joined}
+    assert "".join(c.choices[0].text for c in chunks) == got.choices[0].text
+    assert chunks[0].choices[0].text == tok.decode(prompt)
+
+
+def test_several_prompts_in_one_request_each_answer_as_alone(client):
+    """A batch of prompts (strings, or token-id lists as lm-evaluation-harness sends them) with n = 2:
+    choice p * n + i is prompt p's i-th sample, each equal to that prompt sent alone; usage counts all."""
+    prompts = [PROMPT, "The quick brown fox", "1, 2, 3,"]
+    kw = dict(model=NAME, max_tokens=6, temperature=0.8, seed=5, n=2, extra_body={"return_token_ids": True})
+    got = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in got.choices] == list(range(6))
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    assert [c.text for c in got.choices] == [c.text for a in alone for c in a.choices]
+    assert [c.token_ids for c in got.choices] == [c.token_ids for a in alone for c in a.choices]
+    assert got.choices[0].token_ids != got.choices[1].token_ids  # a prompt's two samples differ
+    assert got.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert got.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed = [""] * 6
+    for chunk in client.completions.create(prompt=prompts, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in got.choices]
+    ids = [[5, 17, 230], [44, 9]]
+    greedy = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    for choice, prompt in zip(greedy.choices, ids):
+        alone = client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0,
+                                          extra_body={"return_token_ids": True})
+        assert choice.token_ids == alone.choices[0].token_ids and choice.text == alone.choices[0].text
 
 
 def test_n_choices_equal_a_batch_generated_offline_with_the_seed(client, checkpoint):
@@ -314,3 +352,43 @@ def test_an_api_key_is_required_when_set(checkpoint):
             assert r.status == 200
     finally:
         _stop(proc)
+
+
+def test_a_failed_engine_step_answers_500_and_the_server_goes_on(checkpoint, offline, monkeypatch):
+    """An engine step that raises (injected): its request gets a 500 naming the error (mid-stream: an
+    OpenAI-style error event, then [DONE]), the engine's slots are empty again, and the next requests are
+    served, equal to offline generation. In-process (the app under Starlette's TestClient)."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from fastgpt2.runtime.engine import Engine
+    from fastgpt2.server import create_app
+
+    real, calls, fail_at = Engine.step, [0], {1}
+
+    def flaky(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] in fail_at:
+            raise RuntimeError("injected fault")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", flaky)
+    app = create_app(fastgpt2.GPT2.from_pretrained(checkpoint), load_tokenizer(checkpoint), model_name=NAME)
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    with TestClient(app) as http:
+        failed = http.post("/v1/completions", json=body)
+        assert failed.status_code == 500, failed.text
+        assert "injected fault" in failed.json()["error"]["message"] and failed.json()["error"]["type"] == "server_error"
+        ok = http.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == offline(PROMPT, 12)[0]
+        fail_at.add(calls[0] + 4)  # the stream's 4th step
+        with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "injected fault" in json.loads(events[-2])["error"]["message"]
+        assert len(events) >= 5 and all("choices" in json.loads(e) for e in events[:-2])  # tokens came first
+        ok = http.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == offline(PROMPT, 12)[0]
+        metrics = http.get("/metrics").text
+        assert 'fastgpt2_requests_total{finish_reason="error"} 2.0' in metrics
+        assert "fastgpt2_requests_running 0.0" in metrics and http.get("/health").status_code == 200
