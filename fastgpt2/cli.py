@@ -77,7 +77,8 @@ def _serve(args) -> int:
         raise SystemExit(f"fastgpt2 serve needs the serve extra ({exc.name} is missing): pip install 'fastgpt2[serve]'")
     app = load_app(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto",
                    served_model_name=args.served_model_name, max_batch=args.max_batch, api_key=args.api_key,
-                   max_waiting=args.max_waiting, log=lambda message: print(f"fastgpt2 serve: {message}", file=sys.stderr))
+                   max_waiting=args.max_waiting, load_format=args.load_format, seed=args.seed,
+                   log=lambda message: print(f"fastgpt2 serve: {message}", file=sys.stderr))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -133,6 +134,13 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected LO-HI (e.g. 8-64), got {text!r}") from None
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        return [int(c) for c in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected concurrency levels C,C,... (e.g. 1,4,16,64), got {text!r}") from None
+
+
 def _bench_serving(args) -> int:
     from .benchmark import BenchError  # lazy: the engine and the model load when the command runs
     from .serving_bench import LoadOptions, format_load, run_load  # lazy: as above
@@ -140,7 +148,8 @@ def _bench_serving(args) -> int:
     options = LoadOptions(model=args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto",
                           requests=args.requests, rate=None if args.rate == 0 else args.rate,
                           max_batch=args.max_batch, prompt_lens=args.prompt_lens, output_lens=args.output_lens,
-                          seed=args.seed)
+                          seed=args.seed, concurrency=tuple(args.concurrency or ()), url=args.url, serve=args.serve,
+                          served_model=args.served_model_name)
     try:
         result = run_load(options)
     except BenchError as exc:
@@ -273,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-lens", type=_range, default=(8, 64), metavar="LO-HI", help="default 8-64")
     s.add_argument("--output-lens", type=_range, default=(16, 64), metavar="LO-HI", help="default 16-64")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--concurrency", type=_levels, default=None, metavar="C,C,...", help="closed loop instead: C "
+                   "clients each sending its next request when its last finished, at each level (e.g. 1,4,16,64); "
+                   "on the engine in process, and on a server with --serve or --url")
+    s.add_argument("--serve", action="store_true", help="with --concurrency: also start `fastgpt2 serve` on this "
+                   "model (loopback, a free port) and load it over HTTP; its tokens are checked equal the engine's")
+    s.add_argument("--url", default=None, help="with --concurrency: also load this OpenAI-compatible server "
+                   "(streamed /v1/completions, token-id prompts)")
+    s.add_argument("--served-model-name", default=None, help="the model name sent to --url's server")
     s.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     s.set_defaults(func=_bench_serving)
 
@@ -289,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/")
     v.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
                    "checkpoint directory's name)")
+    v.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: --model is a preset "
+                   "(gpt2, ..., gpt2-xl) with seeded random weights, as fastgpt2 bench's; token-id prompts only "
+                   "(benchmarks)")
+    v.add_argument("--seed", type=int, default=0, help="the dummy weights' seed (default 0)")
     v.add_argument("--log-level", default="warning")
     v.set_defaults(func=_serve)
 

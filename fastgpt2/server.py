@@ -13,7 +13,8 @@ loglikelihood), usage), GET /v1/models, GET /health, GET /metrics (Prometheus te
 prompt and generated tokens, running and waiting requests, time-to-first-token and inter-token latency
 histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param", "code"}}) naming the problem.
 Choice p * n + i is prompt p's i-th sample, sampling from row_seed(seed, i) as generate's rows do (each prompt
-samples as it would alone). `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
+samples as it would alone). `ignore_eos` (vLLM's extension: the model's EOS does not stop; for
+benchmarks) and `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
 generated token ids, the stop token excepted. A failed engine step answers its requests with a 500 (an error
 event mid-stream) and the loop goes on. /v1/chat/completions answers that GPT-2 has no chat template.
 
@@ -163,7 +164,7 @@ class CompletionParams:
     return_token_ids: bool = False
 
 
-_KNOWN = {"return_token_ids", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+_KNOWN = {"return_token_ids", "ignore_eos", "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
           "logprobs", "echo", "user", "stream_options", "frequency_penalty", "presence_penalty", "best_of",
           "logit_bias", "suffix"}
 
@@ -241,7 +242,10 @@ def parse_completion(body: Any, tokenizer, vocab_size: int, n_positions: int, eo
     if tokenizer is None and any(isinstance(s, str) for s in stop):
         raise ServerError("stop strings need a tokenizer, and this server has none (the checkpoint has no tokenizer "
                           "files): give stop token ids", param="stop")
-    stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None else [])
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ServerError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
+    stop_ids = [s for s in stop if isinstance(s, int)] + ([eos] if eos is not None and not ignore_eos else [])
     return CompletionParams(prompts, max_tokens, sampling, seed, [s for s in stop if isinstance(s, str)], stop_ids, stream,
                             logprobs, echo, n, return_token_ids)
 
@@ -302,20 +306,34 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
 
 def load_app(model_dir: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto",
              served_model_name: str | None = None, max_batch: int = 8, api_key: str | None = None,
-             max_waiting: int = 256, log=None):
+             max_waiting: int = 256, load_format: str = "auto", seed: int = 0, log=None):
     """`fastgpt2 serve`'s app: the checkpoint at `model_dir` (a directory or a Hub id) loaded with its
     tokenizer (none: token-id prompts only, said through `log`) and served under `served_model_name`
-    (default: the path's last part). The one place the CLI and the Ray Serve deployment build it."""
-    from .runtime.generate import GPT2  # lazy: the model's modules load with the app
+    (default: the path's last part). load_format "dummy" (vLLM's name): `model_dir` is a preset
+    (gpt2, ..., gpt2-xl) built with seeded random weights (`seed`, as `fastgpt2 bench`), no tokenizer: for
+    benchmarks. The one place the CLI and the Ray Serve deployment build the app."""
+    from .runtime.config import PRESETS, GPT2Config  # lazy: the model's modules load with the app
+    from .runtime.generate import GPT2
     from .runtime.tokenizer import TokenizerError, load_tokenizer
 
-    model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype, backend=backend)
-    try:
-        tokenizer = load_tokenizer(model.source_dir)
-    except TokenizerError as exc:
-        if log is not None:
-            log(f"{exc} Serving token-id prompts only.")
+    if load_format == "dummy":
+        if model_dir not in PRESETS:
+            raise FastGPT2Error(f"load format 'dummy' builds a preset with random weights; {model_dir!r} is not one of "
+                                f"{sorted(PRESETS)}")
+        model = GPT2.from_config(GPT2Config.from_name(model_dir), device=device, dtype=dtype, backend=backend,
+                                 seed=seed)
         tokenizer = None
+    elif load_format == "auto":
+        model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype, backend=backend)
+        try:
+            tokenizer = load_tokenizer(model.source_dir)
+        except TokenizerError as exc:
+            if log is not None:
+                log(f"{exc} Serving token-id prompts only.")
+            tokenizer = None
+    else:
+        raise FastGPT2Error(f"unknown load format {load_format!r}: 'auto' (a checkpoint) or 'dummy' (a preset, random "
+                            "weights)")
     name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
     return create_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key, max_waiting=max_waiting)
 

@@ -392,3 +392,33 @@ def test_a_failed_engine_step_answers_500_and_the_server_goes_on(checkpoint, off
         metrics = http.get("/metrics").text
         assert 'fastgpt2_requests_total{finish_reason="error"} 2.0' in metrics
         assert "fastgpt2_requests_running 0.0" in metrics and http.get("/health").status_code == 200
+
+
+def test_ignore_eos_drops_only_the_models_eos_from_the_stops():
+    from fastgpt2.server import parse_completion
+
+    body = {"prompt": [1, 2], "stop": [7]}
+    assert parse_completion(body, None, 100, 64, eos=50).stop_token_ids == [7, 50]
+    assert parse_completion(body | {"ignore_eos": True}, None, 100, 64, eos=50).stop_token_ids == [7]
+    with pytest.raises(Exception, match="'ignore_eos' must be true or false"):
+        parse_completion(body | {"ignore_eos": "yes"}, None, 100, 64, eos=50)
+    with pytest.raises(Exception, match="stop strings need a tokenizer"):
+        parse_completion(body | {"stop": "\n"}, None, 100, 64, eos=50)
+
+
+def test_load_format_dummy_serves_a_preset_with_seeded_random_weights_and_refuses_a_path(tmp_path):
+    from fastgpt2.errors import FastGPT2Error
+    from fastgpt2.server import load_app
+
+    with pytest.raises(FastGPT2Error, match="'dummy' builds a preset with random weights; '/no/such' is not one of"):
+        load_app("/no/such", load_format="dummy")
+    with pytest.raises(FastGPT2Error, match="unknown load format 'pt'"):
+        load_app("distilgpt2", load_format="pt")
+    from fastapi.testclient import TestClient
+
+    with TestClient(load_app("distilgpt2", load_format="dummy", seed=3)) as http:
+        got = http.post("/v1/completions", json={"prompt": [10, 20, 30], "max_tokens": 3, "temperature": 0,
+                                                 "return_token_ids": True, "ignore_eos": True}).json()
+    model = fastgpt2.GPT2.from_config(fastgpt2.GPT2Config.from_name("distilgpt2"), seed=3)
+    assert got["choices"][0]["token_ids"] == model.generate(torch.tensor([[10, 20, 30]]), 3)[0, 3:].tolist()
+    assert got["model"] == "distilgpt2"

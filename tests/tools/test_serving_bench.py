@@ -54,8 +54,39 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path, capsys):
     (LoadOptions(requests=0), "requests and max_batch must be >= 1"),
     (LoadOptions(rate=-1.0), "rate > 0"),
     (LoadOptions(prompt_lens=(8, 40), output_lens=(8, 40)), "past the model's n_positions \\(64\\)"),
+    (LoadOptions(concurrency=(4, 0)), "concurrency levels must be >= 1"),
+    (LoadOptions(serve=True), "a server is loaded at concurrency levels only"),
+    (LoadOptions(concurrency=(1,), serve=True, url="http://127.0.0.1:1"), "not both"),
 ])
 def test_bad_options_are_refused_before_any_work(options, message):
     model = fastgpt2.GPT2.from_config(CFG, seed=1)
     with pytest.raises(BenchError, match=message):
         run_load(options, model=model)
+
+
+def test_closed_loop_on_the_engine_and_through_fastgpt2_serve_gives_the_same_tokens(tmp_path, capsys):
+    """--concurrency 1,3 --serve on a tiny checkpoint: at each level the engine in process and the server
+    (started by the command, loaded over HTTP) complete every request with the Poisson schedules' tokens;
+    the table names both runs and the server's ratio to the engine."""
+    pytest.importorskip("fastapi", reason="the serve extra is in the test extra")
+    from hf_reference import hf_model
+
+    checkpoint = tmp_path / "tiny"
+    hf_model(seed=5, n_layer=2, n_embd=64, n_head=4).save_pretrained(checkpoint)
+    path = tmp_path / "load.json"
+    options = LoadOptions(model=str(checkpoint), requests=7, max_batch=2, prompt_lens=(1, 9), output_lens=(2, 8), seed=2)
+    assert main(["bench-serving", "--model", str(checkpoint), "--requests", "7", "--max-batch", "2", "--prompt-lens",
+                 "1-9", "--output-lens", "2-8", "--seed", "2", "--concurrency", "1,3", "--serve", "--json",
+                 str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "closed loop at concurrency 1, 3" in out and "| 3 | server |" in out and "| yes |" in out
+    data = json.loads(path.read_text())["schedules"]
+    assert [(s["concurrency"], s["schedule"]) for s in data] == [(1, "engine"), (1, "server"), (3, "engine"),
+                                                                 (3, "server")]
+    assert [s["same_tokens_as_engine"] for s in data] == [None, True, None, True]
+    model = fastgpt2.GPT2.from_pretrained(checkpoint)
+    work = workload(options, model.config.vocab_size)
+    assert all(s["output_tokens"] == sum(w["max_new_tokens"] for w in work) and s["requests_per_s"] > 0 for s in data)
+    poisson = run_load(LoadOptions(**{**options.__dict__, "rate": 100.0}), model=model).schedules[0].tokens
+    closed = run_load(LoadOptions(**{**options.__dict__, "concurrency": (3,)}), model=model).schedules[0]
+    assert closed.schedule == "engine" and closed.tokens == poisson
