@@ -75,7 +75,7 @@ def _build_app(model_dir: str, options: dict):
 
     from ray import serve
 
-    from .server import load_app
+    from .server import load_app  # lazy: FastAPI loads in the replica, with the app it builds
 
     logger = logging.getLogger("ray.serve")
     app = load_app(model_dir, log=logger.warning, **options)

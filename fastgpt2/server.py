@@ -312,9 +312,10 @@ def load_app(model_dir: str, *, device: str | None = None, dtype: str | None = N
     (default: the path's last part). load_format "dummy" (vLLM's name): `model_dir` is a preset
     (gpt2, ..., gpt2-xl) built with seeded random weights (`seed`, as `fastgpt2 bench`), no tokenizer: for
     benchmarks. The one place the CLI and the Ray Serve deployment build the app."""
-    from .runtime.config import PRESETS, GPT2Config  # lazy: the model's modules load with the app
-    from .runtime.generate import GPT2
-    from .runtime.tokenizer import TokenizerError, load_tokenizer
+    # lazy: the model's modules load with the app, not with the server module
+    from .runtime.config import PRESETS, GPT2Config
+    from .runtime.generate import GPT2  # lazy: as above
+    from .runtime.tokenizer import TokenizerError, load_tokenizer  # lazy: as above
 
     if load_format == "dummy":
         if model_dir not in PRESETS:

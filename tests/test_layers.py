@@ -29,6 +29,7 @@ LAYERS = [
     ["fastgpt2.runtime.step_count", "fastgpt2.hf"],
     ["fastgpt2.parity", "fastgpt2.benchmark"],
     ["fastgpt2.serving_bench", "fastgpt2.server"],
+    ["fastgpt2.serve_ray"],
     ["fastgpt2.cli"],
     ["fastgpt2.__main__", "fastgpt2"],
 ]
