@@ -15,7 +15,9 @@ histograms). Errors are OpenAI-style JSON ({"error": {"message", "type", "param"
 Choice p * n + i is prompt p's i-th sample, sampling from row_seed(seed, i) as generate's rows do (each prompt
 samples as it would alone). `ignore_eos` (vLLM's extension: the model's EOS does not stop; for
 benchmarks) and `return_token_ids` (an extension, as vLLM's) adds each choice's (or chunk's)
-generated token ids, the stop token excepted. A failed engine step answers its requests with a 500 (an error
+generated token ids. A stop token (the model's EOS, or a stop id) ends the text without appearing in it,
+but is a generated token: it is in the token ids and in `logprobs` (as vLLM; lm-evaluation-harness's
+loglikelihood reads the prompt's log-probabilities up to the last, generated, entry). A failed engine step answers its requests with a 500 (an error
 event mid-stream) and the loop goes on. /v1/chat/completions answers that GPT-2 has no chat template.
 
     app = create_app(model, tokenizer, model_name="gpt2", max_batch=8)   # a FastAPI app
@@ -473,13 +475,13 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
                     (itl if count else ttft).observe(now - last)
                     last, count = now, count + 1
                     generated.inc()
+                    k = count - 1  # (the engine recorded the token's log-probabilities before handing it over)
+                    lp, top = ((request.token_logprobs[k], request.top_logprobs[k]) if params.logprobs is not None
+                               else (None, None))
+                    pending.append((len(text), token, lp, top))  # a stop token too: in token ids and logprobs
                     if reason == "stop" and token in params.stop_token_ids:
-                        piece = ""  # the stop token is not part of the completion (OpenAI's stop)
+                        piece = ""  # ... but not in the text (OpenAI's stop)
                     else:
-                        k = count - 1  # (the engine recorded the token's log-probabilities before handing it over)
-                        lp, top = ((request.token_logprobs[k], request.top_logprobs[k]) if params.logprobs is not None
-                                   else (None, None))
-                        pending.append((len(text), token, lp, top))
                         piece = decoder.push(token) if decoder is not None else ""
                     text += piece
                     hit = min((i for i in (text.find(s, max(0, sent - len(s))) for s in params.stop_strings)

@@ -9,8 +9,9 @@ The checkpoint: the serve tests' tiny GPT-2 (its random weights predict one toke
 which would make every generation the same string and no continuation greedy) fine-tuned here for a
 few seconds on the documents, each ended by the model's EOS as GPT-2's training text is. Its greedy
 generations then differ from document to document and some stop at an `until` string, and some scored
-continuations are greedy, some not. Scoring a whole document, whose greedy next token is EOS, is a
-strict xfail: a server gap (see its reason).
+continuations are greedy, some not. Scoring a whole document, whose greedy next token is EOS, counts
+every token of it: the server keeps a stop token in the logprobs (not in the text), and lm-eval reads
+the prompt's entries up to that last, generated, one.
 """
 import json
 import shutil
@@ -286,11 +287,6 @@ def test_loglikelihoods_and_generations_equal_fastgpt2_in_process(evaluated):
     assert sorted(p for b in sent for p in b["prompt"]) == sorted(prompts)  # lm-eval's tokenization is ours
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "server gap: lm-eval scores a loglikelihood request with echo, logprobs 1 and max_tokens 1 and sums "
-    "token_logprobs[ctxlen:-1], taking the last entry to be the one generated token; when that token is "
-    "the model's EOS the server ends the choice with finish_reason 'stop' and leaves the EOS out of "
-    "logprobs, so lm-eval drops the continuation's last token instead"))
 def test_scoring_a_whole_document_counts_its_last_token(evaluated):
     """A continuation that ends a document, where the fine-tuned model's greedy next token is EOS:
     lm-eval's loglikelihood should equal fastgpt2's own, as for any other continuation."""

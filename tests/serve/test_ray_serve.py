@@ -98,8 +98,8 @@ def proxy(checkpoint):
 
 @pytest.fixture(scope="module")
 def offline(checkpoint):
-    """The token ids the same request gets from GPT2.generate (the stop token dropped, as the server
-    does) and the finish reason it ends with."""
+    """The token ids the same request gets from GPT2.generate (an EOS that stopped it included, as the
+    server returns it) and the finish reason it ends with."""
     model = fastgpt2.GPT2.from_pretrained(checkpoint)
     eos = model.config.eos_token_id
 
@@ -107,7 +107,7 @@ def offline(checkpoint):
         out = model.generate(torch.tensor([prompt_ids]), max_tokens, eos_token_id=eos, **kwargs)[0, len(prompt_ids):]
         out = out.tolist()
         if out and out[-1] == eos:
-            return out[:-1], "stop"
+            return out, "stop"
         return out, "length"
 
     return run
