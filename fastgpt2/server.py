@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .errors import FastGPT2Error
 from .runtime.engine import Engine, Request
@@ -53,16 +53,63 @@ class ServerError(FastGPT2Error):
 class EngineLoop:
     """The engine, stepped by one background thread while it has work. ``submit`` (from an event loop)
     adds a request and returns an asyncio.Queue that receives (token, finish_reason or None) per step,
-    or (None, message) when a step failed: the step's requests end, and the loop goes on with new ones."""
+    or (None, message) when a step failed: the step's requests end, and the loop goes on with new ones.
+    ``call(fn)`` runs other model work (echo's forward over a prompt) in the same thread, between steps.
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    `engine`: an Engine, or a function that makes one (loading its model), which the thread calls
+    first (the constructor waits for it and raises what it raised). Made there, every torch op of the
+    server runs in that one thread: on the CPU, a model loaded by one thread and stepped by another
+    decodes slower (measured: 160 vs 208 tok/s at batch 8, gpt2 float32, 2 cores: each thread that
+    runs torch's parallel ops keeps its own OpenMP thread team)."""
+
+    def __init__(self, engine: Engine | Callable[[], Engine]):
+        self.engine: Engine | None = engine if isinstance(engine, Engine) else None
         self._wake = threading.Event()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._calls: list[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._calls_lock = threading.Lock()
         self._stopped = False
         self.failures = 0  # engine steps that raised (each failed the requests it held)
-        self._thread = threading.Thread(target=self._run, name="fastgpt2-engine", daemon=True)
+        made: dict[str, Any] = {}
+        ready = threading.Event()
+
+        def run() -> None:
+            if self.engine is None:
+                try:
+                    self.engine = engine()
+                except BaseException as exc:  # the constructor raises it
+                    made["error"] = exc
+                    return
+                finally:
+                    ready.set()
+            self._run()
+
+        self._thread = threading.Thread(target=run, name="fastgpt2-engine", daemon=True)
         self._thread.start()
+        if not isinstance(engine, Engine):
+            ready.wait()
+            if "error" in made:
+                raise made["error"]
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """fn() run by the engine's thread between two steps; its result (or exception) in the future."""
+        future = asyncio.get_running_loop().create_future()
+        with self._calls_lock:
+            self._calls.append((fn, asyncio.get_running_loop(), future))
+        self._wake.set()
+        return future
+
+    def _run_calls(self) -> None:
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn, loop, future in calls:
+            try:
+                result, error = fn(), None
+            except Exception as exc:
+                result, error = None, exc
+            settle = (lambda f=future, e=error: f.done() or f.set_exception(e)) if error is not None else (
+                lambda f=future, r=result: f.done() or f.set_result(r))
+            loop.call_soon_threadsafe(settle)
 
     def submit(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
                stop_token_ids: list[int], logprobs: int | None = None) -> tuple[Request, asyncio.Queue]:
@@ -90,6 +137,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopped:
+            if self._calls:
+                self._run_calls()
             if not self.engine.busy:
                 self._wake.wait()
                 self._wake.clear()
@@ -313,39 +362,46 @@ def load_app(model_dir: str, *, device: str | None = None, dtype: str | None = N
     tokenizer (none: token-id prompts only, said through `log`) and served under `served_model_name`
     (default: the path's last part). load_format "dummy" (vLLM's name): `model_dir` is a preset
     (gpt2, ..., gpt2-xl) built with seeded random weights (`seed`, as `fastgpt2 bench`), no tokenizer: for
-    benchmarks. The one place the CLI and the Ray Serve deployment build the app."""
+    benchmarks. The model is loaded by the engine's thread (see EngineLoop), which starts here. The one
+    place the CLI and the Ray Serve deployment build the app."""
     # lazy: the model's modules load with the app, not with the server module
     from .runtime.config import PRESETS, GPT2Config
     from .runtime.generate import GPT2  # lazy: as above
     from .runtime.tokenizer import TokenizerError, load_tokenizer  # lazy: as above
 
-    if load_format == "dummy":
-        if model_dir not in PRESETS:
-            raise FastGPT2Error(f"load format 'dummy' builds a preset with random weights; {model_dir!r} is not one of "
-                                f"{sorted(PRESETS)}")
-        model = GPT2.from_config(GPT2Config.from_name(model_dir), device=device, dtype=dtype, backend=backend,
-                                 seed=seed)
-        tokenizer = None
-    elif load_format == "auto":
-        model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype, backend=backend)
+    if load_format not in ("auto", "dummy"):
+        raise FastGPT2Error(f"unknown load format {load_format!r}: 'auto' (a checkpoint) or 'dummy' (a preset, random "
+                            "weights)")
+    if load_format == "dummy" and model_dir not in PRESETS:
+        raise FastGPT2Error(f"load format 'dummy' builds a preset with random weights; {model_dir!r} is not one of "
+                            f"{sorted(PRESETS)}")
+
+    def make_engine() -> Engine:  # in the engine's thread, which then does all of the server's model work
+        if load_format == "dummy":
+            model = GPT2.from_config(GPT2Config.from_name(model_dir), device=device, dtype=dtype, backend=backend,
+                                     seed=seed)
+        else:
+            model = GPT2.from_pretrained(model_dir, device=device, dtype=dtype, backend=backend)
+        return Engine(model, max_batch=max_batch)
+
+    loop = EngineLoop(make_engine)
+    model, tokenizer = loop.engine.model, None
+    if load_format == "auto":
         try:
             tokenizer = load_tokenizer(model.source_dir)
         except TokenizerError as exc:
             if log is not None:
                 log(f"{exc} Serving token-id prompts only.")
-            tokenizer = None
-    else:
-        raise FastGPT2Error(f"unknown load format {load_format!r}: 'auto' (a checkpoint) or 'dummy' (a preset, random "
-                            "weights)")
     name = served_model_name or str(model_dir).rstrip("/").split("/")[-1]
-    return create_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key, max_waiting=max_waiting)
+    return create_app(model, tokenizer, model_name=name, max_batch=max_batch, api_key=api_key, max_waiting=max_waiting,
+                      engine_loop=loop)
 
 
 def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int = 8, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20, max_waiting: int = 256):
+               max_body_bytes: int = 1 << 20, max_waiting: int = 256, engine_loop: EngineLoop | None = None):
     """The FastAPI app serving `model` (a GPT2) under `model_name`, with its own engine of `max_batch`
     slots stepped by one background thread (started on the first request, stopped at the app's
-    shutdown). A request that finds `max_waiting` requests already waiting for a slot gets a 429 with
+    shutdown), or `engine_loop`'s (an EngineLoop already running `model`'s engine: load_app's). A request that finds `max_waiting` requests already waiting for a slot gets a 429 with
     Retry-After."""
     # lazy: the serve extra (FastAPI, Starlette) is needed by the server only, never by the runtime
     from fastapi import FastAPI, Request as HTTPRequest
@@ -354,7 +410,7 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
 
     cfg = model.config
     eos = cfg.eos_token_id if cfg.eos_token_id is not None and 0 <= cfg.eos_token_id < cfg.vocab_size else None
-    loop_holder: dict[str, EngineLoop] = {}
+    loop_holder: dict[str, EngineLoop] = {} if engine_loop is None else {"loop": engine_loop}
     ids = itertools.count()
 
     def engine_loop() -> EngineLoop:
@@ -510,15 +566,12 @@ def create_app(model, tokenizer=None, model_name: str = "gpt2", max_batch: int =
 
         async def echoed(p: int) -> tuple[str, list, list, list]:
             """Prompt p's text and, with logprobs, (its tokens, their log-probabilities, top alternatives): one
-            forward over the prompt, off the event loop, between two engine steps."""
+            forward over the prompt, in the engine's thread between two steps."""
             text = tokenizer.decode(prompts[p]) if tokenizer is not None else ""
             if params.logprobs is None:
                 return text, [], [], []
 
-            def forward():
-                with worker.engine.lock:
-                    return prompt_logprobs(model, prompts[p], params.logprobs)
-            lps, tops = await asyncio.to_thread(forward)
+            lps, tops = await worker.call(lambda: prompt_logprobs(model, prompts[p], params.logprobs))
             return text, prompts[p], lps, tops
 
         def block(tokens, lps, tops, offset) -> dict | None:

@@ -422,3 +422,37 @@ def test_load_format_dummy_serves_a_preset_with_seeded_random_weights_and_refuse
     model = fastgpt2.GPT2.from_config(fastgpt2.GPT2Config.from_name("distilgpt2"), seed=3)
     assert got["choices"][0]["token_ids"] == model.generate(torch.tensor([[10, 20, 30]]), 3)[0, 3:].tolist()
     assert got["model"] == "distilgpt2"
+
+
+def test_the_engine_loop_loads_and_runs_all_model_work_in_its_own_thread(checkpoint):
+    """EngineLoop(factory): the factory (the model's load) runs in the engine's thread, as does call()'s
+    work (echo's forward); a factory that raises raises from the constructor."""
+    import asyncio
+    import threading
+
+    from fastgpt2.runtime.engine import Engine
+    from fastgpt2.server import EngineLoop
+
+    seen = {}
+
+    def make():
+        seen["load"] = threading.get_ident()
+        return Engine(fastgpt2.GPT2.from_pretrained(checkpoint), max_batch=2)
+
+    loop = EngineLoop(make)
+    try:
+        async def work():
+            ident = await loop.call(threading.get_ident)
+            with pytest.raises(ZeroDivisionError):
+                await loop.call(lambda: 1 / 0)
+            return ident
+        ran = asyncio.run(work())
+        assert seen["load"] == ran == loop._thread.ident != threading.get_ident()
+    finally:
+        loop.stop()
+
+    def broken():
+        raise OSError("no such checkpoint")
+
+    with pytest.raises(OSError, match="no such checkpoint"):
+        EngineLoop(broken)
