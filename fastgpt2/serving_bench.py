@@ -207,7 +207,7 @@ def _body(spec: dict, model_name: str | None) -> dict:
 def run_http(url: str, work: list[dict], concurrency: int, max_batch: int, model_name: str | None = None) -> ScheduleResult:
     """`concurrency` clients (one asyncio task each, httpx) streaming `work` from the server at `url`: the
     times at which each request's server-sent events arrive (a chunk's tokens: its `token_ids` when the
-    server returns them, else one per chunk with text)."""
+    server returns them, else one per chunk with text); a connection per request."""
     import asyncio
     import json
 
@@ -219,7 +219,9 @@ def run_http(url: str, work: list[dict], concurrency: int, max_batch: int, model
 
     async def load() -> None:
         order = iter(range(len(work)))
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # a connection per request: reusing one can race the server's closing it when idle (seen with
+        # llama-server and uvicorn), and the bench must not fail on it
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=600, limits=limits) as client:
             start = time.perf_counter()
 
