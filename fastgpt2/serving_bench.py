@@ -353,7 +353,7 @@ def format_load(result: LoadResult) -> str:
         lines += ["", f"continuous batching: {base['continuous'] / base['static']:.2f}x static batching's output "
                       f"tok/s, {base['continuous'] / base['one at a time']:.2f}x one at a time, at the same offered load"]
         return "\n".join(lines)
-    where = f"fastgpt2 serve (started here)" if o.serve else o.url
+    where = "fastgpt2 serve (started here)" if o.serve else o.url
     lines += [f"engine: in process, {o.max_batch} slots" + (f"; server: {where}" if where else ""), "",
               "| concurrency | run | requests/s | output tok/s | vs engine | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
               "| ITL p99 ms | tokens = engine's |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
