@@ -1,6 +1,6 @@
-"""The `fastgpt2` command: generate, serve, bench, bench-serving, parity. Argument parsing and printing only: the
-work is runtime/generate's (generate), benchmark's (bench), serving_bench's (bench-serving) and parity's
-(parity), each imported when its
+"""The `fastgpt2` command: generate, serve, bench, bench-serving, parity, eval. Argument parsing and printing only: the
+work is runtime/generate's (generate), benchmark's (bench), serving_bench's (bench-serving), parity's
+(parity) and evaluate's (eval), each imported when its
 subcommand runs, so that parsing arguments and printing --help import none of them."""
 from __future__ import annotations
 
@@ -80,6 +80,24 @@ def _serve(args) -> int:
                    max_waiting=args.max_waiting, load_format=args.load_format, seed=args.seed,
                    log=lambda message: print(f"fastgpt2 serve: {message}", file=sys.stderr))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------------------------
+def _eval(args) -> int:
+    from .evaluate import perplexity  # lazy: the model loads when `fastgpt2 eval` runs
+    from .runtime.generate import GPT2  # lazy: as above
+    from .runtime.tokenizer import load_tokenizer  # lazy: as above
+
+    model = GPT2.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend or "auto")
+    with open(args.text, encoding="utf-8") as f:
+        ids = load_tokenizer(model.source_dir).encode(f.read()).ids
+    result = perplexity(model, ids, stride=args.stride, max_length=args.max_length)
+    print(f"fastgpt2 eval: {args.model} on {args.text}; {model.device}, {str(model.dtype).removeprefix('torch.')}, "
+          f"backend {model.backend}")
+    print(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.5f} nats) over {result.scored_tokens} tokens, "
+          f"{result.windows} window(s) of <= {args.max_length or model.config.n_positions} tokens; "
+          f"{result.tokens_per_s:.0f} tokens/s")
     return 0
 
 
@@ -312,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="the dummy weights' seed (default 0)")
     v.add_argument("--log-level", default="warning")
     v.set_defaults(func=_serve)
+
+    e = sub.add_parser("eval", help="perplexity of a checkpoint on a text (sliding window)",
+                       description="Perplexity as transformers' perplexity guide computes it: windows of --max-length "
+                                   "tokens, --stride apart, each scoring the tokens the last one did not; the "
+                                   "checkpoint's tokenizer encodes the text. Prints perplexity, mean NLL, tokens/s.")
+    _add_model_args(e, None)
+    e.add_argument("--text", required=True, help="a UTF-8 text file")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: "
+                   "min(512, max length))")
+    e.add_argument("--max-length", type=int, default=None, help="tokens per window (default: n_positions)")
+    e.set_defaults(func=_eval)
 
     p = sub.add_parser("parity",
                        help="compare fastgpt2 with transformers on a checkpoint: logits, KL, greedy, per layer",

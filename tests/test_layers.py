@@ -27,7 +27,7 @@ LAYERS = [
     ["fastgpt2.runtime.engine"],
     ["fastgpt2.runtime.generate"],
     ["fastgpt2.runtime.step_count", "fastgpt2.hf"],
-    ["fastgpt2.parity", "fastgpt2.benchmark"],
+    ["fastgpt2.parity", "fastgpt2.benchmark", "fastgpt2.evaluate"],
     ["fastgpt2.serving_bench", "fastgpt2.server"],
     ["fastgpt2.serve_ray"],
     ["fastgpt2.cli"],
