@@ -28,9 +28,9 @@ import contextlib
 import itertools
 import json
 import threading
+import logging
 import time
 from dataclasses import dataclass
-import logging
 from typing import Any, Callable
 
 from .errors import FastGPT2Error
@@ -69,7 +69,6 @@ class EngineLoop:
         self._calls: list[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._calls_lock = threading.Lock()
         self._stopped = False
-        self.failures = 0  # engine steps that raised (each failed the requests it held)
         made: dict[str, Any] = {}
         ready = threading.Event()
 
@@ -154,7 +153,6 @@ class EngineLoop:
                         if request.finished:
                             self._listeners.pop(request.id, None)
             except Exception as exc:  # a failed step fails its requests, not the server
-                self.failures += 1
                 log.exception("an engine step failed; its running and waiting requests are answered with an error")
                 delivered = self._fail_all(f"{type(exc).__name__}: {exc}")
             for (loop, queue), item in delivered:
